@@ -1,0 +1,26 @@
+# Two commands for a fresh machine: `make demo` and `make test`. Both build .venv first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test test-slow clean
+
+$(BIN)/zoomnet: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# The CPU build of torch first: a bare `torch` requirement could pull a multi-GB CUDA build.
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(BIN)/zoomnet
+
+demo: $(BIN)/zoomnet
+	$(BIN)/zoomnet demo --out demo-output
+
+test: $(BIN)/zoomnet
+	$(BIN)/python -m pytest -q
+
+test-slow: $(BIN)/zoomnet
+	$(BIN)/python -m pytest -q -m slow
+
+clean:
+	rm -rf $(VENV) demo-output .pytest_cache

@@ -1,0 +1,76 @@
+"""Geometry: cells, boxes, pooling, and reading past the image."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from zoomnet.core.geometry import Box, cell_boxes, cell_of_point, grid_shape, pool_to_grid, pooling_matrix
+from zoomnet.sources import ArraySource
+
+
+def test_tiled_boxes_cover_the_image():
+    boxes = cell_boxes(Box(0, 0, 500, 500), (250, 250), (250, 250))
+    assert boxes.tolist() == [[0, 0, 250, 250], [0, 250, 250, 250], [250, 0, 250, 250], [250, 250, 250, 250]]
+
+
+def test_boxes_are_centred_on_cells():
+    parent = Box(100, 40, 250, 250)
+    stride = (5.0, 5.0)  # dense form at scale 0.2
+    boxes = cell_boxes(parent, stride, (27, 27))
+    g_h, g_w = grid_shape(250, 250, stride)
+    assert (g_h, g_w) == (50, 50)
+    for idx in (0, 7, 1234, g_h * g_w - 1):
+        i, j = divmod(idx, g_w)
+        cy, cx = parent.top + (i + 0.5) * 5, parent.left + (j + 0.5) * 5
+        t, l, h, w = boxes[idx].tolist()
+        assert (t, l, h, w) == (int(np.floor(cy)) - 13, int(np.floor(cx)) - 13, 27, 27)
+        # round trip: the box centre lies in its own cell
+        assert cell_of_point(parent, stride, t + h // 2, l + w // 2) == (i, j)
+
+
+def test_grid_sticks_out_of_an_uneven_region():
+    assert grid_shape(510, 500, (250, 250)) == (3, 2)
+    boxes = cell_boxes(Box(0, 0, 510, 500), (250, 250), (250, 250))
+    assert boxes[-1].tolist() == [500, 250, 250, 250]
+
+
+def test_border_boxes_read_the_fill_value_and_real_pixels():
+    image = np.arange(16 * 16, dtype=np.uint8).reshape(16, 16)
+    src = ArraySource(image, fill=255)
+    crop = src.read(Box(-2, 10, 4, 8))  # above the image and past its right edge
+    assert crop.shape == (3, 4, 8)
+    assert (crop[:, :2] == 255).all()  # rows above the image
+    assert (crop[:, 2:, 6:] == 255).all()  # columns past the right edge
+    assert torch.equal(crop[0, 2:, :6], torch.from_numpy(image[0:2, 10:16]).float())
+
+
+def test_region_outside_its_parent_reads_real_pixels():
+    image = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    src = ArraySource(image)
+    parent = Box(16, 16, 16, 16)
+    box = Box(*cell_boxes(parent, (8.0, 8.0), (12, 12))[0].tolist())  # sticks out to the top-left
+    assert box.top < parent.top and box.left < parent.left
+    assert torch.equal(src.read(box), torch.from_numpy(image[box.top : box.top + 12, box.left : box.left + 12]).permute(2, 0, 1).float())
+
+
+def test_logsumexp_pooling_is_the_dense_softmax_mass():
+    logits = torch.randn(2, 8, 12)
+    rows, cols = pooling_matrix((8, 12), (80, 120), (40.0, 40.0))
+    cell = pool_to_grid(logits, rows, cols)  # (2, 6)
+    assert cell.shape == (2, 6)
+    dense = torch.softmax(logits.flatten(1), dim=1).view(2, 8, 12)
+    mass = dense.view(2, 2, 4, 3, 4).sum(dim=(2, 4)).flatten(1)  # blocks of 4x4 view pixels
+    assert torch.allclose(torch.softmax(cell, dim=1), mass, atol=1e-6)
+
+
+def test_dense_form_is_identity():
+    rows, cols = pooling_matrix((10, 10), (50, 50), (5.0, 5.0))
+    assert rows is None and cols is None
+    logits = torch.randn(1, 10, 10)
+    assert torch.equal(pool_to_grid(logits, rows, cols), logits.flatten(1))
+
+
+def test_no_cell_is_empty_when_the_stride_is_below_a_view_pixel():
+    rows, cols = pooling_matrix((4, 4), (40, 40), (5.0, 5.0))  # 8 cells, 4 view pixels
+    assert (rows.sum(dim=1) >= 1).all() and (cols.sum(dim=1) >= 1).all()

@@ -1,0 +1,80 @@
+"""The unbiased Monte-Carlo estimator of the attention-weighted feature (DESIGN.md).
+
+The exact aggregate of a K-level hierarchy is ``z = sum_c alpha_c sum_c' beta^c_c' f(c, c')``
+(paper, eq. 5). Sampling replaces each sum by a weighted sum over the drawn cells; the
+weights below make both the value and the gradient of ``z`` unbiased, with plain autograd:
+
+inner level, one parent with ordered draws ``s_1..s_k`` from ``beta`` (no replacement)::
+
+    R_m = 1 - sum_{j<m} beta[s_j]                                   (exclusive cumsum)
+    est = (1/k) sum_m [ sum_{j<m} beta[s_j] f[s_j] + sg(R_m) (beta[s_m]/sg(beta[s_m])) f[s_m] ]
+
+Collecting the terms of each ``f[s_j]`` gives the weight of the ``j``-th draw (1-indexed)::
+
+    w_j = ( (k - j) beta[s_j] + sg(R_j) beta[s_j] / sg(beta[s_j]) ) / k
+
+outer level, counts ``k_c`` of ``N`` draws with replacement from ``alpha``::
+
+    w_c = (k_c / N) alpha[c] / sg(alpha[c])
+
+A parent whose multiplicity reaches its cell count takes every cell with ``w = beta`` (the
+exact sum). Because the estimator is linear in the features, a leaf's weight in ``z`` is the
+product of the weights along its path. ``sg`` is ``.detach()``; ``beta / sg(beta)`` is
+computed as ``exp(log beta - sg(log beta))`` (value 1, gradient ``d log beta``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _unit_ratio(log_p: torch.Tensor) -> torch.Tensor:
+    """``p / sg(p)``: value one, gradient ``d log p`` (the score-function surrogate)."""
+    return torch.exp(log_p - log_p.detach())
+
+
+def with_replacement_weights(log_p: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Weights of the level-1 (with replacement) estimator.
+
+    Args:
+        log_p: ``(G,)`` or ``(B, G)`` log-probabilities ``log alpha``.
+        counts: same shape, how often each cell was drawn (``N`` in all per row).
+
+    Returns:
+        Weights of the same shape, ``(k_c / N) * alpha_c / sg(alpha_c)``; zero where
+        ``k_c = 0``.
+
+    >>> la = torch.log(torch.tensor([0.5, 0.5]))
+    >>> with_replacement_weights(la, torch.tensor([3, 1])).tolist()
+    [0.75, 0.25]
+    """
+    n = counts.sum(dim=-1, keepdim=True).clamp_min(1).to(log_p.dtype)
+    return counts.to(log_p.dtype) / n * _unit_ratio(log_p)
+
+
+def without_replacement_weights(log_p: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+    """Weights of the inner (without replacement) estimator of one or many parents.
+
+    Args:
+        log_p: ``(M, G)`` log-probabilities ``log beta`` of ``M`` parents.
+        draws: ``(M, k)`` cell indices in draw order (``k < G``).
+
+    Returns:
+        ``(M, k)`` weights ``w_j`` of the drawn cells, in draw order.
+
+    >>> lb = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
+    >>> [round(w, 4) for w in without_replacement_weights(lb, torch.tensor([[0, 2]]))[0].tolist()]
+    [0.75, 0.25]
+    """
+    k = draws.shape[1]
+    log_b = torch.gather(log_p, 1, draws)  # (M, k)
+    beta = log_b.exp()
+    taken = torch.cumsum(beta.detach(), dim=1) - beta.detach()  # exclusive cumsum, (M, k)
+    remaining = (1.0 - taken).clamp_min(0.0)  # sg(R_m)
+    later = torch.arange(k - 1, -1, -1, dtype=log_p.dtype)  # k - j for j = 1..k
+    return (later * beta + remaining * _unit_ratio(log_b)) / k
+
+
+def exact_weights(log_p: torch.Tensor) -> torch.Tensor:
+    """Weights when a parent's multiplicity reaches its cell count: every cell, ``w = beta``."""
+    return log_p.exp()

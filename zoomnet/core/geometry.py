@@ -1,0 +1,137 @@
+"""Grid geometry of one level of the hierarchy (DESIGN.md, "The hierarchy", steps 1-4).
+
+A level cuts its parent region (full-resolution pixels) into cells of stride ``(t_h, t_w)``;
+cell ``(i, j)`` is centred at ``cy = top + (i + 0.5) * t_h`` and owns the region of size
+``(h_l, w_l)`` whose top-left corner is ``(floor(cy) - h_l // 2, floor(cx) - w_l // 2)``.
+Regions may stick out of the parent (those pixels are real image pixels) and out of the
+image (those read as the source's fill value).
+
+The attention net gives one logit per view pixel; the logits of the view pixels that fall in
+a cell are pooled by logsumexp, so the cell's probability is the dense softmax mass of its
+pixels (paper, eq. 1; averaging would wash out a small object).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+
+class Box(NamedTuple):
+    """A rectangle in full-resolution pixel coordinates (may extend past the image)."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+
+    def intersects(self, other: "Box") -> bool:
+        return (
+            self.top < other.top + other.height
+            and other.top < self.top + self.height
+            and self.left < other.left + other.width
+            and other.left < self.left + self.width
+        )
+
+
+def grid_shape(height: int, width: int, stride: tuple[float, float]) -> tuple[int, int]:
+    """Number of cells ``(g_h, g_w)`` covering a ``height x width`` region.
+
+    >>> grid_shape(500, 500, (250, 250))
+    (2, 2)
+    >>> grid_shape(500, 510, (250, 250))   # the last column sticks out of the region
+    (2, 3)
+    """
+    return max(1, math.ceil(height / stride[0] - 1e-9)), max(1, math.ceil(width / stride[1] - 1e-9))
+
+
+def cell_boxes(
+    parent: Box, stride: tuple[float, float], region: tuple[int, int]
+) -> torch.Tensor:
+    """Full-resolution boxes of every cell of ``parent``, row-major.
+
+    Args:
+        parent: the parent region (for level 1, the whole image).
+        stride: cell stride ``(t_h, t_w)`` in full-resolution pixels.
+        region: region size ``(h_l, w_l)`` in full-resolution pixels.
+
+    Returns:
+        ``(G, 4)`` int64 tensor of ``(top, left, height, width)``, ``G = g_h * g_w``.
+
+    >>> cell_boxes(Box(0, 0, 500, 500), (250, 250), (250, 250)).tolist()
+    [[0, 0, 250, 250], [0, 250, 250, 250], [250, 0, 250, 250], [250, 250, 250, 250]]
+    """
+    g_h, g_w = grid_shape(parent.height, parent.width, stride)
+    cy = parent.top + (torch.arange(g_h, dtype=torch.float64) + 0.5) * stride[0]  # (g_h,)
+    cx = parent.left + (torch.arange(g_w, dtype=torch.float64) + 0.5) * stride[1]  # (g_w,)
+    tops = torch.floor(cy).long() - region[0] // 2
+    lefts = torch.floor(cx).long() - region[1] // 2
+    tt, ll = torch.meshgrid(tops, lefts, indexing="ij")  # (g_h, g_w)
+    hh = torch.full_like(tt, region[0])
+    ww = torch.full_like(tt, region[1])
+    return torch.stack([tt, ll, hh, ww], dim=-1).reshape(-1, 4)  # (G, 4)
+
+
+def cell_of_point(parent: Box, stride: tuple[float, float], y: float, x: float) -> tuple[int, int]:
+    """Grid cell ``(i, j)`` that contains the full-resolution point ``(y, x)`` (inverse map)."""
+    return int((y - parent.top) // stride[0]), int((x - parent.left) // stride[1])
+
+
+def _membership(view_len: int, parent_len: int, stride: float, grid_len: int) -> torch.Tensor:
+    """``(grid_len, view_len)`` 0/1 matrix: which view pixels pool into which cell.
+
+    A view pixel belongs to the cell that holds its centre; a cell that holds no pixel
+    centre (a stride below one view pixel) takes its nearest pixel, so no cell is empty.
+    """
+    member = torch.zeros(grid_len, view_len)
+    px = torch.arange(view_len, dtype=torch.float64)
+    centre = (px + 0.5) * (parent_len / view_len)  # full-res offset of each view pixel
+    cell = torch.clamp(torch.floor(centre / stride).long(), 0, grid_len - 1)
+    member[cell, torch.arange(view_len)] = 1.0
+    cells = torch.arange(grid_len, dtype=torch.float64)
+    nearest = torch.floor((cells + 0.5) * stride * view_len / parent_len).long()
+    member[torch.arange(grid_len), torch.clamp(nearest, 0, view_len - 1)] = 1.0
+    return member
+
+
+def pooling_matrix(
+    view_hw: tuple[int, int], parent_hw: tuple[int, int], stride: tuple[float, float]
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Row and column membership matrices ``(g_h, v_h)`` and ``(g_w, v_w)`` for a level.
+
+    Returns ``(None, None)`` when every cell is exactly one view pixel (the dense form).
+    """
+    g_h, g_w = grid_shape(parent_hw[0], parent_hw[1], stride)
+    rows = _membership(view_hw[0], parent_hw[0], stride[0], g_h)
+    cols = _membership(view_hw[1], parent_hw[1], stride[1], g_w)
+    if rows.shape[0] == rows.shape[1] and cols.shape[0] == cols.shape[1]:
+        if torch.equal(rows, torch.eye(g_h)) and torch.equal(cols, torch.eye(g_w)):
+            return None, None
+    return rows, cols
+
+
+def pool_to_grid(
+    logits: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor | None
+) -> torch.Tensor:
+    """Logsumexp-pool per-pixel logits into grid cells.
+
+    Args:
+        logits: ``(M, v_h, v_w)`` attention logits, one per view pixel.
+        rows: ``(g_h, v_h)`` membership from :func:`pooling_matrix` (None with ``cols``
+            None: the dense form, one cell per view pixel).
+        cols: ``(g_w, v_w)`` membership.
+
+    Returns:
+        ``(M, g_h * g_w)`` cell logits (``log sum exp`` of the member pixels).
+    """
+    if rows is None and cols is None:
+        return logits.flatten(1)  # dense form: one cell per view pixel
+    rows = rows.to(logits)
+    cols = cols.to(logits)
+    peak = logits.detach().amax(dim=(1, 2), keepdim=True)  # (M, 1, 1) for a stable exp
+    mass = torch.exp(logits - peak)  # (M, v_h, v_w)
+    cell_mass = rows @ mass @ cols.T  # (M, g_h, g_w)
+    tiny = torch.finfo(logits.dtype).tiny
+    return (torch.log(cell_mass.clamp_min(tiny)) + peak).flatten(1)  # (M, G)

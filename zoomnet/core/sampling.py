@@ -1,0 +1,114 @@
+"""Sampling from attention distributions (DESIGN.md, "Sampling").
+
+- level 1: ``N`` draws with replacement (``torch.multinomial``), summarised as counts;
+- deeper levels: ``k`` draws without replacement per distinct parent, by Gumbel-top-k on
+  ``log beta`` (noise on log-probabilities, not on probabilities), in draw order;
+- deterministic inference: largest-remainder counts and top-k cells;
+- the complementary distributions ``(1 - p) / sum(1 - p)`` of the contrastive pass.
+
+All distributions are passed as log-probabilities.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def smoothed_log_softmax(logits: torch.Tensor, smooth: float = 0.0) -> torch.Tensor:
+    """``log((1 - smooth) * softmax(logits) + smooth / G)`` over the last dimension.
+
+    Mixing a little uniform mass keeps sampling exploring while attention is untrained
+    (as ATS's ``SampleSoftmax(smooth)``); the estimator stays unbiased for the mixture.
+
+    >>> smoothed_log_softmax(torch.tensor([0.0, 0.0]), 0.5).exp().tolist()
+    [0.5, 0.5]
+    """
+    log_p = torch.log_softmax(logits, dim=-1)
+    if smooth <= 0.0:
+        return log_p
+    n = logits.shape[-1]
+    return torch.logaddexp(log_p + math.log1p(-smooth), torch.full_like(log_p, math.log(smooth / n)))
+
+
+def complement_log_probs(log_p: torch.Tensor) -> torch.Tensor:
+    """Log of ``(1 - p) / sum(1 - p)`` over the last dimension (the contrastive pass).
+
+    A map with a single cell has no complement; it is returned unchanged.
+
+    >>> complement_log_probs(torch.log(torch.tensor([0.5, 0.25, 0.25]))).exp().tolist()
+    [0.25, 0.375, 0.375]
+    """
+    if log_p.shape[-1] == 1:
+        return log_p
+    p = log_p.exp().clamp(max=1.0)
+    log_q = torch.log1p(-p.clamp(max=1.0 - 1e-12))  # (…, G)
+    return log_q - torch.logsumexp(log_q, dim=-1, keepdim=True)
+
+
+def sample_with_replacement(
+    log_p: torch.Tensor, n: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Draw ``n`` cells with replacement; return the counts per cell.
+
+    Args:
+        log_p: ``(B, G)`` log-probabilities.
+        n: draws per row.
+        generator: random source.
+
+    Returns:
+        ``(B, G)`` int64 counts, each row summing to ``n``.
+    """
+    p = log_p.detach().exp().float()  # (B, G)
+    draws = torch.multinomial(p, n, replacement=True, generator=generator)  # (B, n)
+    counts = torch.zeros(p.shape, dtype=torch.long)
+    counts.scatter_add_(1, draws, torch.ones_like(draws))
+    return counts
+
+
+def largest_remainder_counts(log_p: torch.Tensor, n: int) -> torch.Tensor:
+    """Deterministic counts: ``floor(n * p)`` plus one for the largest remainders.
+
+    >>> largest_remainder_counts(torch.log(torch.tensor([[0.5, 0.3, 0.2]])), 4).tolist()
+    [[2, 1, 1]]
+    """
+    expected = log_p.detach().exp().double() * n  # (B, G)
+    counts = torch.floor(expected).long()
+    missing = n - counts.sum(dim=1)  # (B,)
+    remainder = expected - counts
+    order = torch.argsort(remainder, dim=1, descending=True, stable=True)  # (B, G)
+    for b in range(counts.shape[0]):
+        counts[b, order[b, : int(missing[b])]] += 1
+    return counts
+
+
+def sample_without_replacement(
+    log_p: torch.Tensor, k: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Gumbel-top-k: ``k`` distinct cells per row, in draw order.
+
+    Adding Gumbel noise to log-probabilities and sorting gives the same law as drawing one
+    cell at a time from the renormalised remaining mass (successive sampling).
+
+    Args:
+        log_p: ``(M, G)`` log-probabilities.
+        k: draws per row, ``k <= G``.
+        generator: random source.
+
+    Returns:
+        ``(M, k)`` int64 cell indices; column ``m`` is the ``m``-th draw.
+    """
+    u = torch.rand(log_p.shape, generator=generator, dtype=torch.float64)
+    tiny = torch.finfo(torch.float64).tiny
+    u = u.clamp(tiny, 1.0 - 1e-16)  # no log(0) at either end
+    gumbel = -torch.log(-torch.log(u))  # (M, G)
+    keys = log_p.detach().double() + gumbel
+    return torch.topk(keys, k, dim=1).indices
+
+
+def top_k_children(log_p: torch.Tensor, k: int) -> torch.Tensor:
+    """Deterministic counterpart of :func:`sample_without_replacement`: the ``k`` most likely
+    cells, most likely first (ties broken by index)."""
+    order = torch.argsort(log_p.detach(), dim=1, descending=True, stable=True)
+    return order[:, :k]

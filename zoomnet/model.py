@@ -1,0 +1,496 @@
+"""The Zoom-In network: K levels of attention sampling (Kong & Henao, CVPR 2022, Sec. 2).
+
+K = 1 is one-stage attention sampling (ATS, Katharopoulos & Fleuret 2019); K = 2 is the
+Zoom-In network. Level 1 looks at a low-resolution view of the whole image, draws N cells
+with replacement and zooms into their regions; each deeper level looks at a view of each
+distinct parent region, draws as many children as the parent was drawn (without
+replacement), and the last level's regions (sub-tiles) are read at full resolution and fed
+to the feature net ``f``. The aggregated feature ``z`` (the unbiased estimator of
+``zoomnet.core.expectation``) goes to the classifier ``g``.
+
+Shapes: B images, N draws, G cells of a grid, M parents at a level, L leaves (sub-tiles),
+C channels, D feature size.
+
+The model never opens files: it receives the level-1 views and one :class:`ImageSource`
+per image, through which it reads every other view and sub-tile.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from zoomnet.core import expectation, sampling
+from zoomnet.core.geometry import Box, cell_boxes, grid_shape, pool_to_grid, pooling_matrix
+from zoomnet.nets import build
+from zoomnet.sources.base import ImageSource
+
+
+@dataclass
+class LevelConfig:
+    """One level of the hierarchy.
+
+    Attributes:
+        scale: view scale ``s_l`` relative to full resolution (a 256 px parent at 0.5 gives
+            a 128 px view).
+        region: region size ``(h_l, w_l)`` in full-resolution pixels: tiles at level 1,
+            sub-tiles at the last level. Fixed in pixels so that a model trained on small
+            images reads the same regions on large ones.
+        stride: ``"tiled"`` (stride = region: non-overlapping tiles, the authors' code),
+            ``"dense"`` (stride = 1 / scale: one cell per view pixel, the paper's
+            equations), or an explicit ``(t_h, t_w)`` in full-resolution pixels.
+        attention: registered attention net name.
+    """
+
+    scale: float
+    region: tuple[int, int]
+    stride: str | tuple[float, float] = "tiled"
+    attention: str = "conv"
+
+    def cell_stride(self) -> tuple[float, float]:
+        if self.stride == "tiled":
+            return float(self.region[0]), float(self.region[1])
+        if self.stride == "dense":
+            return 1.0 / self.scale, 1.0 / self.scale
+        return float(self.stride[0]), float(self.stride[1])
+
+
+@dataclass
+class ModelConfig:
+    """Everything that defines a model; saved with every run and checkpoint.
+
+    Attributes:
+        kind: ``zoomin`` (K >= 2 levels), ``ats`` (one level) or ``cnn`` (the baseline).
+        levels: the hierarchy, level 1 first.
+        num_classes: number of classes.
+        samples: draws N at level 1 at inference.
+        train_samples: draws in training (None: ``samples``). More draws early help the
+            attention find rare objects; the estimator is unbiased for any N.
+        feature: registered feature net (``lenet``, ``resnet``).
+        feature_kwargs: extra arguments for the feature net.
+        classifier_scale: input scale of the linear classifier (features are unit vectors).
+        attention_width: hidden channels of the attention nets (8 in the paper).
+        smooth: uniform mass mixed into every attention map (exploration; 0 = none).
+        pixel_mean: raw pixel mean subtracted before every net.
+        pixel_std: raw pixel standard deviation divided out before every net.
+        chunk: sub-tiles per chunk of ``f`` at inference (memory of one chunk).
+        cnn_scale: input scale of the CNN baseline (1 = full resolution).
+    """
+
+    kind: str = "zoomin"
+    levels: list[LevelConfig] = field(
+        default_factory=lambda: [
+            LevelConfig(0.1, (250, 250), "tiled"),
+            LevelConfig(0.2, (27, 27), "dense"),
+        ]
+    )
+    num_classes: int = 2
+    samples: int = 10
+    train_samples: int | None = None
+    feature: str = "lenet"
+    feature_kwargs: dict = field(default_factory=dict)
+    classifier_scale: float = 10.0
+    attention_width: int = 8
+    smooth: float = 0.0
+    pixel_mean: tuple[float, float, float] = (127.5, 127.5, 127.5)
+    pixel_std: tuple[float, float, float] = (64.0, 64.0, 64.0)
+    chunk: int = 256
+    cnn_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.levels = [lv if isinstance(lv, LevelConfig) else LevelConfig(**lv) for lv in self.levels]
+        for lv in self.levels:
+            lv.region = tuple(int(v) for v in lv.region)
+            if not isinstance(lv.stride, str):
+                lv.stride = tuple(float(v) for v in lv.stride)
+        self.pixel_mean = tuple(self.pixel_mean)
+        self.pixel_std = tuple(self.pixel_std)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the field and the fix for an impossible setting."""
+        if self.kind not in ("zoomin", "ats", "cnn"):
+            raise ValueError(f"model.kind={self.kind!r}: choose zoomin, ats or cnn")
+        if self.kind == "ats" and len(self.levels) != 1:
+            raise ValueError(f"model.levels: ats has one level, got {len(self.levels)}")
+        if self.kind == "zoomin" and len(self.levels) < 2:
+            raise ValueError("model.levels: zoomin needs at least two levels (one is ats)")
+        if self.samples <= 0 or (self.train_samples is not None and self.train_samples <= 0):
+            raise ValueError(f"model.samples={self.samples}: the number of draws must be >= 1")
+        if self.num_classes < 2:
+            raise ValueError(f"model.num_classes={self.num_classes}: need at least 2 classes")
+        if not 0.0 <= self.smooth < 1.0:
+            raise ValueError(f"model.smooth={self.smooth}: must be in [0, 1)")
+        for i, lv in enumerate(self.levels, start=1):
+            if not 0.0 < lv.scale <= 1.0:
+                raise ValueError(f"model.levels[{i}].scale={lv.scale}: must be in (0, 1]")
+            if min(lv.region) < 1:
+                raise ValueError(f"model.levels[{i}].region={lv.region}: must be positive")
+            if isinstance(lv.stride, str) and lv.stride not in ("tiled", "dense"):
+                raise ValueError(
+                    f"model.levels[{i}].stride={lv.stride!r}: use 'tiled', 'dense' or [t_h, t_w]"
+                )
+            t_h, t_w = lv.cell_stride()
+            if lv.region[0] < t_h or lv.region[1] < t_w:
+                raise ValueError(
+                    f"model.levels[{i}].region={lv.region} is smaller than its cell stride "
+                    f"({t_h:g}, {t_w:g}): regions would leave gaps; enlarge the region"
+                )
+        for i in range(1, len(self.levels)):
+            parent = self.levels[i - 1].region
+            scale = self.levels[i].scale
+            if math.floor(parent[0] * scale) < 1 or math.floor(parent[1] * scale) < 1:
+                raise ValueError(
+                    f"model.levels[{i + 1}].scale={scale}: the view of a {parent} region is empty"
+                )
+
+
+def view_size(scale: float, height: int, width: int) -> tuple[int, int]:
+    """Size of the view of a ``height x width`` region at ``scale`` (at least one pixel)."""
+    return max(1, math.floor(scale * height)), max(1, math.floor(scale * width))
+
+
+@dataclass
+class Sample:
+    """One drawn region: its box, how often it was drawn, and its (detached) path weight."""
+
+    box: Box
+    count: int
+    weight: float
+    cell: int
+
+
+@dataclass
+class LevelTrace:
+    """What one level looked at, per image.
+
+    Attributes:
+        maps: per image, ``{parent box: (G,) probabilities}`` (level 1: the whole image).
+        grid: ``(g_h, g_w)`` of this level's maps (level 1: of the last image's size).
+        samples: per image, the regions drawn at this level.
+    """
+
+    maps: list[dict[Box, torch.Tensor]]
+    grid: tuple[int, int]
+    samples: list[list[Sample]]
+
+
+@dataclass
+class ZoomInOutput:
+    """Logits and what the model looked at.
+
+    Attributes:
+        logits: ``(B, num_classes)``.
+        z: ``(B, D)`` aggregated features.
+        levels: one :class:`LevelTrace` per level.
+        log_maps: per level, per image, the ``(M, G)`` log-probability maps (with gradient;
+            used by the entropy regularizer and mask supervision).
+        parents: per level, per image, the parent boxes of those maps.
+        leaf_features: ``(L, D)`` features of the distinct sub-tiles (training only).
+        leaf_image: ``(L,)`` image index of each leaf.
+        leaf_boxes: the leaves' boxes.
+        contrastive_logits: ``(B, num_classes)`` from the complementary sample, if asked.
+    """
+
+    logits: torch.Tensor
+    z: torch.Tensor
+    levels: list[LevelTrace]
+    log_maps: list[list[torch.Tensor]]
+    parents: list[list[list[Box]]]
+    leaf_features: torch.Tensor | None = None
+    leaf_image: torch.Tensor | None = None
+    leaf_boxes: list[Box] = field(default_factory=list)
+    contrastive_logits: torch.Tensor | None = None
+
+
+@dataclass
+class _Node:
+    image: int
+    box: Box
+    weight: torch.Tensor  # 0-d path weight, with gradient
+    count: int
+    cell: int
+
+
+class ZoomIn(nn.Module):
+    """K-level attention sampling (K = 1: ATS; K = 2: Zoom-In).
+
+    >>> import numpy as np
+    >>> from zoomnet.sources import ArraySource
+    >>> cfg = ModelConfig(levels=[LevelConfig(0.125, (64, 64)), LevelConfig(0.5, (16, 16), "dense")])
+    >>> model = ZoomIn(cfg).eval()
+    >>> src = ArraySource(np.zeros((128, 128, 3), dtype=np.uint8))
+    >>> out = model.predict([src], generator=torch.Generator().manual_seed(0))
+    >>> out.logits.shape
+    torch.Size([1, 2])
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        c = len(config.pixel_mean)
+        self.attention = nn.ModuleList(
+            build("attention", lv.attention, in_channels=c, width=config.attention_width)
+            for lv in config.levels
+        )
+        self.feature = build("feature", config.feature, in_channels=c, **config.feature_kwargs)
+        self.classifier = build(
+            "classifier", "linear", in_dim=self.feature.out_dim,
+            num_classes=config.num_classes, scale=config.classifier_scale,
+        )
+        self.register_buffer("mean", torch.tensor(config.pixel_mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(config.pixel_std).view(1, -1, 1, 1), persistent=False)
+        self._grids: dict[tuple[int, int, int], tuple] = {}
+
+    # ------------------------------------------------------------------ geometry helpers
+    def _level_grid(self, level: int, parent_hw: tuple[int, int]) -> tuple:
+        """Cached ``(view size, grid shape, rows, cols, relative boxes)`` of one level."""
+        key = (level, *parent_hw)
+        if key not in self._grids:
+            lv = self.config.levels[level]
+            stride = lv.cell_stride()
+            vs = view_size(lv.scale, *parent_hw)
+            rows, cols = pooling_matrix(vs, parent_hw, stride)
+            rel = cell_boxes(Box(0, 0, *parent_hw), stride, lv.region)  # (G, 4)
+            self._grids[key] = (vs, grid_shape(*parent_hw, stride), rows, cols, rel)
+        return self._grids[key]
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Raw pixels ``(M, C, h, w)`` -> network input (in the model's dtype)."""
+        return ((pixels.to(self.mean.device) - self.mean) / self.std).to(self.mean.dtype)
+
+    def read_views(self, sources: Sequence[ImageSource]) -> torch.Tensor:
+        """Level-1 views ``(B, C, h, w)`` of same-sized images, read through their sources."""
+        sizes = {(s.height, s.width) for s in sources}
+        if len(sizes) != 1:
+            raise ValueError(f"images of one batch must share a size, got {sorted(sizes)}")
+        (height, width), = sizes
+        vs = view_size(self.config.levels[0].scale, height, width)
+        return torch.stack([s.read(Box(0, 0, height, width), vs) for s in sources])
+
+    def _attention_maps(self, level: int, views: torch.Tensor, parent_hw: tuple[int, int]) -> torch.Tensor:
+        """``(M, C, h, w)`` raw views -> ``(M, G)`` log-probabilities of the cells."""
+        _, _, rows, cols, _ = self._level_grid(level, parent_hw)
+        logits = self.attention[level](self.normalize(views))  # (M, h, w)
+        cell_logits = pool_to_grid(logits, rows, cols)  # (M, G)
+        return sampling.smoothed_log_softmax(cell_logits, self.config.smooth)
+
+    # ------------------------------------------------------------------ the hierarchy
+    def _descend(
+        self,
+        log_alpha: torch.Tensor,
+        sources: Sequence[ImageSource],
+        n: int,
+        deterministic: bool,
+        generator: torch.Generator | None,
+        cache: list[dict[tuple[int, Box], torch.Tensor]],
+        transform: Callable[[torch.Tensor], torch.Tensor] | None,
+        record: list[LevelTrace] | None,
+    ) -> list[_Node]:
+        """Sample down the hierarchy; return the leaves with their path weights."""
+        B = log_alpha.shape[0]
+        height, width = sources[0].height, sources[0].width
+        la = transform(log_alpha) if transform else log_alpha  # (B, G1)
+        if deterministic:
+            counts = sampling.largest_remainder_counts(la, n)
+        else:
+            counts = sampling.sample_with_replacement(la, n, generator)  # (B, G1)
+        weights = expectation.with_replacement_weights(la, counts.to(la.device))  # (B, G1)
+        *_, rel = self._level_grid(0, (height, width))
+        nodes: list[_Node] = []
+        for b in range(B):
+            for c in torch.nonzero(counts[b]).flatten().tolist():
+                t, l, h, w = rel[c].tolist()
+                nodes.append(_Node(b, Box(t, l, h, w), weights[b, c], int(counts[b, c]), c))
+        if record is not None:
+            record[0].samples = self._samples_of(nodes, B)
+
+        for level in range(1, len(self.config.levels)):
+            parent_hw = tuple(self.config.levels[level - 1].region)
+            vs, grid, _, _, rel = self._level_grid(level, parent_hw)
+            missing = list(dict.fromkeys((nd.image, nd.box) for nd in nodes if (nd.image, nd.box) not in cache[level]))
+            if missing:
+                views = torch.stack([sources[b].read(box, vs) for b, box in missing])  # (M, C, h, w)
+                maps = self._attention_maps(level, views, parent_hw)  # (M, G)
+                for key, row in zip(missing, maps):
+                    cache[level][key] = row
+            log_beta = torch.stack([cache[level][(nd.image, nd.box)] for nd in nodes])  # (M, G)
+            if transform:
+                log_beta = transform(log_beta)
+            G = log_beta.shape[1]
+            k_max = max(min(nd.count, G) for nd in nodes)
+            if deterministic:
+                order = sampling.top_k_children(log_beta, k_max)  # (M, k_max)
+            else:
+                order = sampling.sample_without_replacement(log_beta, k_max, generator)
+            children: list[_Node] = []
+            for i, nd in enumerate(nodes):
+                if nd.count >= G:  # the whole grid: the exact sum
+                    draws = torch.arange(G)
+                    w = expectation.exact_weights(log_beta[i])  # (G,)
+                else:
+                    draws = order[i, : nd.count]  # Gumbel-top-k prefix: a draw of size count
+                    w = expectation.without_replacement_weights(log_beta[i : i + 1], draws[None])[0]
+                for j, c in enumerate(draws.tolist()):
+                    t, l, h, ww = rel[c].tolist()
+                    box = Box(nd.box.top + t, nd.box.left + l, h, ww)
+                    children.append(_Node(nd.image, box, nd.weight * w[j], 1, c))
+            nodes = children
+            if record is not None:
+                record[level].samples = self._samples_of(nodes, B)
+        return nodes
+
+    @staticmethod
+    def _samples_of(nodes: list[_Node], batch: int) -> list[list[Sample]]:
+        out: list[list[Sample]] = [[] for _ in range(batch)]
+        for nd in nodes:
+            out[nd.image].append(Sample(nd.box, nd.count, float(nd.weight.detach()), nd.cell))
+        return out
+
+    def _aggregate(
+        self, leaves: list[_Node], sources: Sequence[ImageSource], batch: int, keep: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, list[Box]]:
+        """``z = sum_leaves W f(leaf)``; each distinct sub-tile read and embedded once."""
+        merged: dict[tuple[int, Box], torch.Tensor] = {}
+        for nd in leaves:
+            key = (nd.image, nd.box)
+            merged[key] = merged[key] + nd.weight if key in merged else nd.weight
+        keys = list(merged)
+        weights = torch.stack([merged[k] for k in keys])  # (L,)
+        image = torch.tensor([b for b, _ in keys], device=weights.device)  # (L,)
+        D = self.feature.out_dim
+        z = torch.zeros(batch, D, device=self.mean.device, dtype=weights.dtype)
+        if keep:  # training: one pass, features kept for the graph and the instance loss
+            pixels = torch.stack([sources[b].read(box) for b, box in keys])  # (L, C, h, w)
+            feats = self.feature(self.normalize(pixels))  # (L, D)
+            z = z.index_add(0, image, weights[:, None] * feats.to(weights.dtype))
+            return z, feats, image, [box for _, box in keys]
+        for start in range(0, len(keys), self.config.chunk):  # inference: memory of one chunk
+            part = keys[start : start + self.config.chunk]
+            pixels = torch.stack([sources[b].read(box) for b, box in part])
+            feats = self.feature(self.normalize(pixels))  # (chunk, D)
+            sl = slice(start, start + len(part))
+            z = z.index_add(0, image[sl], weights[sl, None] * feats.to(weights.dtype))
+        return z, None, image, [box for _, box in keys]
+
+    def forward(
+        self,
+        sources: Sequence[ImageSource],
+        views: torch.Tensor | None = None,
+        *,
+        samples: int | None = None,
+        deterministic: bool = False,
+        contrastive: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> ZoomInOutput:
+        """Run the hierarchy on a batch of same-sized images.
+
+        Args:
+            sources: one image source per image (the model reads every region through it).
+            views: ``(B, C, h, w)`` level-1 views in raw pixel values (read if None).
+            samples: level-1 draws N (default: ``train_samples`` in training mode,
+                ``samples`` otherwise).
+            deterministic: largest-remainder counts and top-k children instead of sampling.
+            contrastive: also aggregate a sample from the complementary distributions.
+            generator: random source of every draw.
+        """
+        cfg = self.config
+        if views is None:
+            views = self.read_views(sources)
+        B = len(sources)
+        n = samples or (cfg.train_samples if self.training and cfg.train_samples else cfg.samples)
+        height, width = sources[0].height, sources[0].width
+        log_alpha = self._attention_maps(0, views, (height, width))  # (B, G1)
+        _, grid1, *_ = self._level_grid(0, (height, width))
+        whole = Box(0, 0, height, width)
+        traces = [LevelTrace([{whole: log_alpha[b].detach().exp()} for b in range(B)], grid1, [])]
+        for level in range(1, len(cfg.levels)):
+            _, grid, *_ = self._level_grid(level, tuple(cfg.levels[level - 1].region))
+            traces.append(LevelTrace([{} for _ in range(B)], grid, []))
+        cache: list[dict] = [{} for _ in cfg.levels]
+        leaves = self._descend(log_alpha, sources, n, deterministic, generator, cache, None, traces)
+        keep = torch.is_grad_enabled()
+        z, feats, image, boxes = self._aggregate(leaves, sources, B, keep)
+        logits = self.classifier(z)  # (B, num_classes)
+
+        log_maps: list[list[torch.Tensor]] = [[log_alpha[b : b + 1] for b in range(B)]]
+        parents: list[list[list[Box]]] = [[[whole] for _ in range(B)]]
+        for level in range(1, len(cfg.levels)):
+            per_image_maps, per_image_parents = [], []
+            for b in range(B):
+                keys = [key for key in cache[level] if key[0] == b]
+                per_image_parents.append([box for _, box in keys])
+                per_image_maps.append(torch.stack([cache[level][k] for k in keys]) if keys else log_alpha.new_zeros(0, 1))
+                traces[level].maps[b] = {box: cache[level][(b, box)].detach().exp() for _, box in keys}
+            log_maps.append(per_image_maps)
+            parents.append(per_image_parents)
+
+        out = ZoomInOutput(logits, z, traces, log_maps, parents, feats, image, boxes)
+        if contrastive:
+            c_leaves = self._descend(
+                log_alpha, sources, n, deterministic, generator, cache,
+                sampling.complement_log_probs, None,
+            )
+            c_z, *_ = self._aggregate(c_leaves, sources, B, keep)
+            out.contrastive_logits = self.classifier(c_z)
+        return out
+
+    @torch.no_grad()
+    def predict(self, sources: Sequence[ImageSource], **kwargs) -> ZoomInOutput:
+        """Inference without gradients: ``f`` runs over the sub-tiles in chunks."""
+        was = self.training
+        self.eval()
+        try:
+            return self(sources, **kwargs)
+        finally:
+            self.train(was)
+
+
+class CNNBaseline(nn.Module):
+    """A plain CNN on the whole image (optionally downsampled), global max pooling, linear.
+
+    The reference the paper compares with: it reads every pixel of the (scaled) image.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        c = len(config.pixel_mean)
+        self.body = nn.Sequential(
+            nn.Conv2d(c, 16, 5, stride=2, padding=2), nn.ReLU(inplace=True),
+            nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(inplace=True),
+        )
+        self.head = nn.Linear(64, config.num_classes)
+        self.register_buffer("mean", torch.tensor(config.pixel_mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(config.pixel_std).view(1, -1, 1, 1), persistent=False)
+
+    def read_views(self, sources: Sequence[ImageSource]) -> torch.Tensor:
+        h, w = sources[0].height, sources[0].width
+        size = view_size(self.config.cnn_scale, h, w)
+        return torch.stack([s.read(Box(0, 0, h, w), None if size == (h, w) else size) for s in sources])
+
+    def forward(self, sources: Sequence[ImageSource], views: torch.Tensor | None = None, **_) -> ZoomInOutput:
+        if views is None:
+            views = self.read_views(sources)
+        x = (views.to(self.mean.device) - self.mean) / self.std  # (B, C, h, w)
+        feats = self.body(x).amax(dim=(2, 3))  # (B, 64): global max pooling
+        return ZoomInOutput(self.head(feats), feats, [], [], [])
+
+    @torch.no_grad()
+    def predict(self, sources: Sequence[ImageSource], **kwargs) -> ZoomInOutput:
+        was = self.training
+        self.eval()
+        try:
+            return self(sources, **kwargs)
+        finally:
+            self.train(was)
+
+
+def build_model(config: ModelConfig) -> nn.Module:
+    """The model a config names: :class:`ZoomIn` for ``zoomin`` and ``ats``, else the CNN."""
+    return CNNBaseline(config) if config.kind == "cnn" else ZoomIn(config)

@@ -1,0 +1,10 @@
+"""Image sources: the only way pixels reach the model (DESIGN.md, "Data flow").
+
+A source knows the image size and reads a box of it, optionally resized; the model never
+opens files. :class:`ArraySource` holds an image in memory.
+"""
+
+from zoomnet.sources.array import ArraySource
+from zoomnet.sources.base import CountingSource, ImageSource
+
+__all__ = ["ArraySource", "CountingSource", "ImageSource"]

@@ -1,0 +1,74 @@
+"""In-memory image source (numpy array or tensor)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from zoomnet.core.geometry import Box
+
+
+def resize(pixels: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
+    """Resample ``(C, h, w)`` to ``out_size``: area averaging when shrinking (antialiased),
+    bilinear when enlarging."""
+    h, w = pixels.shape[-2:]
+    if (h, w) == tuple(out_size):
+        return pixels
+    x = pixels.unsqueeze(0)
+    if out_size[0] <= h and out_size[1] <= w:
+        x = F.interpolate(x, size=out_size, mode="area")
+    else:
+        x = F.interpolate(x, size=out_size, mode="bilinear", align_corners=False, antialias=True)
+    return x.squeeze(0)
+
+
+def crop_with_fill(image: torch.Tensor, box: Box, fill: float) -> torch.Tensor:
+    """Cut ``box`` out of a ``(C, H, W)`` image; pixels outside the image hold ``fill``."""
+    c, height, width = image.shape
+    top, left, h, w = (int(v) for v in box)
+    y0, y1 = max(top, 0), min(top + h, height)
+    x0, x1 = max(left, 0), min(left + w, width)
+    if y0 == top and x0 == left and y1 == top + h and x1 == left + w:
+        return image[:, y0:y1, x0:x1].float()
+    out = torch.full((c, h, w), float(fill), dtype=torch.float32)
+    if y1 > y0 and x1 > x0:
+        out[:, y0 - top : y1 - top, x0 - left : x1 - left] = image[:, y0:y1, x0:x1].float()
+    return out
+
+
+class ArraySource:
+    """An image held in memory.
+
+    Args:
+        image: ``(H, W)``, ``(H, W, C)`` numpy array or ``(C, H, W)`` tensor of raw values.
+            Grayscale is repeated to 3 channels; a 4th (alpha) channel is dropped.
+        fill: raw value returned outside the image (0 by default; 255 suits bright-field
+            slides, whose black borders would look like false edges).
+        rgb: repeat a single channel to 3 and drop an alpha channel (False for masks).
+
+    >>> src = ArraySource(np.zeros((8, 8, 3), dtype=np.uint8), fill=255)
+    >>> src.read(Box(-2, -2, 4, 4))[0].tolist()[0]
+    [255.0, 255.0, 255.0, 255.0]
+    """
+
+    def __init__(self, image: np.ndarray | torch.Tensor, fill: float = 0.0, rgb: bool = True):
+        if isinstance(image, np.ndarray):
+            arr = image if image.ndim == 3 else image[..., None]
+            tensor = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)  # (C, H, W)
+        else:
+            tensor = image if image.ndim == 3 else image.unsqueeze(0)
+        if rgb and tensor.shape[0] == 1:
+            tensor = tensor.expand(3, -1, -1)
+        elif rgb and tensor.shape[0] == 4:
+            tensor = tensor[:3]
+        self.image = tensor
+        self.channels, self.height, self.width = tensor.shape
+        self.fill = float(fill)
+
+    def read(self, box: Box, out_size: tuple[int, int] | None = None) -> torch.Tensor:
+        pixels = crop_with_fill(self.image, Box(*box), self.fill)  # (C, h, w)
+        return pixels if out_size is None else resize(pixels, tuple(out_size))
+
+    def __repr__(self) -> str:
+        return f"ArraySource({self.height}x{self.width}x{self.channels})"
