@@ -193,6 +193,8 @@ class ZoomInOutput:
         leaf_features: ``(L, D)`` features of the distinct sub-tiles (training only).
         leaf_image: ``(L,)`` image index of each leaf.
         leaf_boxes: the leaves' boxes.
+        leaf_paths: per leaf, ``(image, parent box, cell)`` at every level.
+        cell_logits: per level, ``{(image, parent box): (G,) raw cell logits}`` (with gradient).
         contrastive_logits: ``(B, num_classes)`` from the complementary sample, if asked.
     """
 
@@ -204,6 +206,8 @@ class ZoomInOutput:
     leaf_features: torch.Tensor | None = None
     leaf_image: torch.Tensor | None = None
     leaf_boxes: list[Box] = field(default_factory=list)
+    leaf_paths: list[tuple[tuple[int, Box, int], ...]] = field(default_factory=list)
+    cell_logits: list[dict[tuple[int, Box], torch.Tensor]] = field(default_factory=list)
     contrastive_logits: torch.Tensor | None = None
 
 
@@ -214,6 +218,7 @@ class _Node:
     weight: torch.Tensor  # 0-d path weight, with gradient
     count: int
     cell: int
+    path: tuple[tuple[int, Box, int], ...] = ()  # (image, parent box, cell) at each level
 
 
 class ZoomIn(nn.Module):
@@ -272,12 +277,14 @@ class ZoomIn(nn.Module):
         vs = view_size(self.config.levels[0].scale, height, width)
         return torch.stack([s.read(Box(0, 0, height, width), vs) for s in sources])
 
-    def _attention_maps(self, level: int, views: torch.Tensor, parent_hw: tuple[int, int]) -> torch.Tensor:
-        """``(M, C, h, w)`` raw views -> ``(M, G)`` log-probabilities of the cells."""
+    def _attention_maps(
+        self, level: int, views: torch.Tensor, parent_hw: tuple[int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(M, C, h, w)`` raw views -> ``(M, G)`` log-probabilities and raw logits of the cells."""
         _, _, rows, cols, _ = self._level_grid(level, parent_hw)
         logits = self.attention[level](self.normalize(views))  # (M, h, w)
         cell_logits = pool_to_grid(logits, rows, cols)  # (M, G)
-        return sampling.smoothed_log_softmax(cell_logits, self.config.smooth)
+        return sampling.smoothed_log_softmax(cell_logits, self.config.smooth), cell_logits
 
     # ------------------------------------------------------------------ the hierarchy
     def _descend(
@@ -288,6 +295,7 @@ class ZoomIn(nn.Module):
         deterministic: bool,
         generator: torch.Generator | None,
         cache: list[dict[tuple[int, Box], torch.Tensor]],
+        logit_cache: list[dict[tuple[int, Box], torch.Tensor]],
         transform: Callable[[torch.Tensor], torch.Tensor] | None,
         record: list[LevelTrace] | None,
     ) -> list[_Node]:
@@ -301,11 +309,12 @@ class ZoomIn(nn.Module):
             counts = sampling.sample_with_replacement(la, n, generator)  # (B, G1)
         weights = expectation.with_replacement_weights(la, counts.to(la.device))  # (B, G1)
         *_, rel = self._level_grid(0, (height, width))
+        whole = Box(0, 0, height, width)
         nodes: list[_Node] = []
         for b in range(B):
             for c in torch.nonzero(counts[b]).flatten().tolist():
                 t, l, h, w = rel[c].tolist()
-                nodes.append(_Node(b, Box(t, l, h, w), weights[b, c], int(counts[b, c]), c))
+                nodes.append(_Node(b, Box(t, l, h, w), weights[b, c], int(counts[b, c]), c, ((b, whole, c),)))
         if record is not None:
             record[0].samples = self._samples_of(nodes, B)
 
@@ -315,9 +324,10 @@ class ZoomIn(nn.Module):
             missing = list(dict.fromkeys((nd.image, nd.box) for nd in nodes if (nd.image, nd.box) not in cache[level]))
             if missing:
                 views = torch.stack([sources[b].read(box, vs) for b, box in missing])  # (M, C, h, w)
-                maps = self._attention_maps(level, views, parent_hw)  # (M, G)
-                for key, row in zip(missing, maps):
+                maps, raw = self._attention_maps(level, views, parent_hw)  # (M, G) each
+                for key, row, raw_row in zip(missing, maps, raw):
                     cache[level][key] = row
+                    logit_cache[level][key] = raw_row
             log_beta = torch.stack([cache[level][(nd.image, nd.box)] for nd in nodes])  # (M, G)
             if transform:
                 log_beta = transform(log_beta)
@@ -338,7 +348,8 @@ class ZoomIn(nn.Module):
                 for j, c in enumerate(draws.tolist()):
                     t, l, h, ww = rel[c].tolist()
                     box = Box(nd.box.top + t, nd.box.left + l, h, ww)
-                    children.append(_Node(nd.image, box, nd.weight * w[j], 1, c))
+                    step = ((nd.image, nd.box, c),)
+                    children.append(_Node(nd.image, box, nd.weight * w[j], 1, c, nd.path + step))
             nodes = children
             if record is not None:
                 record[level].samples = self._samples_of(nodes, B)
@@ -353,13 +364,16 @@ class ZoomIn(nn.Module):
 
     def _aggregate(
         self, leaves: list[_Node], sources: Sequence[ImageSource], batch: int, keep: bool
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, list[Box]]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, list[Box], list[tuple]]:
         """``z = sum_leaves W f(leaf)``; each distinct sub-tile read and embedded once."""
         merged: dict[tuple[int, Box], torch.Tensor] = {}
+        paths: dict[tuple[int, Box], tuple] = {}
         for nd in leaves:
             key = (nd.image, nd.box)
             merged[key] = merged[key] + nd.weight if key in merged else nd.weight
+            paths.setdefault(key, nd.path)
         keys = list(merged)
+        leaf_paths = [paths[k] for k in keys]
         weights = torch.stack([merged[k] for k in keys])  # (L,)
         image = torch.tensor([b for b, _ in keys], device=weights.device)  # (L,)
         D = self.feature.out_dim
@@ -368,14 +382,14 @@ class ZoomIn(nn.Module):
             pixels = torch.stack([sources[b].read(box) for b, box in keys])  # (L, C, h, w)
             feats = self.feature(self.normalize(pixels))  # (L, D)
             z = z.index_add(0, image, weights[:, None] * feats.to(weights.dtype))
-            return z, feats, image, [box for _, box in keys]
+            return z, feats, image, [box for _, box in keys], leaf_paths
         for start in range(0, len(keys), self.config.chunk):  # inference: memory of one chunk
             part = keys[start : start + self.config.chunk]
             pixels = torch.stack([sources[b].read(box) for b, box in part])
             feats = self.feature(self.normalize(pixels))  # (chunk, D)
             sl = slice(start, start + len(part))
             z = z.index_add(0, image[sl], weights[sl, None] * feats.to(weights.dtype))
-        return z, None, image, [box for _, box in keys]
+        return z, None, image, [box for _, box in keys], leaf_paths
 
     def forward(
         self,
@@ -404,7 +418,7 @@ class ZoomIn(nn.Module):
         B = len(sources)
         n = samples or (cfg.train_samples if self.training and cfg.train_samples else cfg.samples)
         height, width = sources[0].height, sources[0].width
-        log_alpha = self._attention_maps(0, views, (height, width))  # (B, G1)
+        log_alpha, raw_alpha = self._attention_maps(0, views, (height, width))  # (B, G1) each
         _, grid1, *_ = self._level_grid(0, (height, width))
         whole = Box(0, 0, height, width)
         traces = [LevelTrace([{whole: log_alpha[b].detach().exp()} for b in range(B)], grid1, [])]
@@ -412,9 +426,12 @@ class ZoomIn(nn.Module):
             _, grid, *_ = self._level_grid(level, tuple(cfg.levels[level - 1].region))
             traces.append(LevelTrace([{} for _ in range(B)], grid, []))
         cache: list[dict] = [{} for _ in cfg.levels]
-        leaves = self._descend(log_alpha, sources, n, deterministic, generator, cache, None, traces)
+        logit_cache: list[dict] = [{(b, whole): raw_alpha[b] for b in range(B)}] + [{} for _ in cfg.levels[1:]]
+        leaves = self._descend(
+            log_alpha, sources, n, deterministic, generator, cache, logit_cache, None, traces
+        )
         keep = torch.is_grad_enabled()
-        z, feats, image, boxes = self._aggregate(leaves, sources, B, keep)
+        z, feats, image, boxes, leaf_paths = self._aggregate(leaves, sources, B, keep)
         logits = self.classifier(z)  # (B, num_classes)
 
         log_maps: list[list[torch.Tensor]] = [[log_alpha[b : b + 1] for b in range(B)]]
@@ -429,10 +446,10 @@ class ZoomIn(nn.Module):
             log_maps.append(per_image_maps)
             parents.append(per_image_parents)
 
-        out = ZoomInOutput(logits, z, traces, log_maps, parents, feats, image, boxes)
+        out = ZoomInOutput(logits, z, traces, log_maps, parents, feats, image, boxes, leaf_paths, logit_cache)
         if contrastive:
             c_leaves = self._descend(
-                log_alpha, sources, n, deterministic, generator, cache,
+                log_alpha, sources, n, deterministic, generator, cache, logit_cache,
                 sampling.complement_log_probs, None,
             )
             c_z, *_ = self._aggregate(c_leaves, sources, B, keep)

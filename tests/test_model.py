@@ -1,0 +1,198 @@
+"""The model: the estimator as composed by the hierarchy, what it reads, shapes, learning."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from zoomnet import ArraySource, CountingSource, LevelConfig, ModelConfig, ZoomIn, build_model
+from zoomnet.core import sampling
+from zoomnet.core.geometry import Box
+from zoomnet.nets import available
+
+
+def tiny_enumerable_model() -> tuple[ZoomIn, ArraySource]:
+    """An 8x16 image: level 1 has 2 tiles (8x8), level 2 has 3 cells per tile (stride 8/3)."""
+    cfg = ModelConfig(
+        levels=[LevelConfig(0.5, (8, 8), "tiled"), LevelConfig(0.5, (8, 4), (8.0, 8 / 3))],
+        attention_width=4, feature_kwargs={"width": 4, "out_dim": 3},
+    )
+    torch.manual_seed(0)
+    model = ZoomIn(cfg).double()
+    image = np.random.default_rng(0).integers(0, 255, (8, 16, 3), dtype=np.uint8)
+    return model, ArraySource(image)
+
+
+def test_model_estimator_is_exactly_unbiased(monkeypatch):
+    """Enumerate every outcome of the real model's draws (N = 4 over 2 tiles of 3 cells:
+    parents drawn less often, as often and more often than they have cells) and compare
+    E[w.z] and E[grad] over all parameters with the exact aggregate."""
+    model, src = tiny_enumerable_model()
+    N, w = 4, torch.tensor([0.3, -1.0, 0.7], dtype=torch.float64)
+    params = [p for n, p in model.named_parameters() if not n.startswith("classifier.")]
+
+    # exact: sum_c alpha_c sum_c' beta_c' f(c, c'), through the model's own pieces
+    view = model.read_views([src])
+    log_alpha, _ = model._attention_maps(0, view, (8, 16))  # (1, 2)
+    *_, rel1 = model._level_grid(0, (8, 16))
+    *_, rel2 = model._level_grid(1, (8, 8))
+    exact = 0.0
+    log_betas = []
+    for c in range(2):
+        tile = Box(*rel1[c].tolist())
+        lb, _ = model._attention_maps(1, src.read(tile, (4, 4))[None], (8, 8))  # (1, 3)
+        log_betas.append(lb[0])
+        for c2 in range(3):
+            t, l, h, ww = rel2[c2].tolist()
+            feat = model.feature(model.normalize(src.read(Box(tile.top + t, tile.left + l, h, ww))[None]))[0]
+            exact = exact + log_alpha[0, c].exp() * lb[0, c2].exp() * (w @ feat)
+    exact_grads = torch.autograd.grad(exact, params)
+    alpha = log_alpha.detach().exp()[0]
+    betas = [lb.detach().exp() for lb in log_betas]
+
+    state: dict = {}
+    monkeypatch.setattr(sampling, "sample_with_replacement", lambda lp, n, g=None: state["counts"].clone())
+    monkeypatch.setattr(sampling, "sample_without_replacement", lambda lp, k, g=None: state["order"][:, :k])
+
+    expected, total_p = 0.0, 0.0
+    for k0 in range(N + 1):
+        counts = torch.tensor([[k0, N - k0]])
+        p_counts = math.comb(N, k0) * float(alpha[0]) ** k0 * float(alpha[1]) ** (N - k0)
+        parents = [c for c in range(2) if counts[0, c] > 0]
+        options = []
+        for c in parents:
+            k = int(counts[0, c])
+            if k >= 3:
+                options.append([((0, 1, 2), 1.0)])
+            else:
+                opts = []
+                for draws in itertools.permutations(range(3), k):
+                    prob, left = 1.0, 1.0
+                    for s in draws:
+                        prob *= float(betas[c][s]) / left
+                        left -= float(betas[c][s])
+                    opts.append((draws, prob))
+                options.append(opts)
+        for combo in itertools.product(*options):
+            rows = [list(d) + [x for x in range(3) if x not in d] for d, _ in combo]
+            state["counts"], state["order"] = counts, torch.tensor(rows)
+            p = p_counts * math.prod(q for _, q in combo)
+            out = model([src], samples=N)
+            expected = expected + p * (w @ out.z[0])
+            total_p += p
+    assert total_p == pytest.approx(1.0, abs=1e-12)
+    expected_grads = torch.autograd.grad(expected, params)
+    assert abs(float((expected - exact).detach())) < 1e-10
+    for e, x in zip(expected_grads, exact_grads):
+        assert torch.allclose(e, x, atol=1e-10, rtol=0)
+
+
+def counting_setup(seed: int = 0):
+    cfg = ModelConfig(
+        levels=[LevelConfig(0.125, (64, 64), "tiled"), LevelConfig(0.5, (16, 16), (4.0, 4.0))],
+        samples=12,
+    )
+    image = np.random.default_rng(seed).integers(0, 255, (256, 256, 3), dtype=np.uint8)
+    return ZoomIn(cfg), CountingSource(ArraySource(image))
+
+
+def test_reads_only_views_and_sub_tiles_once():
+    model, src = counting_setup()
+    out = model.predict([src], generator=torch.Generator().manual_seed(0))
+    full = src.full_resolution_reads()
+    assert full, "sub-tiles are read at full resolution"
+    assert all(b.height <= 16 and b.width <= 16 for b in full)  # never more than a sub-tile
+    assert Box(0, 0, 256, 256) not in full  # the whole image is read only as a view
+    assert len(full) == len(set(full))  # each distinct sub-tile once
+    assert set(full) == set(out.leaf_boxes)
+    views = [(b, s) for b, s in src.reads if s is not None and tuple(s) != (b.height, b.width)]
+    tiles = [b for b, s in views if b.height == 64]
+    assert len(tiles) == len(set(tiles))  # each distinct tile's attention computed once
+    assert sum(b.height * b.width for b in full) <= 12 * 16 * 16
+
+
+@pytest.mark.parametrize("feature", available("feature"))
+@pytest.mark.parametrize("kind", ["zoomin", "ats", "cnn", "zoomin3"])
+def test_forward_backward_smoke(kind, feature):
+    levels = {
+        "zoomin": [LevelConfig(0.25, (32, 32)), LevelConfig(0.5, (16, 16), "dense")],
+        "ats": [LevelConfig(0.25, (16, 16), "dense")],
+        "cnn": [LevelConfig(0.25, (16, 16))],
+        "zoomin3": [LevelConfig(0.125, (64, 64)), LevelConfig(0.25, (32, 32)), LevelConfig(0.5, (16, 16), (8, 8))],
+    }[kind]
+    cfg = ModelConfig(kind=kind.rstrip("3"), levels=levels, feature=feature, num_classes=3, samples=5, cnn_scale=0.5)
+    model = build_model(cfg)
+    gen = torch.Generator().manual_seed(0)
+    srcs = [ArraySource(np.random.default_rng(i).integers(0, 255, (96, 128, 3), dtype=np.uint8)) for i in range(2)]
+    out = model(srcs, contrastive=kind != "cnn", generator=gen)
+    assert out.logits.shape == (2, 3)
+    assert torch.isfinite(out.logits).all()
+    loss = out.logits.logsumexp(1).sum()
+    if out.contrastive_logits is not None:
+        loss = loss + out.contrastive_logits.sum()
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    if kind != "cnn":
+        assert len(out.levels) == len(levels)
+        assert all(len(s) > 0 for s in out.levels[-1].samples)
+
+
+def test_chunked_inference_equals_one_pass():
+    model, src = counting_setup()
+    a = model.predict([src], generator=torch.Generator().manual_seed(3))
+    model.config.chunk = 3
+    b = model.predict([src], generator=torch.Generator().manual_seed(3))
+    assert torch.allclose(a.logits, b.logits, atol=1e-5)
+
+
+def test_deterministic_and_seeded_predictions_repeat():
+    model, src = counting_setup()
+    a = model.predict([src], deterministic=True)
+    b = model.predict([src], deterministic=True)
+    assert torch.equal(a.logits, b.logits)
+    c = model.predict([src], generator=torch.Generator().manual_seed(5))
+    d = model.predict([src], generator=torch.Generator().manual_seed(5))
+    assert torch.equal(c.logits, d.logits)
+
+
+@pytest.mark.parametrize(
+    "change,field",
+    [
+        ({"samples": 0}, "samples"),
+        ({"levels": [LevelConfig(1.5, (8, 8)), LevelConfig(0.5, (4, 4))]}, "scale"),
+        ({"levels": [LevelConfig(0.5, (8, 8), (16, 16)), LevelConfig(0.5, (4, 4))]}, "smaller than its cell stride"),
+        ({"kind": "unet"}, "kind"),
+    ],
+)
+def test_impossible_settings_are_refused(change, field):
+    with pytest.raises(ValueError, match=field):
+        ModelConfig(**change)
+
+
+def test_tiny_model_fits_a_separable_set():
+    """Bright square (positive) vs none: a 2-level model reaches 100 % training accuracy."""
+    from zoomnet.data.examples import Example
+    from zoomnet.train import TrainConfig, evaluate, fit
+
+    rng = np.random.default_rng(0)
+    examples = []
+    for i in range(16):
+        img = rng.integers(60, 120, (64, 64, 3)).astype(np.uint8)
+        if i % 2:
+            y, x = rng.integers(4, 44, 2)
+            img[y : y + 16, x : x + 16] = 250
+        examples.append(Example(ArraySource(img), i % 2))
+    cfg = ModelConfig(
+        levels=[LevelConfig(0.25, (32, 32)), LevelConfig(0.5, (16, 16), (8, 8))],
+        samples=4, feature_kwargs={"width": 8, "out_dim": 16},
+    )
+    torch.manual_seed(0)
+    model = ZoomIn(cfg)
+    fit(model, examples, [], TrainConfig(epochs=15, batch_size=8, lr=3e-3, contrastive_from=None, seed=0),
+        log=lambda s: None, progress=False)
+    assert evaluate(model, examples, deterministic=True)["accuracy"] == 1.0

@@ -1,0 +1,123 @@
+"""Losses of the Zoom-In network (DESIGN.md, "Losses"; paper Sec. 2.3).
+
+- cross-entropy on ``g(z)``;
+- the entropy regularizer on every attention map (raises entropy, keeps sampling exploring);
+- the in-sample contrastive term: a sample drawn from the complementary distributions must
+  not look like the true (non-reference) class, ``-log(1 - p_y)``;
+- an instance loss on the sampled sub-tiles (multiple-instance learning: every sub-tile of a
+  reference-class image is of the reference class; the most telling sub-tile of any other
+  image is of its class), which trains ``f`` from the first hit instead of through a mean
+  that dilutes one object among many background sub-tiles;
+- supervision of attention maps by object masks, when masks exist.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def entropy_regularizer(log_maps: list[list[torch.Tensor]]) -> torch.Tensor:
+    """Batch mean over images of the sum over levels of the mean entropy of that level's maps.
+
+    Args:
+        log_maps: per level, per image, ``(M, G)`` log-probability maps.
+
+    Returns:
+        A scalar to *subtract*, times lambda, from the loss.
+    """
+    per_image = []
+    for b in range(len(log_maps[0])):
+        total = log_maps[0][b].new_zeros(())
+        for level in log_maps:
+            lp = level[b]
+            if lp.numel():
+                total = total + (-(lp.exp() * lp).sum(dim=-1)).mean()
+        per_image.append(total)
+    return torch.stack(per_image).mean()
+
+
+def contrastive_loss(logits: torch.Tensor, labels: torch.Tensor, reference: int) -> torch.Tensor:
+    """``-log(1 - p_y)`` of the complementary sample, for images not of the reference class.
+
+    Args:
+        logits: ``(B, classes)`` from the contrastive aggregate.
+        labels: ``(B,)`` class indices.
+        reference: the negative / reference class.
+    """
+    keep = labels != reference
+    if not keep.any():
+        return logits.new_zeros(())
+    log_p = torch.log_softmax(logits[keep], dim=1)  # (B', classes)
+    log_py = log_p.gather(1, labels[keep, None]).squeeze(1)
+    # log(1 - p_y), stably: log1p(-exp(log p_y)), with p_y kept below one
+    return -torch.log1p(-log_py.exp().clamp(max=1 - 1e-6)).mean()
+
+
+def instance_loss(
+    leaf_logits: torch.Tensor, leaf_image: torch.Tensor, labels: torch.Tensor, reference: int
+) -> torch.Tensor:
+    """Multiple-instance loss on the sampled sub-tiles.
+
+    Args:
+        leaf_logits: ``(L, classes)``, the classifier applied to each sub-tile's feature.
+        leaf_image: ``(L,)`` image of each sub-tile.
+        labels: ``(B,)`` image labels.
+        reference: the class whose images hold no object.
+    """
+    terms = []
+    for b, y in enumerate(labels.tolist()):
+        rows = leaf_logits[leaf_image == b]  # (L_b, classes)
+        if rows.numel() == 0:
+            continue
+        if y == reference:
+            terms.append(F.cross_entropy(rows, torch.full((rows.shape[0],), y, device=rows.device)))
+        else:
+            margin = rows[:, y] - rows[:, reference]
+            best = rows[int(margin.argmax())]
+            terms.append(F.cross_entropy(best[None], torch.tensor([y], device=rows.device)))
+    return torch.stack(terms).mean() if terms else leaf_logits.new_zeros(())
+
+
+def mask_attention_loss(log_maps: list[torch.Tensor], coverage: list[torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy between normalised mask coverage and attention, over maps with objects.
+
+    Args:
+        log_maps: ``(G,)`` log-probability maps.
+        coverage: ``(G,)`` object coverage fraction of each cell, same order.
+    """
+    terms = []
+    for lp, cov in zip(log_maps, coverage):
+        total = cov.sum()
+        if total > 0:
+            terms.append(-(cov / total * lp).sum())
+    return torch.stack(terms).mean() if terms else torch.zeros(())
+
+
+def attention_distillation_loss(
+    cell_logits: list[dict], leaf_paths: list[tuple], leaf_scores: torch.Tensor
+) -> torch.Tensor:
+    """Teach attention where the feature net found something.
+
+    Each sampled sub-tile's object score (``1 - p(reference)`` from the classifier applied to
+    its own feature, detached) becomes the target of a logistic loss on the raw logit of every
+    cell on its path; a cell reached by several sub-tiles takes the highest score. Softmax
+    ignores a shift of all logits, so anchoring them this way leaves the attention
+    distribution free; it gives the attention nets a direct, low-variance signal while the
+    score-function gradient through sampled cells is still weak.
+
+    Args:
+        cell_logits: per level, ``{(image, parent box): (G,) raw logits}``.
+        leaf_paths: per sub-tile, ``(image, parent box, cell)`` at every level.
+        leaf_scores: ``(L,)`` targets in [0, 1].
+    """
+    targets: dict[tuple[int, tuple, int], float] = {}
+    for path, score in zip(leaf_paths, leaf_scores.tolist()):
+        for level, (image, box, cell) in enumerate(path):
+            key = (level, (image, box), cell)
+            targets[key] = max(targets.get(key, 0.0), score)
+    if not targets:
+        return leaf_scores.new_zeros(())
+    logits = torch.stack([cell_logits[level][parent][cell] for level, parent, cell in targets])
+    goal = torch.tensor(list(targets.values()), dtype=logits.dtype, device=logits.device)
+    return F.binary_cross_entropy_with_logits(logits, goal)

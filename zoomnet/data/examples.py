@@ -1,0 +1,48 @@
+"""An example is an image source, a class index and, optionally, a mask source."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from zoomnet.sources.base import ImageSource
+
+
+@dataclass
+class Example:
+    """One labelled image.
+
+    Attributes:
+        source: the image, read lazily.
+        label: class index.
+        mask: object mask (values > 0 on objects), same size as the image, or None.
+        name: a name for reports (file path or generated id).
+    """
+
+    source: ImageSource
+    label: int
+    mask: ImageSource | None = None
+    name: str = ""
+
+
+def batches_by_size(
+    examples: list[Example], batch_size: int, shuffle: bool, generator: torch.Generator | None = None
+) -> list[list[int]]:
+    """Index batches of same-sized images (a batch shares one level-1 grid).
+
+    >>> from zoomnet.sources import ArraySource
+    >>> import numpy as np
+    >>> ex = [Example(ArraySource(np.zeros((s, s), np.uint8)), 0) for s in (8, 8, 16, 8)]
+    >>> batches_by_size(ex, 2, shuffle=False)
+    [[0, 1], [3], [2]]
+    """
+    order = torch.randperm(len(examples), generator=generator).tolist() if shuffle else list(range(len(examples)))
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i in order:
+        groups.setdefault((examples[i].source.height, examples[i].source.width), []).append(i)
+    batches = [g[s : s + batch_size] for g in groups.values() for s in range(0, len(g), batch_size)]
+    if shuffle:
+        perm = torch.randperm(len(batches), generator=generator).tolist()
+        batches = [batches[i] for i in perm]
+    return batches

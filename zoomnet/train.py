@@ -1,0 +1,267 @@
+"""Training and evaluation loops over in-memory examples (DESIGN.md, "Losses" and
+"Training dynamics").
+
+The attention nets learn only through sampled locations, so the loop reports, per epoch,
+how often sampled sub-tiles hit the objects where masks are known: the first thing to look
+at when accuracy is flat.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from zoomnet.core import losses
+from zoomnet.core.geometry import Box
+from zoomnet.data.examples import Example, batches_by_size
+from zoomnet.model import ZoomIn, ZoomInOutput
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings.
+
+    Attributes:
+        epochs: passes over the training set.
+        batch_size: images per step (same-sized images are batched together).
+        lr: Adam learning rate of the feature net and classifier (authors: 1e-4).
+        attention_lr: learning rate of the attention nets (None: ``lr``). A larger one
+            gets attention moving while it still sees the objects rarely.
+        weight_decay: Adam weight decay (authors: 1e-5).
+        clip: gradient-norm clipping (authors: 5).
+        lr_step: epochs between learning-rate decays (None: constant).
+        lr_gamma: decay factor.
+        entropy_weight: lambda of the entropy regularizer (paper: 1e-5).
+        contrastive_from: first epoch (1-based) with the contrastive term (None: never;
+            paper: 10).
+        contrastive_weight: weight of the contrastive term.
+        instance_weight: weight of the instance (MIL) loss on sampled sub-tiles (0: off).
+        mask_weight: weight of attention supervision by masks (0: off; masks needed).
+        distill_weight: weight of attention distillation from the sub-tiles' own object
+            scores (0: off; see ``losses.attention_distillation_loss``).
+        reference_class: the negative class of the contrastive and instance terms.
+        seed: seed of shuffling and sampling.
+    """
+
+    epochs: int = 10
+    batch_size: int = 8
+    lr: float = 1e-3
+    attention_lr: float | None = None
+    weight_decay: float = 1e-5
+    clip: float = 5.0
+    lr_step: int | None = None
+    lr_gamma: float = 0.5
+    entropy_weight: float = 1e-5
+    contrastive_from: int | None = 10
+    contrastive_weight: float = 1.0
+    instance_weight: float = 0.0
+    mask_weight: float = 0.0
+    distill_weight: float = 0.0
+    reference_class: int = 0
+    seed: int = 0
+
+
+class NonFiniteLoss(RuntimeError):
+    """Raised when a loss becomes NaN or infinite."""
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Adam with a separate learning rate for the attention nets."""
+    att = [p for n, p in model.named_parameters() if n.startswith("attention.")]
+    rest = [p for n, p in model.named_parameters() if not n.startswith("attention.")]
+    groups = [{"params": rest, "lr": cfg.lr}]
+    if att:
+        groups.append({"params": att, "lr": cfg.attention_lr or cfg.lr})
+    return torch.optim.Adam(groups, weight_decay=cfg.weight_decay)
+
+
+def object_hits(out: ZoomInOutput, examples: list[Example]) -> tuple[int, int, int, int]:
+    """Count sampled sub-tiles that overlap an object, on images with an object mask.
+
+    Returns:
+        ``(sub-tiles hitting, sub-tiles, images with a hit, images with objects)``.
+    """
+    if not out.levels:
+        return 0, 0, 0, 0
+    hit_tiles = tiles = hit_images = images = 0
+    for ex, leaves in zip(examples, out.levels[-1].samples):
+        if ex.mask is None:
+            continue
+        whole = ex.mask.read(Box(0, 0, ex.mask.height, ex.mask.width))
+        if float(whole.max()) <= 0:
+            continue
+        images += 1
+        hits = [float(ex.mask.read(s.box).max()) > 0 for s in leaves]
+        hit_tiles += sum(hits)
+        tiles += len(hits)
+        hit_images += any(hits)
+    return hit_tiles, tiles, hit_images, images
+
+
+def mask_coverage(model: ZoomIn, out: ZoomInOutput, examples: list[Example]) -> tuple[list, list]:
+    """Per attention map of images with objects: ``(log map, object coverage per cell)``."""
+    maps, covers = [], []
+    for level, lv in enumerate(model.config.levels):
+        t_h, t_w = lv.cell_stride()
+        for b, ex in enumerate(examples):
+            if ex.mask is None:
+                continue
+            for box, lp in zip(out.parents[level][b], out.log_maps[level][b]):
+                g_h, g_w = (out.levels[level].grid if level else model._level_grid(0, (box.height, box.width))[1])
+                span = Box(box.top, box.left, round(g_h * t_h), round(g_w * t_w))
+                cov = ex.mask.read(span, (g_h, g_w))[0].flatten()  # (G,) fraction covered
+                maps.append(lp.flatten())
+                covers.append(cov.to(lp))
+    return maps, covers
+
+
+def training_loss(
+    model: torch.nn.Module, out: ZoomInOutput, batch: list[Example], labels: torch.Tensor,
+    cfg: TrainConfig, contrastive: bool,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The total loss of one batch and its terms."""
+    terms: dict[str, torch.Tensor] = {"ce": F.cross_entropy(out.logits, labels)}
+    if isinstance(model, ZoomIn):
+        if cfg.entropy_weight:
+            terms["entropy"] = -cfg.entropy_weight * losses.entropy_regularizer(out.log_maps)
+        if contrastive and out.contrastive_logits is not None:
+            terms["contrastive"] = cfg.contrastive_weight * losses.contrastive_loss(
+                out.contrastive_logits, labels, cfg.reference_class
+            )
+        if (cfg.instance_weight or cfg.distill_weight) and out.leaf_features is not None:
+            leaf_logits = model.classifier(out.leaf_features)  # (L, classes)
+            if cfg.instance_weight:
+                terms["instance"] = cfg.instance_weight * losses.instance_loss(
+                    leaf_logits, out.leaf_image, labels, cfg.reference_class
+                )
+            if cfg.distill_weight:
+                scores = 1.0 - torch.softmax(leaf_logits.detach(), dim=1)[:, cfg.reference_class]
+                terms["distill"] = cfg.distill_weight * losses.attention_distillation_loss(
+                    out.cell_logits, out.leaf_paths, scores
+                )
+        if cfg.mask_weight:
+            maps, covers = mask_coverage(model, out, batch)
+            terms["mask"] = cfg.mask_weight * losses.mask_attention_loss(maps, covers)
+    total = sum(terms.values())
+    return total, {k: float(v.detach()) for k, v in terms.items()}
+
+
+def train_epoch(
+    model: torch.nn.Module, examples: list[Example], cfg: TrainConfig, optimizer: torch.optim.Optimizer,
+    epoch: int, generator: torch.Generator, progress: bool = True,
+) -> dict[str, float]:
+    """One pass over ``examples``; returns mean loss terms, accuracy and hit rates."""
+    model.train()
+    contrastive = cfg.contrastive_from is not None and epoch >= cfg.contrastive_from
+    sums: dict[str, float] = {}
+    correct = seen = 0
+    hits = [0, 0, 0, 0]
+    start = time.perf_counter()
+    batches = batches_by_size(examples, cfg.batch_size, shuffle=True, generator=generator)
+    bar = tqdm(batches, desc=f"epoch {epoch}", unit="batch", disable=not progress, leave=False)
+    for idx in bar:
+        batch = [examples[i] for i in idx]
+        labels = torch.tensor([ex.label for ex in batch])
+        out = model([ex.source for ex in batch], contrastive=contrastive, generator=generator)
+        loss, terms = training_loss(model, out, batch, labels, cfg, contrastive)
+        if not math.isfinite(float(loss.detach())):
+            raise NonFiniteLoss(f"loss is {float(loss.detach())} at epoch {epoch} ({terms})")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        optimizer.step()
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0.0) + v * len(batch)
+        correct += int((out.logits.argmax(1) == labels).sum())
+        seen += len(batch)
+        hits = [a + b for a, b in zip(hits, object_hits(out, batch))]
+        bar.set_postfix(loss=f"{float(loss.detach()):.3f}", acc=f"{correct / seen:.2f}")
+    seconds = time.perf_counter() - start
+    stats = {f"loss_{k}": v / max(seen, 1) for k, v in sums.items()}
+    stats.update(
+        train_accuracy=correct / max(seen, 1),
+        train_hit_rate=hits[0] / max(hits[1], 1),
+        train_images_hit=hits[2] / max(hits[3], 1),
+        seconds=seconds,
+        images_per_s=seen / max(seconds, 1e-9),
+    )
+    return stats
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module, examples: list[Example], batch_size: int = 16, deterministic: bool = False,
+    samples: int | None = None, seed: int = 0,
+) -> dict:
+    """Accuracy, class probabilities and object hit rates on ``examples``.
+
+    Returns:
+        ``accuracy``, ``hit_rate`` (share of sampled sub-tiles on an object, images with
+        objects), ``images_hit`` (share of those images with at least one such sub-tile),
+        ``probabilities`` (``(n, classes)`` in the order of ``examples``), ``labels``.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    probs = torch.zeros(len(examples), model.config.num_classes)
+    hits = [0, 0, 0, 0]
+    for idx in batches_by_size(examples, batch_size, shuffle=False):
+        batch = [examples[i] for i in idx]
+        out = model.predict([ex.source for ex in batch], deterministic=deterministic, samples=samples, generator=generator)
+        probs[idx] = torch.softmax(out.logits.float(), dim=1).cpu()
+        hits = [a + b for a, b in zip(hits, object_hits(out, batch))]
+    labels = torch.tensor([ex.label for ex in examples])
+    return {
+        "accuracy": float((probs.argmax(1) == labels).float().mean()) if len(examples) else float("nan"),
+        "hit_rate": hits[0] / max(hits[1], 1),
+        "images_hit": hits[2] / max(hits[3], 1),
+        "probabilities": probs,
+        "labels": labels,
+    }
+
+
+def fit(
+    model: torch.nn.Module, train: list[Example], val: list[Example], cfg: TrainConfig,
+    log: Callable[[str], None] = print, progress: bool = True,
+    on_epoch: Callable[[int, dict], None] | None = None,
+) -> list[dict]:
+    """Train ``model``; after each epoch evaluate on ``val`` and call ``on_epoch``.
+
+    Returns:
+        One row of statistics per epoch.
+    """
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = (
+        torch.optim.lr_scheduler.StepLR(optimizer, cfg.lr_step, cfg.lr_gamma) if cfg.lr_step else None
+    )
+    history = []
+    for epoch in range(1, cfg.epochs + 1):
+        row = {"epoch": epoch, **train_epoch(model, train, cfg, optimizer, epoch, generator, progress)}
+        if val:
+            sampled = evaluate(model, val, cfg.batch_size, deterministic=False, seed=cfg.seed)
+            det = evaluate(model, val, cfg.batch_size, deterministic=True)
+            row.update(
+                val_accuracy=sampled["accuracy"], val_hit_rate=sampled["hit_rate"],
+                val_images_hit=sampled["images_hit"], val_accuracy_det=det["accuracy"],
+                val_hit_rate_det=det["hit_rate"],
+            )
+        if scheduler:
+            scheduler.step()
+        history.append(row)
+        log(
+            f"epoch {epoch:3d}  loss {sum(v for k, v in row.items() if k.startswith('loss_')):.3f}"
+            f"  train acc {row['train_accuracy']:.3f}  hit {row['train_hit_rate']:.3f}"
+            + (f"  val acc {row['val_accuracy']:.3f} (det {row['val_accuracy_det']:.3f})"
+               f"  val hit {row['val_hit_rate']:.3f} (det {row['val_hit_rate_det']:.3f})" if val else "")
+            + f"  {row['images_per_s']:.1f} img/s"
+        )
+        if on_epoch:
+            on_epoch(epoch, row)
+    return history
