@@ -16,8 +16,16 @@ import torch
 
 from zoomnet.core import expectation
 
-torch.set_default_dtype(torch.float64)
 TOL = 1e-10
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    """Every tensor of these tests in float64 (restored afterwards for the other tests)."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(before)
 
 
 def inclusive_cumsum_weights(log_p, draws):

@@ -5,13 +5,15 @@
 - the in-sample contrastive term: a sample drawn from the complementary distributions must
   not look like the true (non-reference) class, ``-log(1 - p_y)``;
 - an instance loss on the sampled sub-tiles (multiple-instance learning: every sub-tile of a
-  reference-class image is of the reference class; the most telling sub-tile of any other
-  image is of its class), which trains ``f`` from the first hit instead of through a mean
-  that dilutes one object among many background sub-tiles;
+  reference-class image is of the reference class; the log-sum-exp pool of the sub-tiles of
+  any other image is of its class), which trains ``f`` from the first hits instead of
+  through a mean that dilutes one object among many background sub-tiles;
 - supervision of attention maps by object masks, when masks exist.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -73,9 +75,12 @@ def instance_loss(
         if y == reference:
             terms.append(F.cross_entropy(rows, torch.full((rows.shape[0],), y, device=rows.device)))
         else:
-            margin = rows[:, y] - rows[:, reference]
-            best = rows[int(margin.argmax())]
-            terms.append(F.cross_entropy(best[None], torch.tensor([y], device=rows.device)))
+            # log-sum-exp pooling of the margins: a mean while no sub-tile stands out (every
+            # sub-tile of a positive bag shares the push, so an object seen only in positive
+            # bags rises from the first hit), a max once one does
+            margin = rows[:, y] - rows[:, reference]  # (L_b,)
+            bag = torch.logsumexp(margin, dim=0) - math.log(margin.numel())
+            terms.append(F.softplus(-bag))  # -log sigmoid(bag)
     return torch.stack(terms).mean() if terms else leaf_logits.new_zeros(())
 
 

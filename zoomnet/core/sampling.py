@@ -74,12 +74,16 @@ def largest_remainder_counts(log_p: torch.Tensor, n: int) -> torch.Tensor:
     [[2, 1, 1]]
     """
     expected = log_p.detach().exp().double() * n  # (B, G)
-    counts = torch.floor(expected).long()
+    # a probability that rounds to just below an exact share (0.45 -> 0.4499999) keeps it
+    counts = torch.floor(expected + 1e-5).long()
     missing = n - counts.sum(dim=1)  # (B,)
     remainder = expected - counts
     order = torch.argsort(remainder, dim=1, descending=True, stable=True)  # (B, G)
     for b in range(counts.shape[0]):
-        counts[b, order[b, : int(missing[b])]] += 1
+        if missing[b] >= 0:
+            counts[b, order[b, : int(missing[b])]] += 1
+        else:  # the tolerance above gave one too many: take it from the smallest remainder
+            counts[b, order[b, int(missing[b]) :]] -= 1
     return counts
 
 

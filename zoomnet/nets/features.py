@@ -18,9 +18,15 @@ from zoomnet.nets.registry import register
 class LeNet(nn.Module):
     """LeNet-like feature net of the Zoom-In authors' code (48-d, L2-normalised)."""
 
-    def __init__(self, in_channels: int = 3, width: int = 36, out_dim: int = 48, normalize: bool = True):
+    def __init__(
+        self, in_channels: int = 3, width: int = 36, out_dim: int = 48, normalize: bool = True,
+        stem_stride: int = 1, pool: str = "mean",
+    ):
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, width, 5, padding=2)
+        if pool not in ("mean", "max"):
+            raise ValueError(f"feature pool={pool!r}: use 'mean' or 'max'")
+        self.pool = pool
+        self.conv1 = nn.Conv2d(in_channels, width, 5, stride=stem_stride, padding=2)
         self.conv2 = nn.Conv2d(width, out_dim, 5, padding=2)
         self.out_dim = out_dim
         self.normalize = normalize
@@ -28,7 +34,7 @@ class LeNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.max_pool2d(F.relu(self.conv1(x)), 2)  # (M, width, h/2, w/2)
         x = F.max_pool2d(F.relu(self.conv2(x)), 2)  # (M, D, h/4, w/4)
-        x = x.mean(dim=(2, 3))  # (M, D)
+        x = x.mean(dim=(2, 3)) if self.pool == "mean" else x.amax(dim=(2, 3))  # (M, D)
         return F.normalize(x, dim=1) if self.normalize else x
 
 
@@ -77,8 +83,14 @@ class PreActResNet(nn.Module):
 
 
 @register("feature", "lenet")
-def lenet(in_channels: int = 3, width: int = 36, out_dim: int = 48, normalize: bool = True) -> LeNet:
-    return LeNet(in_channels, width, out_dim, normalize)
+def lenet(
+    in_channels: int = 3, width: int = 36, out_dim: int = 48, normalize: bool = True,
+    stem_stride: int = 1, pool: str = "mean",
+) -> LeNet:
+    """The authors' LeNet (global mean pooling). ``stem_stride=2`` quarters its cost on
+    sub-tiles of 48 px and more; ``pool="max"`` finds a small pattern anywhere in the
+    sub-tile, where a mean dilutes it."""
+    return LeNet(in_channels, width, out_dim, normalize, stem_stride, pool)
 
 
 @register("feature", "resnet")

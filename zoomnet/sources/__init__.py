@@ -6,5 +6,7 @@ opens files. :class:`ArraySource` holds an image in memory.
 
 from zoomnet.sources.array import ArraySource
 from zoomnet.sources.base import CountingSource, ImageSource
+from zoomnet.sources.open import open_image
+from zoomnet.sources.pillow import PillowSource
 
-__all__ = ["ArraySource", "CountingSource", "ImageSource"]
+__all__ = ["ArraySource", "CountingSource", "ImageSource", "PillowSource", "open_image"]

@@ -1,0 +1,63 @@
+"""Loss terms: values on hand-made inputs and the direction of their gradients."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from zoomnet.core import losses
+from zoomnet.core.geometry import Box
+
+
+def test_entropy_regularizer_sums_levels_and_averages_maps():
+    uniform4 = torch.full((1, 4), math.log(0.25))
+    two_maps = torch.log(torch.tensor([[0.5, 0.5], [1.0, 1e-30]]))
+    value = losses.entropy_regularizer([[uniform4, uniform4], [two_maps, two_maps[:1]]])
+    # image 0: log 4 + mean(log 2, 0); image 1: log 4 + log 2
+    expected = ((math.log(4) + math.log(2) / 2) + (math.log(4) + math.log(2))) / 2
+    assert float(value) == pytest.approx(expected, abs=1e-6)
+
+
+def test_contrastive_loss_only_for_non_reference_images():
+    logits = torch.tensor([[0.0, 2.0], [3.0, 0.0]], requires_grad=True)
+    labels = torch.tensor([1, 0])
+    value = losses.contrastive_loss(logits, labels, reference=0)
+    p1 = torch.softmax(logits[0].detach(), 0)[1]
+    assert float(value) == pytest.approx(-math.log(1 - float(p1)), abs=1e-6)
+    value.backward()
+    assert logits.grad[1].abs().sum() == 0  # the reference-class image takes no part
+    assert logits.grad[0, 1] > 0  # pushes the true class down for the complementary sample
+    assert float(losses.contrastive_loss(logits, torch.tensor([0, 0]), 0)) == 0.0
+
+
+def test_instance_loss_pushes_reference_bags_down_and_positive_bags_up():
+    leaf_logits = torch.zeros(6, 2, requires_grad=True)
+    image = torch.tensor([0, 0, 0, 1, 1, 1])
+    value = losses.instance_loss(leaf_logits, image, torch.tensor([0, 1]), reference=0)
+    assert float(value) == pytest.approx(math.log(2), abs=1e-6)
+    value.backward()
+    assert (leaf_logits.grad[:3, 1] > 0).all()  # reference bag: every sub-tile away from class 1
+    assert (leaf_logits.grad[3:, 1] < 0).all()  # positive bag: towards class 1
+
+
+def test_mask_loss_prefers_covered_cells():
+    cover = torch.tensor([0.0, 1.0, 0.0, 0.0])
+    good = torch.log(torch.tensor([0.01, 0.97, 0.01, 0.01]))
+    bad = torch.log(torch.tensor([0.97, 0.01, 0.01, 0.01]))
+    assert losses.mask_attention_loss([good], [cover]) < losses.mask_attention_loss([bad], [cover])
+    assert float(losses.mask_attention_loss([good], [torch.zeros(4)])) == 0.0
+
+
+def test_distillation_targets_every_cell_on_the_path():
+    box, whole = Box(0, 0, 8, 8), Box(0, 0, 16, 16)
+    level1 = torch.zeros(4, requires_grad=True)
+    level2 = torch.zeros(3, requires_grad=True)
+    cell_logits = [{(0, whole): level1}, {(0, box): level2}]
+    paths = [((0, whole, 0), (0, box, 2)), ((0, whole, 0), (0, box, 1))]
+    value = losses.attention_distillation_loss(cell_logits, paths, torch.tensor([1.0, 0.0]))
+    value.backward()
+    assert level1.grad[0] < 0  # the tile holds a high-scoring sub-tile: its logit rises
+    assert level2.grad[2] < 0 and level2.grad[1] > 0
+    assert level1.grad[1:].abs().sum() == 0 and level2.grad[0] == 0

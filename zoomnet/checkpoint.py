@@ -1,0 +1,65 @@
+"""Checkpoints: weights as safetensors (no code runs on load) beside a JSON of the config.
+
+Both files are written to a temporary name and renamed into place, so a crash never leaves
+a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from zoomnet.model import ModelConfig, build_model
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def config_to_dict(config) -> dict:
+    """A dataclass config as plain JSON-able data."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def save_checkpoint(model: torch.nn.Module, path: str | Path, state: dict | None = None) -> Path:
+    """Write ``path`` (``.safetensors``) and ``path`` with ``.json`` (config and ``state``)."""
+    path = Path(path)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    fd, tmp = tempfile.mkstemp(dir=path.parent if path.parent.exists() else None, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    meta = {"model": config_to_dict(model.config), "state": state or {}}
+    atomic_write_bytes(path.with_suffix(".json"), json.dumps(meta, indent=2).encode())
+    return path
+
+
+def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, dict]:
+    """Rebuild a model from ``path`` (``.safetensors``) and its JSON; returns ``(model, state)``."""
+    path = Path(path)
+    meta = json.loads(path.with_suffix(".json").read_text())
+    model = build_model(ModelConfig(**meta["model"]))
+    model.load_state_dict(load_file(str(path), device=device))
+    return model.to(device), meta.get("state", {})

@@ -1,0 +1,34 @@
+"""``open_image(path)``: the source for a file, chosen by its format."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from zoomnet.errors import ImageError
+from zoomnet.sources.base import ImageSource
+from zoomnet.sources.pillow import PillowSource
+
+PLAIN = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".tga"}
+TIFF = {".tif", ".tiff", ".svs", ".ome.tif", ".ome.tiff"}
+
+
+def open_image(path: str | os.PathLike, fill: float = 0.0) -> ImageSource:
+    """Open ``path`` lazily where the format allows.
+
+    Args:
+        path: an image file.
+        fill: raw pixel value returned outside the image (255 suits bright-field slides).
+
+    Raises:
+        ImageError: a missing, unreadable or unsupported file, with the fix.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ImageError(f"{path}: no such file; check the path (relative paths are taken from the CSV's folder)")
+    suffix = p.suffix.lower()
+    if suffix in PLAIN:
+        return PillowSource(p, fill=fill)
+    if suffix in TIFF:
+        return PillowSource(p, fill=fill)
+    raise ImageError(f"{path}: unsupported format {suffix or '(no extension)'!r}; use PNG, JPEG, BMP or TIFF")
