@@ -57,9 +57,10 @@ def test_generator_makes_draws_reproducible():
 
 
 def test_largest_remainder_and_top_k():
-    log_p = torch.log(torch.tensor([[0.45, 0.35, 0.2]]))
-    assert sampling.largest_remainder_counts(log_p, 10).tolist() == [[5, 3, 2]]
-    assert sampling.largest_remainder_counts(log_p, 3).tolist() == [[1, 1, 1]]
+    log_p = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
+    assert sampling.largest_remainder_counts(log_p, 10).tolist() == [[5, 3, 2]]  # 0.3*10 = 2.99999
+    assert sampling.largest_remainder_counts(log_p, 4).tolist() == [[2, 1, 1]]  # remainders .2 and .8
+    assert sampling.largest_remainder_counts(log_p, 1).tolist() == [[1, 0, 0]]
     assert sampling.top_k_children(log_p, 2).tolist() == [[0, 1]]
 
 
