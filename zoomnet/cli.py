@@ -1,37 +1,173 @@
-"""The ``zoomnet`` command line: a thin layer over functions the tests call directly."""
+"""The ``zoomnet`` command line: a thin layer over functions the tests call directly.
+
+Errors a user can fix print one line, ``zoomnet: error: ...``, and exit with status 2;
+``--debug`` shows the traceback instead.
+"""
 
 from __future__ import annotations
 
 import argparse
+import csv
+import json
 import sys
+from pathlib import Path
 
 from zoomnet import __version__
+from zoomnet.errors import UserError
 
 
 def _demo(args: argparse.Namespace) -> int:
     from zoomnet.demo import run_demo
 
-    metrics = run_demo(args.out, train_size=args.train_size, epochs=args.epochs, seed=args.seed)
-    return 0 if metrics["accuracy"] == metrics["accuracy"] else 1
+    run_demo(args.out, train_size=args.train_size, epochs=args.epochs, seed=args.seed)
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from zoomnet.config import load_config
+    from zoomnet.runs import train_run
+
+    config = load_config(args.config, args.set)
+    if args.seed is not None:
+        config.train.seed = args.seed
+    train_run(config, args.train, args.val, args.out, resume=args.resume, device=args.device,
+              progress=not args.quiet, epochs=args.epochs)
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from zoomnet.runs import evaluate_run
+
+    m = evaluate_run(args.run, args.test, deterministic=args.deterministic, samples=args.samples,
+                     seed=args.seed, device=args.device)
+    print(f"images: {m['images']}")
+    print(f"accuracy: {m['accuracy']:.4f}")
+    print(f"balanced accuracy: {m['balanced_accuracy']:.4f}")
+    if "auc" in m:
+        print(f"AUC: {m['auc']:.4f}")
+    print("confusion (rows: true " + ", ".join(m["classes"]) + "):")
+    for c, row in zip(m["classes"], m["confusion"]):
+        print(f"  {c}: {row}")
+    print(json.dumps(m))
+    return 0
+
+
+def _emit_prediction(result: dict) -> None:
+    print(json.dumps(result), flush=True)
+    if "heatmap" in result:  # on stderr, so that stdout stays one JSON line per image
+        print(f"heatmap: {result['heatmap']}", file=sys.stderr, flush=True)
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from zoomnet.data.manifest import read_manifest
+    from zoomnet.runs import predict_images
+
+    images = list(args.images)
+    truth: dict[str, str] = {}
+    if args.manifest:
+        rows = read_manifest(args.manifest)
+        images += [str(r.path) for r in rows]
+        truth = {str(r.path): r.label for r in rows}
+    if not images:
+        raise UserError("predict: no images; give image paths or --manifest CSV")
+    results = predict_images(
+        args.run, images, deterministic=args.deterministic, samples=args.samples, seed=args.seed,
+        device=args.device, heatmaps=args.heatmaps, geojson=args.geojson,
+        emit=_emit_prediction, progress=args.out is not None,
+    )
+    if args.out:
+        classes = list(results[0]["probabilities"]) if results else []
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["path", "true_label", "predicted", *[f"p_{c}" for c in classes], "seconds"])
+            for r in results:
+                w.writerow([r["path"], truth.get(r["path"], ""), r["label"],
+                            *[f"{r['probabilities'][c]:.6f}" for c in classes], f"{r['seconds']:.3f}"])
+    return 0
+
+
+def _make_data(args: argparse.Namespace) -> int:
+    from zoomnet.data.writers import write_dataset
+
+    write_dataset(args.kind, args.out, num=args.num, size=args.size, seed=args.seed)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zoomnet", description="Classify very large images by zooming in.")
     parser.add_argument("--version", action="version", version=f"zoomnet {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    def device(p):
+        p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
+
     demo = sub.add_parser("demo", help="train and evaluate on synthetic tiny objects, write heatmaps")
     demo.add_argument("--out", default="demo-output", help="folder for the checkpoint and heatmaps")
     demo.add_argument("--train-size", type=int, default=320, help="training images")
     demo.add_argument("--epochs", type=int, default=8, help="training epochs")
     demo.add_argument("--seed", type=int, default=0, help="seed of data, initialisation and sampling")
     demo.set_defaults(func=_demo)
+
+    tr = sub.add_parser("train", help="train a model on manifests (CSV: path,label[,mask])")
+    tr.add_argument("--config", required=True, help="a preset name or a JSON file")
+    tr.add_argument("--train", required=True, help="training manifest CSV")
+    tr.add_argument("--val", help="validation manifest CSV")
+    tr.add_argument("--out", required=True, help="run folder to write")
+    tr.add_argument("--epochs", type=int, help="override train.epochs")
+    tr.add_argument("--seed", type=int, help="override train.seed")
+    tr.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config fields")
+    tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
+    tr.add_argument("--quiet", action="store_true", help="no progress bars")
+    device(tr)
+    tr.set_defaults(func=_train)
+
+    ev = sub.add_parser("evaluate", help="metrics of a run on a manifest; the last line is JSON")
+    ev.add_argument("run", help="run folder")
+    ev.add_argument("test", help="manifest CSV")
+    ev.add_argument("--deterministic", action="store_true", help="top-k instead of sampling")
+    ev.add_argument("--samples", type=int, help="draws N (default: the run's)")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the sampling")
+    device(ev)
+    ev.set_defaults(func=_evaluate)
+
+    pr = sub.add_parser("predict", help="predict images; one JSON line per image")
+    pr.add_argument("run", help="run folder")
+    pr.add_argument("images", nargs="*", help="image files")
+    pr.add_argument("--manifest", help="a CSV of images to predict (column path)")
+    pr.add_argument("--out", help="write predictions as CSV here")
+    pr.add_argument("--heatmaps", help="folder for <image stem>.png pictures of where the model looked")
+    pr.add_argument("--geojson", help="folder for <image stem>.geojson sampled boxes (QuPath)")
+    pr.add_argument("--deterministic", action="store_true", help="top-k instead of sampling")
+    pr.add_argument("--samples", type=int, help="draws N (default: the run's)")
+    pr.add_argument("--seed", type=int, default=0, help="seed of the sampling")
+    device(pr)
+    pr.set_defaults(func=_predict)
+
+    md = sub.add_parser("make-data", help="write a synthetic data set: images, masks, train/val/test CSVs")
+    md.add_argument("kind", choices=["tiny-objects", "megapixel-mnist", "needles"], help="which set")
+    md.add_argument("out", help="folder to write")
+    md.add_argument("--num", type=int, help="number of images in all (default per set)")
+    md.add_argument("--size", type=int, help="image side in pixels (default per set)")
+    md.add_argument("--seed", type=int, default=0, help="seed")
+    md.set_defaults(func=_make_data)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except UserError as exc:
+        if args.debug:
+            raise
+        print(f"zoomnet: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("zoomnet: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -284,6 +284,8 @@ class ZoomIn(nn.Module):
         _, _, rows, cols, _ = self._level_grid(level, parent_hw)
         logits = self.attention[level](self.normalize(views))  # (M, h, w)
         cell_logits = pool_to_grid(logits, rows, cols)  # (M, G)
+        # the estimator and losses stay in float32 (or float64) under autocast
+        cell_logits = cell_logits.to(torch.promote_types(cell_logits.dtype, torch.float32))
         return sampling.smoothed_log_softmax(cell_logits, self.config.smooth), cell_logits
 
     # ------------------------------------------------------------------ the hierarchy
@@ -311,6 +313,7 @@ class ZoomIn(nn.Module):
         *_, rel = self._level_grid(0, (height, width))
         whole = Box(0, 0, height, width)
         nodes: list[_Node] = []
+        counts = counts.cpu()
         for b in range(B):
             for c in torch.nonzero(counts[b]).flatten().tolist():
                 t, l, h, w = rel[c].tolist()

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from zoomnet.core import losses
 from zoomnet.core.geometry import Box
+from zoomnet.data.augment import JitteredSource
 from zoomnet.data.examples import Example, batches_by_size
 from zoomnet.model import ZoomIn, ZoomInOutput
 
@@ -123,10 +124,10 @@ def mask_coverage(model: ZoomIn, out: ZoomInOutput, examples: list[Example]) -> 
 
 def training_loss(
     model: torch.nn.Module, out: ZoomInOutput, batch: list[Example], labels: torch.Tensor,
-    cfg: TrainConfig, contrastive: bool,
+    cfg: TrainConfig, contrastive: bool, class_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The total loss of one batch and its terms."""
-    terms: dict[str, torch.Tensor] = {"ce": F.cross_entropy(out.logits, labels)}
+    """The total loss of one batch and its terms (``model`` unwrapped from DDP)."""
+    terms: dict[str, torch.Tensor] = {"ce": F.cross_entropy(out.logits.float(), labels, weight=class_weight)}
     if isinstance(model, ZoomIn):
         if cfg.entropy_weight:
             terms["entropy"] = -cfg.entropy_weight * losses.entropy_regularizer(out.log_maps)
@@ -155,8 +156,21 @@ def training_loss(
 def train_epoch(
     model: torch.nn.Module, examples: list[Example], cfg: TrainConfig, optimizer: torch.optim.Optimizer,
     epoch: int, generator: torch.Generator, progress: bool = True,
+    class_weight: torch.Tensor | None = None, augment: float = 0.0, rank: int = 0, world: int = 1,
+    autocast: bool = False,
 ) -> dict[str, float]:
-    """One pass over ``examples``; returns mean loss terms, accuracy and hit rates."""
+    """One pass over ``examples``; returns mean loss terms, accuracy and hit rates.
+
+    Args:
+        model: the model, or its DistributedDataParallel wrapper.
+        class_weight: cross-entropy weight per class (imbalanced sets).
+        augment: colour-jitter strength of the training images (0: none).
+        rank: this process's rank; each takes every ``world``-th batch.
+        world: number of processes (torch.distributed).
+        autocast: bfloat16 autocast of the nets on CUDA (estimator and losses in float32).
+    """
+    core = getattr(model, "module", model)
+    device = next(core.parameters()).device
     model.train()
     contrastive = cfg.contrastive_from is not None and epoch >= cfg.contrastive_from
     sums: dict[str, float] = {}
@@ -164,12 +178,19 @@ def train_epoch(
     hits = [0, 0, 0, 0]
     start = time.perf_counter()
     batches = batches_by_size(examples, cfg.batch_size, shuffle=True, generator=generator)
+    if world > 1:  # every rank the same number of steps, so gradient all-reduces pair up
+        per_rank = len(batches) // world
+        batches = batches[rank::world][:per_rank]
     bar = tqdm(batches, desc=f"epoch {epoch}", unit="batch", disable=not progress, leave=False)
     for idx in bar:
         batch = [examples[i] for i in idx]
-        labels = torch.tensor([ex.label for ex in batch])
-        out = model([ex.source for ex in batch], contrastive=contrastive, generator=generator)
-        loss, terms = training_loss(model, out, batch, labels, cfg, contrastive)
+        labels = torch.tensor([ex.label for ex in batch], device=device)
+        sources = [ex.source for ex in batch]
+        if augment:
+            sources = [JitteredSource(s, augment, generator) for s in sources]
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast and device.type == "cuda"):
+            out = model(sources, contrastive=contrastive, generator=generator)
+        loss, terms = training_loss(core, out, batch, labels, cfg, contrastive, class_weight)
         if not math.isfinite(float(loss.detach())):
             raise NonFiniteLoss(f"loss is {float(loss.detach())} at epoch {epoch} ({terms})")
         optimizer.zero_grad(set_to_none=True)
@@ -179,7 +200,7 @@ def train_epoch(
         optimizer.step()
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + v * len(batch)
-        correct += int((out.logits.argmax(1) == labels).sum())
+        correct += int((out.logits.argmax(1) == labels).sum())  # this rank's share
         seen += len(batch)
         hits = [a + b for a, b in zip(hits, object_hits(out, batch))]
         bar.set_postfix(loss=f"{float(loss.detach()):.3f}", acc=f"{correct / seen:.2f}")
@@ -208,6 +229,7 @@ def evaluate(
         ``probabilities`` (``(n, classes)`` in the order of ``examples``), ``labels``.
     """
     generator = torch.Generator().manual_seed(seed)
+    model = getattr(model, "module", model)
     probs = torch.zeros(len(examples), model.config.num_classes)
     hits = [0, 0, 0, 0]
     for idx in batches_by_size(examples, batch_size, shuffle=False):

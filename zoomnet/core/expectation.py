@@ -67,11 +67,11 @@ def without_replacement_weights(log_p: torch.Tensor, draws: torch.Tensor) -> tor
     [0.75, 0.25]
     """
     k = draws.shape[1]
-    log_b = torch.gather(log_p, 1, draws)  # (M, k)
+    log_b = torch.gather(log_p, 1, draws.to(log_p.device))  # (M, k)
     beta = log_b.exp()
     taken = torch.cumsum(beta.detach(), dim=1) - beta.detach()  # exclusive cumsum, (M, k)
     remaining = (1.0 - taken).clamp_min(0.0)  # sg(R_m)
-    later = torch.arange(k - 1, -1, -1, dtype=log_p.dtype)  # k - j for j = 1..k
+    later = torch.arange(k - 1, -1, -1, dtype=log_p.dtype, device=log_p.device)  # k - j, j = 1..k
     return (later * beta + remaining * _unit_ratio(log_b)) / k
 
 

@@ -60,7 +60,7 @@ def sample_with_replacement(
     Returns:
         ``(B, G)`` int64 counts, each row summing to ``n``.
     """
-    p = log_p.detach().exp().float()  # (B, G)
+    p = log_p.detach().float().cpu().exp()  # (B, G); sampled on the CPU with a CPU generator
     draws = torch.multinomial(p, n, replacement=True, generator=generator)  # (B, n)
     counts = torch.zeros(p.shape, dtype=torch.long)
     counts.scatter_add_(1, draws, torch.ones_like(draws))
@@ -73,7 +73,7 @@ def largest_remainder_counts(log_p: torch.Tensor, n: int) -> torch.Tensor:
     >>> largest_remainder_counts(torch.log(torch.tensor([[0.5, 0.3, 0.2]])), 4).tolist()
     [[2, 1, 1]]
     """
-    expected = log_p.detach().exp().double() * n  # (B, G)
+    expected = log_p.detach().double().cpu().exp() * n  # (B, G)
     # a probability that rounds to just below an exact share (0.45 -> 0.4499999) keeps it
     counts = torch.floor(expected + 1e-5).long()
     missing = n - counts.sum(dim=1)  # (B,)
@@ -107,12 +107,12 @@ def sample_without_replacement(
     tiny = torch.finfo(torch.float64).tiny
     u = u.clamp(tiny, 1.0 - 1e-16)  # no log(0) at either end
     gumbel = -torch.log(-torch.log(u))  # (M, G)
-    keys = log_p.detach().double() + gumbel
+    keys = log_p.detach().double().cpu() + gumbel
     return torch.topk(keys, k, dim=1).indices
 
 
 def top_k_children(log_p: torch.Tensor, k: int) -> torch.Tensor:
     """Deterministic counterpart of :func:`sample_without_replacement`: the ``k`` most likely
     cells, most likely first (ties broken by index)."""
-    order = torch.argsort(log_p.detach(), dim=1, descending=True, stable=True)
+    order = torch.argsort(log_p.detach().cpu(), dim=1, descending=True, stable=True)
     return order[:, :k]

@@ -5,12 +5,33 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from PIL import Image
+
 from zoomnet.errors import ImageError
 from zoomnet.sources.base import ImageSource
 from zoomnet.sources.pillow import PillowSource
 
 PLAIN = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".tga"}
 TIFF = {".tif", ".tiff", ".svs", ".ome.tif", ".ome.tiff"}
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """``(height, width)`` from the file's header, without decoding the pixels.
+
+    Raises:
+        ImageError: a missing, unreadable or unsupported file.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ImageError(f"{path}: no such file; check the path (relative paths are taken from the CSV's folder)")
+    suffix = p.suffix.lower()
+    if suffix not in PLAIN | TIFF:
+        raise ImageError(f"{path}: unsupported format {suffix or '(no extension)'!r}; use PNG, JPEG, BMP or TIFF")
+    try:
+        with Image.open(p) as img:
+            return img.height, img.width
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(f"{path}: cannot read the image ({exc}); the file is corrupt, truncated or not an image") from None
 
 
 def open_image(path: str | os.PathLike, fill: float = 0.0) -> ImageSource:

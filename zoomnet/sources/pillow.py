@@ -37,7 +37,7 @@ def to_rgb_array(img: Image.Image, name: str) -> np.ndarray:
         img = img.convert("RGB")
     elif mode != "RGB":
         raise ImageError(f"{name}: unsupported image mode {mode!r}; save it as 8-bit RGB or grayscale")
-    return np.asarray(img, dtype=np.uint8)
+    return np.array(img, dtype=np.uint8)  # a writable copy (torch.from_numpy warns otherwise)
 
 
 class PillowSource(ArraySource):

@@ -1,0 +1,171 @@
+"""Manifests: a CSV with columns ``path,label`` (and optionally ``mask``), one image a row.
+
+Paths are absolute or relative to the CSV's folder. Labels are class names or integers; the
+class list is the sorted set of training labels (numerically sorted when all are integers)
+unless the config gives one, and it is saved with the run. Images open lazily, on first
+read, and stay open in a small per-process cache, so a DataLoader worker or a long cohort
+never holds more than a few decoded images.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from zoomnet.core.geometry import Box
+from zoomnet.data.examples import Example
+from zoomnet.errors import ImageError, UserError
+from zoomnet.sources.base import ImageSource
+from zoomnet.sources.open import image_size, open_image
+
+
+@dataclass
+class Row:
+    """One manifest row: the image path as written, resolved, its label and mask."""
+
+    given: str
+    path: Path
+    label: str
+    mask: Path | None
+
+
+def read_manifest(csv_path: str | Path) -> list[Row]:
+    """Read and check a manifest CSV.
+
+    Raises:
+        UserError: missing file, missing columns, no rows, an empty path or label.
+    """
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise UserError(f"{csv_path}: no such CSV file; give a CSV with columns path,label")
+    try:
+        with csv_path.open(newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            columns = [c.strip() for c in (reader.fieldnames or [])]
+            raw = list(reader)
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise UserError(f"{csv_path}: not a readable CSV ({exc}); save it as UTF-8 text with columns path,label") from None
+    missing = [c for c in ("path", "label") if c not in columns]
+    if missing:
+        found = ", ".join(columns) if columns else "none"
+        raise UserError(
+            f"{csv_path}: missing column {' and '.join(repr(m) for m in missing)} (found: {found}); "
+            "the first line must name the columns path,label[,mask]"
+        )
+    rows = []
+    for n, rec in enumerate(raw, start=2):
+        rec = {k.strip(): (v or "").strip() for k, v in rec.items() if k is not None}
+        if not rec.get("path"):
+            raise UserError(f"{csv_path}: line {n} has an empty path; give every row an image path")
+        if rec.get("label", "") == "":
+            raise UserError(f"{csv_path}: line {n} ({rec['path']}) has an empty label; give every row a label")
+        given = rec["path"]
+        path = Path(given) if Path(given).is_absolute() else csv_path.parent / given
+        mask = rec.get("mask") or None
+        mask_path = None if mask is None else (Path(mask) if Path(mask).is_absolute() else csv_path.parent / mask)
+        rows.append(Row(given, path, rec["label"], mask_path))
+    if not rows:
+        raise UserError(f"{csv_path}: the CSV has no rows; add one line path,label per image")
+    return rows
+
+
+def class_list(rows: list[Row]) -> list[str]:
+    """Sorted class names (numeric order when every label is an integer)."""
+    labels = sorted({r.label for r in rows})
+    if all(lab.lstrip("-").isdigit() for lab in labels):
+        labels = sorted(labels, key=int)
+    return labels
+
+
+def default_reference(classes: list[str]) -> str | None:
+    """The negative class: one named ``negative``, ``normal`` or ``0``, if any."""
+    for name in ("negative", "normal", "0"):
+        for c in classes:
+            if c.lower() == name:
+                return c
+    return None
+
+
+_OPEN: OrderedDict[tuple[str, float], ImageSource] = OrderedDict()
+CACHE_SIZE = 16
+
+
+class LazyImage:
+    """An image source that opens its file on first read and keeps it in a per-process LRU.
+
+    Its size is read from the file's header without decoding the pixels.
+    """
+
+    def __init__(self, path: Path, given: str, fill: float = 0.0):
+        self.path, self.given, self.fill = Path(path), given, float(fill)
+        try:
+            self.height, self.width = image_size(self.path)
+        except ImageError as exc:
+            raise ImageError(str(exc).replace(str(self.path), given, 1)) from None
+        self.channels = 3
+        self.pixels_read = 0
+
+    def _source(self) -> ImageSource:
+        key = (str(self.path), self.fill)
+        if key in _OPEN:
+            _OPEN.move_to_end(key)
+            return _OPEN[key]
+        try:
+            src = open_image(self.path, fill=self.fill)
+        except ImageError as exc:
+            raise ImageError(str(exc).replace(str(self.path), self.given, 1)) from None
+        _OPEN[key] = src
+        while len(_OPEN) > CACHE_SIZE:
+            _OPEN.popitem(last=False)
+        return src
+
+    def read(self, box: Box, out_size: tuple[int, int] | None = None) -> torch.Tensor:
+        out = self._source().read(box, out_size)
+        self.pixels_read += int(out.shape[-1] * out.shape[-2])
+        return out
+
+
+def load_examples(
+    csv_path: str | Path, classes: list[str], fill: float = 0.0, role: str = "training"
+) -> list[Example]:
+    """Examples of a manifest, labels mapped to ``classes``.
+
+    Raises:
+        UserError: a label not in ``classes``, a missing or unreadable image.
+    """
+    rows = read_manifest(csv_path)
+    index = {c: i for i, c in enumerate(classes)}
+    out = []
+    for r in rows:
+        if r.label not in index:
+            raise UserError(
+                f"{csv_path}: label {r.label!r} of {r.given} is not in the class list "
+                f"({', '.join(classes)}) of the {role} run; fix the label or retrain with it"
+            )
+        mask = None
+        if r.mask is not None:
+            mask_src = LazyImage(r.mask, str(r.mask))
+            mask = _MaskView(mask_src)
+        out.append(Example(LazyImage(r.path, r.given, fill), index[r.label], mask, r.given))
+    return out
+
+
+class _MaskView:
+    """A mask file read as one channel with values in {0, 1} (any non-zero pixel is object)."""
+
+    def __init__(self, src: LazyImage):
+        self.src = src
+        self.height, self.width, self.channels, self.fill = src.height, src.width, 1, 0.0
+
+    def read(self, box: Box, out_size: tuple[int, int] | None = None) -> torch.Tensor:
+        full = self.src.read(box)[:1]  # (1, h, w) raw values
+        binary = (full > 0).float()
+        if out_size is None:
+            return binary
+        from zoomnet.sources.array import resize
+
+        return resize(binary, out_size)
