@@ -28,3 +28,15 @@ def test_cli_version(capsys):
     except SystemExit as exc:
         assert exc.code == 0
     assert "zoomnet" in capsys.readouterr().out
+
+
+def test_cli_demo_runs_every_step(tmp_path, capsys):
+    from zoomnet.demo import run_cli_demo
+
+    assert run_cli_demo(tmp_path, num=20, epochs=1, heatmaps=2, extra=["--quiet"]) == 0
+    out = capsys.readouterr()
+    commands = [ln for ln in out.out.splitlines() if ln.startswith("$ zoomnet ")]
+    assert [c.split()[2] for c in commands] == ["make-data", "train", "evaluate", "predict"]
+    assert any(ln.startswith("accuracy: ") for ln in out.out.splitlines())
+    heat = [ln.split("heatmap: ")[1] for ln in out.err.splitlines() if ln.startswith("heatmap: ")]
+    assert len(heat) == 2 and all(Image.open(p).format == "PNG" for p in heat)

@@ -17,10 +17,9 @@ from zoomnet.errors import UserError
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from zoomnet.demo import run_demo
+    from zoomnet.demo import run_cli_demo
 
-    run_demo(args.out, train_size=args.train_size, epochs=args.epochs, seed=args.seed)
-    return 0
+    return run_cli_demo(args.out, num=args.num, epochs=args.epochs, seed=args.seed)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -103,10 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     def device(p):
         p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
 
-    demo = sub.add_parser("demo", help="train and evaluate on synthetic tiny objects, write heatmaps")
-    demo.add_argument("--out", default="demo-output", help="folder for the checkpoint and heatmaps")
-    demo.add_argument("--train-size", type=int, default=320, help="training images")
-    demo.add_argument("--epochs", type=int, default=8, help="training epochs")
+    demo = sub.add_parser("demo", help="make-data, train, evaluate and predict with heatmaps on tiny objects")
+    demo.add_argument("--out", default="demo-output", help="folder for the data, the run and the heatmaps")
+    demo.add_argument("--num", type=int, default=534, help="images in all (60%% train, 20%% val, 20%% test)")
+    demo.add_argument("--epochs", type=int, help="training epochs (default: the preset's)")
     demo.add_argument("--seed", type=int, default=0, help="seed of data, initialisation and sampling")
     demo.set_defaults(func=_demo)
 

@@ -240,6 +240,8 @@ def train_run(
             _write_metrics(out / "metrics.csv", history)
             terms = "  ".join(f"{k[5:]} {v:.3f}" for k, v in row.items() if k.startswith("loss_"))
             val_txt = f"  val acc {row['val_accuracy']:.3f}" if "val_accuracy" in row else ""
+            if "train_images_hit" in row and any(e.mask is not None for e in train[:1]):
+                val_txt += f"  sub-tiles on objects {row['train_hit_rate']:.1%}"
             log(f"epoch {epoch}/{config.train.epochs}  {terms}  train acc {row['train_accuracy']:.3f}{val_txt}"
                 f"  {row['images_per_s']:.1f} img/s")
     if world > 1:

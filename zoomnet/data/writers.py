@@ -145,8 +145,8 @@ def write_dataset(kind: str, out: str | Path, num: int | None = None, size: int 
         for i in tqdm(range(n), desc="tiny-objects", unit="image"):
             ex = make_tiny_objects(1, settings, seed=seed * 100003 + i)[0]
             name = f"tiny_{i:05d}.png"
-            Image.fromarray(ex.source.image.permute(1, 2, 0).numpy()).save(out / "images" / name)
-            Image.fromarray(ex.mask.image[0].numpy() * 255).save(out / "masks" / name)
+            Image.fromarray(ex.source.image.permute(1, 2, 0).numpy()).save(out / "images" / name, compress_level=1)
+            Image.fromarray(ex.mask.image[0].numpy() * 255).save(out / "masks" / name, compress_level=1)
             rows.append((f"images/{name}", "positive" if ex.label else "negative", f"masks/{name}"))
     elif kind == "megapixel-mnist":
         digits, labels = mnist_digits()
@@ -165,8 +165,8 @@ def write_dataset(kind: str, out: str | Path, num: int | None = None, size: int 
             pool = test_pool if i >= n - n_test else train_pool
             img, mask = megapixel_mnist_image(rng, digits, labels, pool, side, target)
             name = f"mnist_{i:05d}.png"
-            Image.fromarray(img).save(out / "images" / name)
-            Image.fromarray(mask * 255).save(out / "masks" / name)
+            Image.fromarray(img).save(out / "images" / name, compress_level=1)
+            Image.fromarray(mask * 255).save(out / "masks" / name, compress_level=1)
             rows.append((f"images/{name}", str(target), f"masks/{name}"))
         # test rows use the held-out digits: keep the split in order instead of shuffling
         n_train = int(0.6 * n)
@@ -184,8 +184,8 @@ def write_dataset(kind: str, out: str | Path, num: int | None = None, size: int 
             positive = bool(rng.random() < 0.5)
             img, mask = needles_image(rng, texture, side, positive)
             name = f"needles_{i:05d}.png"
-            Image.fromarray(img).save(out / "images" / name)
-            Image.fromarray(mask * 255).save(out / "masks" / name)
+            Image.fromarray(img).save(out / "images" / name, compress_level=1)
+            Image.fromarray(mask * 255).save(out / "masks" / name, compress_level=1)
             rows.append((f"images/{name}", "positive" if positive else "negative", f"masks/{name}"))
     else:
         raise UserError(f"make-data {kind}: unknown set; choose tiny-objects, megapixel-mnist or needles")
