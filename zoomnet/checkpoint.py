@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from zoomnet.errors import UserError
 from zoomnet.model import ModelConfig, build_model
 
 
@@ -57,9 +58,43 @@ def save_checkpoint(model: torch.nn.Module, path: str | Path, state: dict | None
 
 
 def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, dict]:
-    """Rebuild a model from ``path`` (``.safetensors``) and its JSON; returns ``(model, state)``."""
+    """Rebuild a model from ``path`` (``.safetensors``) and its JSON; returns ``(model, state)``.
+
+    Only tensors and JSON are read: a file carrying anything else (a pickle, say) is refused.
+
+    Raises:
+        UserError: an unreadable, foreign or mismatched checkpoint.
+    """
     path = Path(path)
-    meta = json.loads(path.with_suffix(".json").read_text())
-    model = build_model(ModelConfig(**meta["model"]))
-    model.load_state_dict(load_file(str(path), device=device))
+    try:
+        meta = json.loads(path.with_suffix(".json").read_text())
+        model = build_model(ModelConfig(**meta["model"]))
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"{path.with_suffix('.json')}: not a zoomnet checkpoint description ({exc}); retrain or restore it") from None
+    try:
+        tensors = load_file(str(path), device=device)
+    except Exception as exc:  # safetensors raises its own error types for any foreign content
+        raise UserError(
+            f"{path}: refused: not a safetensors file ({type(exc).__name__}); zoomnet loads weights only "
+            "from safetensors, never from pickles, which can run code"
+        ) from None
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError as exc:
+        raise UserError(f"{path}: the weights do not fit the model of its config ({str(exc).splitlines()[0]})") from None
     return model.to(device), meta.get("state", {})
+
+
+def load_tensors_only(path: str | Path, device: str | torch.device = "cpu") -> dict:
+    """``torch.load(weights_only=True)``: tensors and plain containers, never code.
+
+    Raises:
+        UserError: the file holds anything else.
+    """
+    try:
+        return torch.load(path, weights_only=True, map_location=device)
+    except Exception as exc:  # UnpicklingError for code, RuntimeError or EOFError for damage
+        raise UserError(
+            f"{path}: refused: it holds more than tensors ({type(exc).__name__}); delete it and resume "
+            "from an earlier run folder, or retrain"
+        ) from None

@@ -26,7 +26,7 @@ from torch import nn
 
 from zoomnet.core import expectation, sampling
 from zoomnet.core.geometry import Box, cell_boxes, grid_shape, pool_to_grid, pooling_matrix
-from zoomnet.nets import build
+from zoomnet.nets import available, build
 from zoomnet.sources.base import ImageSource
 
 
@@ -123,6 +123,8 @@ class ModelConfig:
             raise ValueError(f"model.samples={self.samples}: the number of draws must be >= 1")
         if self.num_classes < 2:
             raise ValueError(f"model.num_classes={self.num_classes}: need at least 2 classes")
+        if self.feature not in available("feature"):
+            raise ValueError(f"model.feature={self.feature!r}: unknown feature net; choose one of: {', '.join(available('feature'))}")
         if not 0.0 <= self.smooth < 1.0:
             raise ValueError(f"model.smooth={self.smooth}: must be in [0, 1)")
         for i, lv in enumerate(self.levels, start=1):
@@ -130,6 +132,8 @@ class ModelConfig:
                 raise ValueError(f"model.levels[{i}].scale={lv.scale}: must be in (0, 1]")
             if min(lv.region) < 1:
                 raise ValueError(f"model.levels[{i}].region={lv.region}: must be positive")
+            if lv.attention not in available("attention"):
+                raise ValueError(f"model.levels[{i}].attention={lv.attention!r}: choose one of: {', '.join(available('attention'))}")
             if isinstance(lv.stride, str) and lv.stride not in ("tiled", "dense"):
                 raise ValueError(
                     f"model.levels[{i}].stride={lv.stride!r}: use 'tiled', 'dense' or [t_h, t_w]"

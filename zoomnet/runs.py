@@ -25,10 +25,11 @@ from typing import Callable
 
 import torch
 
-from zoomnet.checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
+from zoomnet.checkpoint import atomic_write_bytes, load_checkpoint, load_tensors_only, save_checkpoint
 from zoomnet.config import RunConfig, config_from_dict
 from zoomnet.data.manifest import class_list, default_reference, load_examples, read_manifest
-from zoomnet.errors import UserError
+from zoomnet.data.examples import Example
+from zoomnet.errors import ImageError, UserError
 from zoomnet.model import build_model
 from zoomnet.train import NonFiniteLoss, evaluate, make_optimizer, train_epoch
 
@@ -112,6 +113,23 @@ def _distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def check_image_sizes(examples, model_config, where: str) -> None:
+    """Refuse images smaller than one sub-tile: there is nothing to zoom into.
+
+    Raises:
+        ImageError: naming the first such image and the fix.
+    """
+    if model_config.kind == "cnn":
+        return
+    need_h, need_w = model_config.levels[-1].region
+    for ex in examples:
+        if ex.source.height < need_h or ex.source.width < need_w:
+            raise ImageError(
+                f"{ex.name}: {ex.source.height}x{ex.source.width} is smaller than one sub-tile "
+                f"({need_h}x{need_w}) of {where}; use larger images or a config with smaller regions"
+            )
+
+
 def train_run(
     config: RunConfig,
     train_csv: str | Path,
@@ -169,18 +187,22 @@ def train_run(
 
     train = load_examples(train_csv, classes, config.data.fill, "training")
     val = load_examples(val_csv, classes, config.data.fill, "training") if val_csv else []
-    model = build_model(config.model).to(dev)
+    check_image_sizes(train + val, config.model, "the model")
+    torch.manual_seed(config.train.seed)  # the initial weights follow the run's seed
+    try:
+        model = build_model(config.model).to(dev)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"model: cannot build the model ({exc}); check model.feature_kwargs") from None
     optimizer = make_optimizer(model, config.train)
     scheduler = (
         torch.optim.lr_scheduler.StepLR(optimizer, config.train.lr_step, config.train.lr_gamma)
         if config.train.lr_step else None
     )
     generator = torch.Generator().manual_seed(config.train.seed + rank)
-    torch.manual_seed(config.train.seed)
     if resume:
         model, state = load_checkpoint(out / "last.safetensors", device=str(dev))
         optimizer = make_optimizer(model, config.train)
-        resume_state = torch.load(out / "last.optim.pt", weights_only=True, map_location=dev)
+        resume_state = load_tensors_only(out / "last.optim.pt", dev)
         optimizer.load_state_dict(resume_state["optimizer"])
         if scheduler:
             scheduler = torch.optim.lr_scheduler.StepLR(optimizer, config.train.lr_step, config.train.lr_gamma)
@@ -274,6 +296,7 @@ def evaluate_run(
     model, config = load_run(run_dir, device)
     classes = config.data.classes
     examples = load_examples(test_csv, classes, config.data.fill, "evaluated")
+    check_image_sizes(examples, config.model, f"the model in {run_dir}")
     res = evaluate(model, examples, batch_size, deterministic=deterministic, samples=samples, seed=seed)
     metrics = classification_metrics(res["probabilities"], res["labels"])
     metrics.update(images=len(examples), classes=classes, hit_rate=res["hit_rate"], images_hit=res["images_hit"])
@@ -319,6 +342,7 @@ def predict_images(
     for given in tqdm(images, desc="predict", unit="image", disable=not progress):
         tick = time.perf_counter()
         src = LazyImage(Path(given), given, config.data.fill)
+        check_image_sizes([Example(src, 0, None, given)], config.model, f"the model in {run_dir}")
         out = model.predict([src], deterministic=deterministic, samples=samples, generator=generator)
         probs = torch.softmax(out.logits.float(), dim=1)[0].tolist()
         inner = src._source()

@@ -30,8 +30,11 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
     try:
         with Image.open(p) as img:
             return img.height, img.width
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageError(f"{path}: cannot read the image ({exc}); the file is corrupt, truncated or not an image") from None
+    except Exception as exc:  # any decoder failure is the file's, not ours
+        raise ImageError(
+            f"{path}: cannot read the image ({type(exc).__name__}: {exc}); the file is corrupt, "
+            "truncated or not an image: re-export it"
+        ) from None
 
 
 def open_image(path: str | os.PathLike, fill: float = 0.0) -> ImageSource:

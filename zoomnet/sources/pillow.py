@@ -69,7 +69,10 @@ class PillowSource(ArraySource):
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise ImageError(f"{name}: too large to decode whole; {CONVERT_HINT}") from None
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise ImageError(f"{name}: cannot read the image ({exc}); the file is corrupt, truncated or not an image") from None
+        except Exception as exc:  # decoders raise OSError, SyntaxError, zlib.error, EOFError, struct.error ...
+            raise ImageError(
+                f"{name}: cannot read the image ({type(exc).__name__}: {exc}); the file is corrupt, "
+                "truncated or not an image: re-export it"
+            ) from None
         self.bytes_read = os.path.getsize(path)
         super().__init__(array, fill=fill)

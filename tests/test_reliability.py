@@ -1,0 +1,254 @@
+"""Reliability: a catalogue of bad inputs, crash safety, determinism, safe loading, fuzzing,
+numerical safety. docs/errors.md lists what each bad input gets."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from zoomnet.cli import main
+from zoomnet.errors import ImageError, UserError
+
+
+def png_bytes(array: np.ndarray, mode: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array, mode=mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def tiff_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="TIFF")
+    return buf.getvalue()
+
+
+RNG = np.random.default_rng(0)
+RGB = RNG.integers(0, 255, (128, 128, 3), dtype=np.uint8)
+
+
+def make_file(tmp: Path, kind: str) -> Path:
+    """Write one catalogue input; return its path."""
+    files = {
+        "truncated.tif": lambda: tiff_bytes(RGB)[:3000],
+        "random.tif": lambda: RNG.integers(0, 255, 5000, dtype=np.uint8).tobytes(),
+        "text.png": lambda: b"path,label\nthis is not an image\n",
+        "truncated.png": lambda: png_bytes(RGB)[: len(png_bytes(RGB)) // 2],
+        "gray.png": lambda: png_bytes(RGB[..., 0]),
+        "rgba.png": lambda: png_bytes(np.dstack([RGB, np.full((128, 128), 200, np.uint8)])),
+        "sixteen.png": lambda: png_bytes((RGB[..., 0].astype(np.uint16) * 257)),
+        "small.png": lambda: png_bytes(RGB[:20, :20]),
+        "rgb.png": lambda: png_bytes(RGB),
+    }
+    path = tmp / kind
+    path.write_bytes(files[kind]())
+    return path
+
+
+# (case, image file, expected exit code, text the one-line error must contain)
+IMAGE_CASES = [
+    ("missing file", None, 2, "no such file"),
+    ("truncated TIFF", "truncated.tif", 2, "cannot read the image"),
+    ("random bytes named .tif", "random.tif", 2, "cannot read the image"),
+    ("text named .png", "text.png", 2, "cannot read the image"),
+    ("truncated PNG", "truncated.png", 2, "cannot read the image"),
+    ("image smaller than a sub-tile", "small.png", 2, "smaller than one sub-tile"),
+    ("grayscale", "gray.png", 0, ""),
+    ("RGBA", "rgba.png", 0, ""),
+    ("16-bit", "sixteen.png", 0, ""),
+]
+
+
+@pytest.mark.parametrize("case,name,code,needle", IMAGE_CASES, ids=[c[0] for c in IMAGE_CASES])
+def test_image_catalogue(case, name, code, needle, run, tmp_path, capsys):
+    path = str(tmp_path / "gone.png") if name is None else str(make_file(tmp_path, name))
+    assert main(["predict", str(run), path]) == code
+    out = capsys.readouterr()
+    if code:
+        err = out.err.strip()
+        assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+        assert needle in err and path in err, err
+    else:
+        result = json.loads(out.out.strip())
+        assert abs(sum(result["probabilities"].values()) - 1) < 1e-5
+
+
+def test_unusual_modes_are_converted_as_documented(tmp_path):
+    from zoomnet.core.geometry import Box
+    from zoomnet.sources import open_image
+
+    gray = open_image(make_file(tmp_path, "gray.png")).read(Box(0, 0, 128, 128))
+    assert gray.shape == (3, 128, 128) and torch.equal(gray[0], gray[2])  # repeated to RGB
+    assert torch.equal(gray[0], torch.from_numpy(RGB[..., 0]).float())
+    rgba = open_image(make_file(tmp_path, "rgba.png")).read(Box(0, 0, 128, 128))
+    assert rgba.shape == (3, 128, 128) and torch.equal(rgba, torch.from_numpy(RGB).permute(2, 0, 1).float())
+    sixteen = open_image(make_file(tmp_path, "sixteen.png")).read(Box(0, 0, 128, 128))
+    assert torch.allclose(sixteen[0], torch.from_numpy(RGB[..., 0]).float(), atol=1.0)  # 65535 -> 255
+
+
+CONFIG_CASES = [
+    ("unknown field", ["model.sampels=3"], "unknown field 'sampels'"),
+    ("region smaller than its stride", ["model.levels.1.stride=[64,64]"], "smaller than its cell stride"),
+    ("N <= 0", ["model.samples=0"], "samples"),
+    ("scale outside (0, 1]", ["model.levels.0.scale=1.5"], "must be in (0, 1]"),
+    ("unknown net", ["model.feature=vgg"], "unknown feature net"),
+    ("bad net option", ["model.feature_kwargs={\"depth\": 3}"], "feature_kwargs"),
+    ("not key=value", ["model.samples"], "expected key=value"),
+]
+
+
+@pytest.mark.parametrize("case,sets,needle", CONFIG_CASES, ids=[c[0] for c in CONFIG_CASES])
+def test_config_catalogue(case, sets, needle, data, tmp_path, capsys):
+    argv = ["train", "--config", str(data / "tiny.json"), "--train", str(data / "set/train.csv"),
+            "--out", str(tmp_path / "r"), "--quiet", "--set", *sets]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err, err
+
+
+def test_unknown_label_in_a_training_manifest_needs_a_reference(data, tmp_path, capsys):
+    img = data / "set/images/tiny_00000.png"
+    bad = tmp_path / "labels.csv"
+    bad.write_text(f"path,label\n{img},cat\n{img},dog\n")
+    assert main(["train", "--config", str(data / "tiny.json"), "--train", str(bad), "--out", str(tmp_path / "r")]) == 2
+    assert "data.reference_class" in capsys.readouterr().err
+
+
+def _train_cmd(data: Path, out: Path, epochs: int) -> list[str]:
+    return [sys.executable, "-m", "zoomnet", "train", "--config", str(data / "tiny.json"),
+            "--train", str(data / "set/train.csv"), "--out", str(out), "--epochs", str(epochs), "--quiet",
+            "--device", "cpu", "--set", "model.train_samples=32"]
+
+
+def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(data, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    whole = tmp_path / "whole"
+    subprocess.run(_train_cmd(data, whole, 4), check=True, env=env, capture_output=True)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cmd(data, killed, 4), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "metrics.csv").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)  # in epoch 2 (or later): the run dies without cleaning up
+    proc.wait()
+    epochs_done = json.loads((killed / "last.json").read_text())["state"]["epoch"]
+    assert 1 <= epochs_done < 4, "the kill came after the run ended; slow the run down"
+    from zoomnet.checkpoint import load_checkpoint
+
+    load_checkpoint(killed / "last.safetensors")  # whole, loadable
+    subprocess.run(_train_cmd(data, killed, 4)[:-2] + ["--resume", "--set", "model.train_samples=32"],
+                   check=True, env=env, capture_output=True)
+    a, _ = load_checkpoint(whole / "last.safetensors")
+    b, _ = load_checkpoint(killed / "last.safetensors")
+    for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), k  # bitwise: same machine, same threads, same seed
+    rows_a = list(csv.DictReader(open(whole / "metrics.csv")))
+    rows_b = list(csv.DictReader(open(killed / "metrics.csv")))
+    assert [r["loss_ce"] for r in rows_a] == [r["loss_ce"] for r in rows_b]
+
+
+def test_same_seed_same_metrics(data, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name in ("a", "b"):
+        subprocess.run(_train_cmd(data, tmp_path / name, 1), check=True, env=env, capture_output=True)
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s")} for r in rows]
+    a = strip(csv.DictReader(open(tmp_path / "a/metrics.csv")))
+    b = strip(csv.DictReader(open(tmp_path / "b/metrics.csv")))
+    assert a == b
+
+
+def test_pickle_payloads_are_refused(run, tmp_path):
+    from zoomnet.checkpoint import load_checkpoint, load_tensors_only
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo owned",))
+
+    evil = tmp_path / "model.safetensors"
+    torch.save({"weights": Payload()}, evil)
+    (tmp_path / "model.json").write_text((run / "last.json").read_text())
+    with pytest.raises(UserError, match="refused"):
+        load_checkpoint(evil)
+    with pytest.raises(UserError, match="refused"):
+        load_tensors_only(evil)
+
+
+def test_resume_refuses_a_pickled_optimizer_state(data, run, tmp_path, capsys):
+    copy = tmp_path / "run"
+    copy.mkdir()
+    for f in run.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo owned",))
+
+    torch.save({"optimizer": Payload()}, copy / "last.optim.pt")
+    code = main(["train", "--config", str(data / "tiny.json"), "--train", str(data / "set/train.csv"),
+                 "--out", str(copy), "--resume", "--epochs", "2", "--quiet"])
+    assert code == 2 and "refused" in capsys.readouterr().err
+
+
+VALID_PNG = png_bytes(RGB[:64, :64])
+VALID_TIFF = tiff_bytes(RGB[:64, :64])
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    base=st.sampled_from([("png", VALID_PNG), ("tif", VALID_TIFF)]),
+    cut=st.floats(0.0, 1.0),
+    flips=st.lists(st.tuples(st.floats(0.0, 1.0), st.integers(0, 255)), max_size=8),
+)
+def test_fuzz_image_readers(base, cut, flips, tmp_path):
+    """Corrupt PNG/TIFF bytes: the reader succeeds or raises ImageError, nothing else."""
+    from zoomnet.core.geometry import Box
+    from zoomnet.sources import open_image
+
+    suffix, blob = base
+    data = bytearray(blob[: max(1, int(len(blob) * cut))] if cut < 0.95 else blob)
+    for where, value in flips:
+        data[int(where * (len(data) - 1))] = value
+    path = tmp_path / f"fuzz.{suffix}"
+    path.write_bytes(bytes(data))
+    try:
+        src = open_image(path)
+        pixels = src.read(Box(0, 0, src.height, src.width), (8, 8))
+        assert pixels.shape[0] == 3
+    except ImageError as exc:
+        assert str(path) in str(exc)
+
+
+def test_softmax_and_pooling_stable_for_large_logits():
+    from zoomnet.core.geometry import pool_to_grid, pooling_matrix
+    from zoomnet.core.sampling import smoothed_log_softmax
+
+    logits = torch.tensor([[[1e4, -1e4], [3e3, 0.0]]])
+    rows, cols = pooling_matrix((2, 2), (2, 4), (1.0, 2.0))
+    cells = pool_to_grid(logits, rows, cols)
+    assert torch.isfinite(cells).all()
+    assert torch.isfinite(smoothed_log_softmax(cells, 0.05)).all()
+
+
+def test_estimator_stays_float32_under_autocast():
+    from zoomnet import ArraySource, LevelConfig, ModelConfig, ZoomIn
+
+    model = ZoomIn(ModelConfig(levels=[LevelConfig(0.25, (32, 32)), LevelConfig(0.5, (16, 16), (8, 8))], samples=4))
+    src = ArraySource(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model([src], contrastive=True, generator=torch.Generator().manual_seed(0))
+    assert out.log_maps[0][0].dtype == torch.float32 and out.log_maps[1][0].dtype == torch.float32
+    assert out.z.dtype == torch.float32 and torch.isfinite(out.logits).all()
