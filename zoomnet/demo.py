@@ -3,7 +3,9 @@ the CPU, held-out accuracy, and pictures of where it looked.
 
 Images are 512x512 with 24-32 px objects; an image is positive iff it holds a ring, and
 every image holds filled discs of the same colour and size, so the label needs the
-full-resolution sub-tiles. See ``DEMO_MODEL`` and ``DEMO_TRAINING`` for the settings and why.
+full-resolution sub-tiles. ``demo_config`` says which settings and why. ``zoomnet demo`` (and
+``make demo``) runs :func:`run_cli_demo`, the same job through the command line;
+:func:`run_demo` does it in memory through the Python API.
 """
 
 from __future__ import annotations
@@ -16,12 +18,12 @@ import torch
 from zoomnet.checkpoint import save_checkpoint
 from zoomnet.data.synthetic import TinyObjects, make_tiny_objects
 from zoomnet.heatmap import render_batch
-from zoomnet.model import LevelConfig, ModelConfig, ZoomIn
-from zoomnet.train import TrainConfig, evaluate, fit
+from zoomnet.model import ZoomIn
+from zoomnet.train import evaluate, fit
 
 
-def demo_model() -> ModelConfig:
-    """The demo's 2-level model.
+def demo_config(epochs: int | None = None, seed: int = 0):
+    """The ``tiny-objects`` preset: a 2-level model and CPU-friendly optimisation.
 
     Level 1 looks at the 512 px image at 1/8 (64x64 view) and picks among 4x4 tiles of
     128 px; level 2 looks at a tile at 1/2 (64x64 view) and picks 64 px sub-tiles on an
@@ -30,48 +32,39 @@ def demo_model() -> ModelConfig:
     twice per image (expected hits ~ N (object + sub-tile)^2 / image^2; aim for >= 1), and
     the estimator is unbiased for any N. The feature net is the authors' LeNet with a
     stride-2 stem (a quarter of the cost) and global max pooling (a ring anywhere in the
-    sub-tile counts).
+    sub-tile counts). From the first epoch the instance loss trains ``f`` on the sampled
+    sub-tiles themselves and attention distillation teaches attention where ``f`` found
+    something; the contrastive term joins once attention has moved (epoch 6: from the
+    start it fights the cross-entropy while samples are still random). See
+    docs/design.md, "Training dynamics".
     """
-    return ModelConfig(
-        kind="zoomin",
-        levels=[LevelConfig(0.125, (128, 128), "tiled"), LevelConfig(0.5, (64, 64), (8.0, 8.0))],
-        samples=16,
-        train_samples=64,
-        feature="lenet",
-        feature_kwargs={"width": 16, "out_dim": 32, "stem_stride": 2, "pool": "max"},
-        smooth=0.1,
-    )
+    from zoomnet.config import load_config
+
+    config = load_config("tiny-objects")
+    if epochs is not None:
+        config.train.epochs = epochs
+    config.train.seed = seed
+    return config
 
 
-def demo_training(epochs: int, seed: int) -> TrainConfig:
-    """Optimisation for a CPU: a large attention learning rate; from the first epoch the
-    instance loss (trains ``f`` on the sampled sub-tiles themselves) and attention
-    distillation (teaches attention where ``f`` found something); the contrastive term from
-    the third epoch. Without the last three, attention stays near uniform for many epochs
-    (see docs/design.md, "Training dynamics")."""
-    return TrainConfig(
-        epochs=epochs, batch_size=8, lr=2e-3, attention_lr=1e-2, entropy_weight=1e-5,
-        contrastive_from=3, instance_weight=4.0, distill_weight=1.0, seed=seed,
-    )
-
-
-def run_demo(out_dir: str | Path = "demo-output", train_size: int = 320, epochs: int = 8, seed: int = 0,
+def run_demo(out_dir: str | Path = "demo-output", train_size: int = 320, epochs: int | None = None, seed: int = 0,
              heatmaps: int = 4, val_size: int = 100, test_size: int = 200, log=print,
              progress: bool = True) -> dict:
     """Generate, train, evaluate, draw. Returns the test metrics."""
     start = time.perf_counter()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     out_dir = Path(out_dir)
-    settings = TinyObjects(targets=(1, 3))
+    settings = TinyObjects(targets=(1, 3))  # as `zoomnet make-data tiny-objects`
     log(f"generating {train_size} training, {val_size} validation and {test_size} test images "
         f"of {settings.size}x{settings.size} ...")
     train = make_tiny_objects(train_size, settings, seed=seed * 3 + 1)
     val = make_tiny_objects(val_size, settings, seed=seed * 3 + 2)
     test = make_tiny_objects(test_size, settings, seed=seed * 3 + 3)
+    config = demo_config(epochs, seed)
     torch.manual_seed(seed)
-    model = ZoomIn(demo_model())
-    log(f"training a 2-level Zoom-In network for {epochs} epochs on the CPU ...")
-    fit(model, train, val, demo_training(epochs, seed), log=log, progress=progress)
+    model = ZoomIn(config.model)
+    log(f"training a 2-level Zoom-In network for {config.train.epochs} epochs on the CPU ...")
+    fit(model, train, val, config.train, log=log, progress=progress)
     save_checkpoint(model, out_dir / "model.safetensors", {"epochs": epochs, "seed": seed})
     det = evaluate(model, test, deterministic=True)
     sampled = evaluate(model, test, deterministic=False, seed=seed)

@@ -27,6 +27,12 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
     suffix = p.suffix.lower()
     if suffix not in PLAIN | TIFF:
         raise ImageError(f"{path}: unsupported format {suffix or '(no extension)'!r}; use PNG, JPEG, BMP or TIFF")
+    if suffix in TIFF:
+        from zoomnet.sources.tiff import TiffSource
+
+        src = TiffSource(p)
+        src.close()
+        return src.height, src.width
     try:
         with Image.open(p) as img:
             return img.height, img.width
@@ -54,5 +60,7 @@ def open_image(path: str | os.PathLike, fill: float = 0.0) -> ImageSource:
     if suffix in PLAIN:
         return PillowSource(p, fill=fill)
     if suffix in TIFF:
-        return PillowSource(p, fill=fill)
+        from zoomnet.sources.tiff import TiffSource
+
+        return TiffSource(p, fill=fill)
     raise ImageError(f"{path}: unsupported format {suffix or '(no extension)'!r}; use PNG, JPEG, BMP or TIFF")

@@ -1,0 +1,127 @@
+"""Pyramidal TIFF sources: every layout, levels and regions against the in-memory array,
+consistent views, I/O accounting, bad files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+import torch.nn.functional as F
+
+from zoomnet import ArraySource, LevelConfig, ModelConfig, ZoomIn
+from zoomnet.core.geometry import Box
+from zoomnet.errors import ImageError
+from zoomnet.sources import open_image
+from zoomnet.sources.tiff import TiffSource
+
+
+def smooth_image(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """A smooth RGB image (compression and downsampling change it little)."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(1, 3, h // 32 + 2, w // 32 + 2, generator=g) * 255
+    return F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=False)[0].clamp(0, 255).permute(1, 2, 0).byte().numpy()
+
+
+def area_down(img: np.ndarray, f: int) -> np.ndarray:
+    t = torch.from_numpy(img).permute(2, 0, 1)[None].float()
+    return F.avg_pool2d(t, f)[0].permute(1, 2, 0).round().byte().numpy()
+
+
+def write_pyramid(path, img, layout: str, compression: str = "zlib", tile=(64, 64)):
+    """Pyramids as SubIFDs (OME-TIFF style), as pages, or SVS-like (Aperio description,
+    thumbnail page between level 0 and the reduced levels)."""
+    levels = [img, area_down(img, 2), area_down(img, 4)]
+    kw = dict(tile=tile, compression=compression, photometric="rgb")
+    with tifffile.TiffWriter(path, bigtiff=True) as tw:
+        if layout == "subifds":
+            tw.write(levels[0], subifds=2, resolution=(20000.0, 20000.0), resolutionunit="CENTIMETER", **kw)
+            for lv in levels[1:]:
+                tw.write(lv, subfiletype=1, **kw)
+        elif layout == "pages":
+            tw.write(levels[0], **kw)
+            for lv in levels[1:]:
+                tw.write(lv, subfiletype=1, **kw)
+        elif layout == "svs":
+            kw["metadata"] = None  # no tifffile "shaped" description: Aperio's alone
+            desc = f"Aperio Image Library v12.0.0\n{img.shape[1]}x{img.shape[0]} [0,0 ...] (64x64) JPEG/RGB Q=70|AppMag = 20|MPP = 0.4990"
+            tw.write(levels[0], description=desc, **kw)
+            tw.write(levels[2][::4, ::4], photometric="rgb", description="Aperio Image Library thumbnail", metadata=None)
+            for lv in levels[1:]:
+                tw.write(lv, description="Aperio Image Library v12.0.0\nlevel", **kw)
+    return path
+
+
+IMG = smooth_image(512, 640)
+
+
+@pytest.mark.parametrize("layout", ["subifds", "pages", "svs"])
+def test_levels_and_regions_match_the_array(layout, tmp_path):
+    src = open_image(write_pyramid(tmp_path / f"{layout}.tif", IMG, layout))
+    assert isinstance(src, TiffSource) and (src.height, src.width) == (512, 640)
+    assert src.levels == 3
+    full = src.read(Box(100, 200, 37, 53))  # level 0, exact
+    assert torch.equal(full, torch.from_numpy(IMG[100:137, 200:253]).permute(2, 0, 1).float())
+    edge = src.read(Box(500, 630, 20, 20))  # past the image: fill
+    assert (edge[:, 12:, :] == 0).all() and (edge[:, :, 10:] == 0).all()
+    assert src.level_for(4.0) == 2 and src.level_for(3.9) == 1 and src.level_for(1.0) == 0
+
+
+def test_physical_resolution_is_reported(tmp_path):
+    assert open_image(write_pyramid(tmp_path / "s.tif", IMG, "subifds")).mpp == pytest.approx(0.5)
+    assert open_image(write_pyramid(tmp_path / "v.tif", IMG, "svs")).mpp == pytest.approx(0.499)
+    assert open_image(write_pyramid(tmp_path / "p.tif", IMG, "pages")).mpp is None
+
+
+@pytest.mark.parametrize("compression", ["zlib", "jpeg"])
+def test_views_through_the_pyramid_match_the_in_memory_view(compression, tmp_path):
+    """A view read through a pyramid level equals the view computed from the whole image in
+    memory within 2 gray levels on average (zlib) or 4 (JPEG at quality 75): the level
+    itself is an area-downsampled copy, and sampling positions differ by under a pixel."""
+    tiff = open_image(write_pyramid(tmp_path / "p.tif", IMG, "subifds", compression))
+    mem = ArraySource(IMG)
+    tol = 2.0 if compression == "zlib" else 4.0
+    for box, size in [(Box(0, 0, 512, 640), (64, 80)), (Box(128, 256, 128, 128), (32, 32)), (Box(-20, 600, 96, 96), (24, 24))]:
+        a, b = tiff.read(box, size), mem.read(box, size)
+        assert a.shape == b.shape
+        assert float((a - b).abs().mean()) < tol, (box, float((a - b).abs().mean()))
+
+
+def test_a_model_predicts_the_same_on_png_and_pyramid(tmp_path):
+    torch.manual_seed(0)
+    model = ZoomIn(ModelConfig(levels=[LevelConfig(0.125, (128, 128)), LevelConfig(0.5, (32, 32), (16, 16))], samples=8))
+    tiff = open_image(write_pyramid(tmp_path / "p.tif", IMG, "subifds"))
+    a = torch.softmax(model.predict([ArraySource(IMG)], deterministic=True).logits, 1)
+    b = torch.softmax(model.predict([tiff], deterministic=True).logits, 1)
+    assert float((a - b).abs().max()) < 0.02
+
+
+def test_prediction_never_decodes_a_whole_level_zero(tmp_path):
+    big = smooth_image(2048, 2048, seed=1)
+    path = write_pyramid(tmp_path / "big.tif", big, "subifds", tile=(128, 128))
+    src = open_image(path)
+    model = ZoomIn(ModelConfig(levels=[LevelConfig(1 / 16, (512, 512)), LevelConfig(0.25, (64, 64), "tiled")], samples=6))
+    model.predict([src], generator=torch.Generator().manual_seed(0))
+    # bound: the level-1 view comes from the 1/4 level (512^2 px); 6 distinct tile views from
+    # the 1/4 level (6 x 2^2 tiles of 128^2); 6 sub-tiles at level 0 (each in at most 2x2 tiles)
+    bound = 512 * 512 + 6 * 4 * 128 * 128 + 6 * 4 * 128 * 128
+    assert 0 < src.pixels_decoded <= bound < 2048 * 2048
+    assert 0 < src.bytes_read < src.file_size
+
+
+@pytest.mark.parametrize("content", [b"", b"II*\x00garbage", b"MM\x00*" + bytes(200)])
+def test_corrupt_tiffs_give_one_clear_error(content, tmp_path):
+    path = tmp_path / "bad.tif"
+    path.write_bytes(content)
+    with pytest.raises(ImageError, match="bad.tif"):
+        open_image(path)
+
+
+def test_truncated_tiff_gives_a_clear_error(tmp_path):
+    path = write_pyramid(tmp_path / "t.tif", IMG, "subifds")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])
+    with pytest.raises(ImageError, match="t.tif"):
+        src = open_image(path)
+        src.read(Box(0, 0, 512, 640), (64, 80))
+        src.read(Box(0, 0, 512, 640))
