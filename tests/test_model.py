@@ -196,3 +196,25 @@ def test_tiny_model_fits_a_separable_set():
     fit(model, examples, [], TrainConfig(epochs=15, batch_size=8, lr=3e-3, contrastive_from=None, seed=0),
         log=lambda s: None, progress=False)
     assert evaluate(model, examples, deterministic=True)["accuracy"] == 1.0
+
+
+@pytest.mark.parametrize("strip", [5, 8, 13])
+def test_strips_equal_the_whole_view(strip):
+    """Level-1 attention in strips with a halo equals the whole-view pass (value and gradient)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(levels=[LevelConfig(0.125, (64, 64)), LevelConfig(0.5, (16, 16), (8, 8))], samples=6)
+    image = np.random.default_rng(1).integers(0, 255, (256, 320, 3), dtype=np.uint8)
+    src = ArraySource(image)
+    whole = ZoomIn(cfg)
+    striped_cfg = ModelConfig(**{**cfg.__dict__, "strip_rows": strip})
+    striped = ZoomIn(striped_cfg)
+    striped.load_state_dict(whole.state_dict())
+    a = whole([src], generator=torch.Generator().manual_seed(0))
+    b = striped([src], generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(a.log_maps[0][0], b.log_maps[0][0], atol=1e-5)
+    assert torch.allclose(a.logits, b.logits, atol=1e-5)
+    a.logits.sum().backward()
+    b.logits.sum().backward()
+    ga = whole.attention[0].net[0].weight.grad
+    gb = striped.attention[0].net[0].weight.grad
+    assert torch.allclose(ga, gb, atol=1e-5)

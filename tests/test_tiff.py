@@ -125,3 +125,25 @@ def test_truncated_tiff_gives_a_clear_error(tmp_path):
         src = open_image(path)
         src.read(Box(0, 0, 512, 640), (64, 80))
         src.read(Box(0, 0, 512, 640))
+
+
+def test_make_data_gigapixel_writes_a_consistent_pyramid(tmp_path):
+    import json
+
+    from zoomnet.cli import main
+
+    path = tmp_path / "slide.tif"
+    assert main(["make-data", "gigapixel", str(path), "--size", "1500", "--seed", "1"]) == 0
+    src = open_image(path)
+    assert (src.height, src.width) == (1500, 1500) and src.levels >= 3 and src.mpp == pytest.approx(0.5)
+    lesions = json.loads(path.with_suffix(".lesions.json").read_text())["lesions"]
+    assert len(lesions) == 3
+    # a coarse level agrees with level 0 averaged down (JPEG at quality 85, texture detail)
+    box = Box(256, 256, 512, 512)
+    coarse = src.read(box, (64, 64))  # from the 1/8 level
+    fine = F.avg_pool2d(src.read(box)[None], 8)[0]
+    assert float((coarse - fine).abs().mean()) < 8.0
+    # the lesion is dark at full resolution
+    les = lesions[0]
+    patch = src.read(Box(int(les["y"]) - 10, int(les["x"]) - 10, 20, 20))
+    assert float(patch.mean()) < float(src.read(Box(0, 0, 1500, 1500), (64, 64)).mean())

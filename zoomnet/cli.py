@@ -87,6 +87,12 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _make_data(args: argparse.Namespace) -> int:
+    if args.kind == "gigapixel":
+        from zoomnet.data.gigapixel import write_gigapixel
+
+        path = write_gigapixel(args.out, size=args.size or 50_000, seed=args.seed)
+        print(f"wrote {path}")
+        return 0
     from zoomnet.data.writers import write_dataset
 
     write_dataset(args.kind, args.out, num=args.num, size=args.size, seed=args.seed)
@@ -145,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(func=_predict)
 
     md = sub.add_parser("make-data", help="write a synthetic data set: images, masks, train/val/test CSVs")
-    md.add_argument("kind", choices=["tiny-objects", "megapixel-mnist", "needles"], help="which set")
+    md.add_argument("kind", choices=["tiny-objects", "megapixel-mnist", "needles", "gigapixel"],
+                    help="which set (gigapixel: one pyramidal TIFF slide, OUT a .tif path or a folder)")
     md.add_argument("out", help="folder to write")
     md.add_argument("--num", type=int, help="number of images in all (default per set)")
     md.add_argument("--size", type=int, help="image side in pixels (default per set)")

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from zoomnet.core import expectation, sampling
@@ -78,6 +79,8 @@ class ModelConfig:
         pixel_mean: raw pixel mean subtracted before every net.
         pixel_std: raw pixel standard deviation divided out before every net.
         chunk: sub-tiles per chunk of ``f`` at inference (memory of one chunk).
+        strip_rows: level-1 view rows per strip (None: the whole view at once); for
+            gigapixel images, whose level-1 view alone can be thousands of pixels high.
         cnn_scale: input scale of the CNN baseline (1 = full resolution).
     """
 
@@ -99,6 +102,7 @@ class ModelConfig:
     pixel_mean: tuple[float, float, float] = (127.5, 127.5, 127.5)
     pixel_std: tuple[float, float, float] = (64.0, 64.0, 64.0)
     chunk: int = 256
+    strip_rows: int | None = None
     cnn_scale: float = 1.0
 
     def __post_init__(self) -> None:
@@ -292,6 +296,42 @@ class ZoomIn(nn.Module):
         cell_logits = cell_logits.to(torch.promote_types(cell_logits.dtype, torch.float32))
         return sampling.smoothed_log_softmax(cell_logits, self.config.smooth), cell_logits
 
+    def _level1_in_strips(self, sources: Sequence[ImageSource]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Level-1 attention of large views, read and run in horizontal strips.
+
+        Each strip of ``strip_rows`` view rows is read with a halo of the attention net's
+        receptive-field radius above and below, so its own rows get exactly the logits of
+        a whole-view pass; only one strip's pixels and activations are alive at a time (in
+        training the strip's activations are recomputed in the backward pass).
+        """
+        height, width = sources[0].height, sources[0].width
+        vh, vw = view_size(self.config.levels[0].scale, height, width)
+        net = self.attention[0]
+        halo = getattr(net, "halo", 3)
+        step = self.config.strip_rows
+        rows_per_px = height / vh  # full-resolution rows per view row
+        maps, raws = [], []
+        for src in sources:
+            logits = []
+            for r0 in range(0, vh, step):
+                r1 = min(vh, r0 + step)
+                a0, a1 = max(0, r0 - halo), min(vh, r1 + halo)
+                top, bottom = round(a0 * rows_per_px), round(a1 * rows_per_px)
+                strip = src.read(Box(top, 0, bottom - top, width), (a1 - a0, vw))[None]  # (1, C, a1-a0, vw)
+                x = self.normalize(strip)
+                if torch.is_grad_enabled():
+                    out = torch.utils.checkpoint.checkpoint(net, x, use_reentrant=False)
+                else:
+                    out = net(x)
+                logits.append(out[:, r0 - a0 : r1 - a0])  # (1, r1-r0, vw)
+            full = torch.cat(logits, dim=1)  # (1, vh, vw)
+            _, _, rows, cols, _ = self._level_grid(0, (height, width))
+            cell = pool_to_grid(full, rows, cols)
+            cell = cell.to(torch.promote_types(cell.dtype, torch.float32))
+            maps.append(sampling.smoothed_log_softmax(cell, self.config.smooth))
+            raws.append(cell)
+        return torch.cat(maps), torch.cat(raws)
+
     # ------------------------------------------------------------------ the hierarchy
     def _descend(
         self,
@@ -420,12 +460,16 @@ class ZoomIn(nn.Module):
             generator: random source of every draw.
         """
         cfg = self.config
-        if views is None:
-            views = self.read_views(sources)
         B = len(sources)
         n = samples or (cfg.train_samples if self.training and cfg.train_samples else cfg.samples)
         height, width = sources[0].height, sources[0].width
-        log_alpha, raw_alpha = self._attention_maps(0, views, (height, width))  # (B, G1) each
+        vs = view_size(cfg.levels[0].scale, height, width)
+        if views is None and cfg.strip_rows and vs[0] > cfg.strip_rows:
+            log_alpha, raw_alpha = self._level1_in_strips(sources)  # (B, G1) each
+        else:
+            if views is None:
+                views = self.read_views(sources)
+            log_alpha, raw_alpha = self._attention_maps(0, views, (height, width))  # (B, G1) each
         _, grid1, *_ = self._level_grid(0, (height, width))
         whole = Box(0, 0, height, width)
         traces = [LevelTrace([{whole: log_alpha[b].detach().exp()} for b in range(B)], grid1, [])]
