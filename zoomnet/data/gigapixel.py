@@ -76,6 +76,20 @@ class SlideModel:
     def render(self, level: int, top: int, left: int, h: int, w: int) -> np.ndarray:
         """Pixels ``[top, top+h) x [left, left+w)`` of pyramid level ``level`` (uint8 RGB)."""
         ds = 2 ** level
+        y0, y1, x0, x1 = top * ds, (top + h) * ds, left * ds, (left + w) * ds
+        near_lesion = any(
+            les["y"] + les["radius"] + 5 >= y0 and les["y"] - les["radius"] - 5 <= y1
+            and les["x"] + les["radius"] + 5 >= x0 and les["x"] - les["radius"] - 5 <= x1
+            for les in self.lesions
+        )
+        if not near_lesion:
+            # bare background: a bilinear field stays within the values of the grid points
+            # around the tile, so if all of them are below the tissue threshold, so is the tile
+            n = self.field.shape[0] - 1
+            iy0, iy1 = min(int(y0 // self.field_step), n), min(int(math.ceil(y1 / self.field_step)), n)
+            ix0, ix1 = min(int(x0 // self.field_step), n), min(int(math.ceil(x1 / self.field_step)), n)
+            if self.field[iy0 : iy1 + 1, ix0 : ix1 + 1].max() <= -0.2:
+                return np.broadcast_to(WHITE.astype(np.uint8), (h, w, 3)).copy()
         tex = self._texture(ds)
         rows = np.arange(top, top + h)
         cols = np.arange(left, left + w)
@@ -88,7 +102,6 @@ class SlideModel:
         cx = (cols + 0.5) * ds
         tissue = self._tissue(cy[:, None], cx[None, :])[..., None]
         img = img * tissue + WHITE * (1 - tissue)
-        y0, y1, x0, x1 = top * ds, (top + h) * ds, left * ds, (left + w) * ds
         for lesion in self.lesions:
             r = lesion["radius"] + 5
             if lesion["y"] + r < y0 or lesion["y"] - r > y1 or lesion["x"] + r < x0 or lesion["x"] - r > x1:
