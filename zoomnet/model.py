@@ -79,6 +79,7 @@ class ModelConfig:
         pixel_mean: raw pixel mean subtracted before every net.
         pixel_std: raw pixel standard deviation divided out before every net.
         chunk: sub-tiles per chunk of ``f`` at inference (memory of one chunk).
+        view_chunk: parent views per batch of a deeper level's attention net.
         strip_rows: level-1 view rows per strip (None: the whole view at once); for
             gigapixel images, whose level-1 view alone can be thousands of pixels high.
         cnn_scale: input scale of the CNN baseline (1 = full resolution).
@@ -102,6 +103,7 @@ class ModelConfig:
     pixel_mean: tuple[float, float, float] = (127.5, 127.5, 127.5)
     pixel_std: tuple[float, float, float] = (64.0, 64.0, 64.0)
     chunk: int = 256
+    view_chunk: int = 64
     strip_rows: int | None = None
     cnn_scale: float = 1.0
 
@@ -369,10 +371,11 @@ class ZoomIn(nn.Module):
             parent_hw = tuple(self.config.levels[level - 1].region)
             vs, grid, _, _, rel = self._level_grid(level, parent_hw)
             missing = list(dict.fromkeys((nd.image, nd.box) for nd in nodes if (nd.image, nd.box) not in cache[level]))
-            if missing:
-                views = torch.stack([sources[b].read(box, vs) for b, box in missing])  # (M, C, h, w)
+            for start in range(0, len(missing), self.config.view_chunk):  # memory of one chunk
+                part = missing[start : start + self.config.view_chunk]
+                views = torch.stack([sources[b].read(box, vs) for b, box in part])  # (M, C, h, w)
                 maps, raw = self._attention_maps(level, views, parent_hw)  # (M, G) each
-                for key, row, raw_row in zip(missing, maps, raw):
+                for key, row, raw_row in zip(part, maps, raw):
                     cache[level][key] = row
                     logit_cache[level][key] = raw_row
             log_beta = torch.stack([cache[level][(nd.image, nd.box)] for nd in nodes])  # (M, G)
