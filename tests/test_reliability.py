@@ -207,9 +207,23 @@ VALID_PNG = png_bytes(RGB[:64, :64])
 VALID_TIFF = tiff_bytes(RGB[:64, :64])
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def tiled_jpeg_tiff() -> bytes:
+    """A small JPEG-tiled pyramid, so that fuzzing reaches the native codecs too."""
+    import tifffile
+
+    buf = io.BytesIO()
+    with tifffile.TiffWriter(buf) as tw:
+        tw.write(RGB[:64, :64], tile=(16, 16), compression="jpeg", photometric="rgb", subifds=1)
+        tw.write(RGB[:32:2, :32:2], tile=(16, 16), compression="jpeg", photometric="rgb", subfiletype=1)
+    return buf.getvalue()
+
+
+VALID_JPEG_TIFF = tiled_jpeg_tiff()
+
+
+@settings(max_examples=90, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
-    base=st.sampled_from([("png", VALID_PNG), ("tif", VALID_TIFF)]),
+    base=st.sampled_from([("png", VALID_PNG), ("tif", VALID_TIFF), ("tif", VALID_JPEG_TIFF)]),
     cut=st.floats(0.0, 1.0),
     flips=st.lists(st.tuples(st.floats(0.0, 1.0), st.integers(0, 255)), max_size=8),
 )
