@@ -108,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     def device(p):
         p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
 
+    def inference(p):
+        p.add_argument("--deterministic", action="store_true", help="top-k instead of sampling")
+        p.add_argument("--samples", type=int, help="draws N (default: the run's)")
+        p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
+        device(p)
+
     demo = sub.add_parser("demo", help="make-data, train, evaluate and predict with heatmaps on tiny objects")
     demo.add_argument("--out", default="demo-output", help="folder for the data, the run and the heatmaps")
     demo.add_argument("--num", type=int, default=534, help="images in all (60%% train, 20%% val, 20%% test)")
@@ -131,10 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="metrics of a run on a manifest; the last line is JSON")
     ev.add_argument("run", help="run folder")
     ev.add_argument("test", help="manifest CSV")
-    ev.add_argument("--deterministic", action="store_true", help="top-k instead of sampling")
-    ev.add_argument("--samples", type=int, help="draws N (default: the run's)")
-    ev.add_argument("--seed", type=int, default=0, help="seed of the sampling")
-    device(ev)
+    inference(ev)
     ev.set_defaults(func=_evaluate)
 
     pr = sub.add_parser("predict", help="predict images; one JSON line per image")
@@ -144,10 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", help="write predictions as CSV here")
     pr.add_argument("--heatmaps", help="folder for <image stem>.png pictures of where the model looked")
     pr.add_argument("--geojson", help="folder for <image stem>.geojson sampled boxes (QuPath)")
-    pr.add_argument("--deterministic", action="store_true", help="top-k instead of sampling")
-    pr.add_argument("--samples", type=int, help="draws N (default: the run's)")
-    pr.add_argument("--seed", type=int, default=0, help="seed of the sampling")
-    device(pr)
+    inference(pr)
     pr.set_defaults(func=_predict)
 
     md = sub.add_parser("make-data", help="write a synthetic data set: images, masks, train/val/test CSVs")

@@ -552,14 +552,7 @@ class CNNBaseline(nn.Module):
         feats = self.body(x).amax(dim=(2, 3))  # (B, 64): global max pooling
         return ZoomInOutput(self.head(feats), feats, [], [], [])
 
-    @torch.no_grad()
-    def predict(self, sources: Sequence[ImageSource], **kwargs) -> ZoomInOutput:
-        was = self.training
-        self.eval()
-        try:
-            return self(sources, **kwargs)
-        finally:
-            self.train(was)
+    predict = ZoomIn.predict
 
 
 def build_model(config: ModelConfig) -> nn.Module:
