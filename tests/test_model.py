@@ -218,3 +218,24 @@ def test_strips_equal_the_whole_view(strip):
     ga = whole.attention[0].net[0].weight.grad
     gb = striped.attention[0].net[0].weight.grad
     assert torch.allclose(ga, gb, atol=1e-5)
+
+
+@pytest.mark.parametrize("strip", [None, 4])
+def test_tissue_mask_keeps_attention_on_tissue(strip):
+    """Left half: coloured texture (tissue); right half: white glass. With the mask on, no
+    attention mass and no sample falls in glass, in the ordinary or contrastive sample."""
+    rng = np.random.default_rng(0)
+    image = np.full((128, 256, 3), 245, dtype=np.uint8)
+    image[:, :128] = np.stack([rng.integers(150, 230, (128, 128)), rng.integers(60, 120, (128, 128)),
+                               rng.integers(120, 200, (128, 128))], axis=-1)
+    cfg = ModelConfig(levels=[LevelConfig(0.25, (32, 32)), LevelConfig(0.5, (16, 16), (8, 8))], samples=16,
+                      tissue_mask=True, strip_rows=strip, smooth=0.2)
+    torch.manual_seed(0)
+    model = ZoomIn(cfg)
+    out = model([ArraySource(image)], contrastive=True, generator=torch.Generator().manual_seed(0))
+    alpha = out.levels[0].maps[0][Box(0, 0, 128, 256)].view(4, 8)
+    assert float(alpha[:, 4:].sum()) < 1e-6 and float(alpha[:, :4].sum()) == pytest.approx(1.0, abs=1e-5)
+    assert all(s.box.left < 128 for s in out.levels[0].samples[0])
+    assert torch.isfinite(out.contrastive_logits).all()
+    (out.logits.sum() + out.contrastive_logits.sum()).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

@@ -147,3 +147,19 @@ def test_make_data_gigapixel_writes_a_consistent_pyramid(tmp_path):
     les = lesions[0]
     patch = src.read(Box(int(les["y"]) - 10, int(les["x"]) - 10, 20, 20))
     assert float(patch.mean()) < float(src.read(Box(0, 0, 1500, 1500), (64, 64)).mean())
+
+
+def test_target_resolution_rescales_a_slide(tmp_path):
+    """A slide at 0.25 um/px seen at 0.5 um/px: half the size, each box read from twice the
+    native box."""
+    from zoomnet.sources.rescaled import RescaledSource
+
+    native = open_image(write_pyramid(tmp_path / "s.tif", IMG, "subifds"))  # 0.5 um/px
+    native.mpp = 0.25  # as if scanned twice as finely
+    src = RescaledSource(native, 0.5)
+    assert (src.height, src.width) == (256, 320)
+    a = src.read(Box(10, 20, 16, 16))
+    b = ArraySource(IMG).read(Box(20, 40, 32, 32), (16, 16))
+    assert float((a - b).abs().mean()) < 2.0
+    with pytest.raises(ImageError, match="microns per pixel"):
+        RescaledSource(ArraySource(IMG), 0.5, "plain.png")

@@ -33,6 +33,9 @@ class DataConfig:
         augment: colour jitter of the sampled sub-tiles in training (brightness, contrast
             and a per-channel gain of up to ``augment_strength``, one draw per image).
         augment_strength: size of the jitter.
+        target_mpp: microns per pixel the model works at (None: native pixels). Each slide
+            is seen at this resolution (its own must be recorded in the file), so a model
+            trained at 0.5 um/px applies to a slide scanned at 0.25 um/px.
     """
 
     classes: list[str] | None = None
@@ -41,6 +44,7 @@ class DataConfig:
     class_weights: bool = False
     augment: bool = False
     augment_strength: float = 0.1
+    target_mpp: float | None = None
 
 
 @dataclass

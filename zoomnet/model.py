@@ -27,6 +27,7 @@ from torch import nn
 
 from zoomnet.core import expectation, sampling
 from zoomnet.core.geometry import Box, cell_boxes, grid_shape, pool_to_grid, pooling_matrix
+from zoomnet.core.tissue import tissue_map
 from zoomnet.nets import available, build
 from zoomnet.sources.base import ImageSource
 
@@ -80,6 +81,9 @@ class ModelConfig:
         pixel_std: raw pixel standard deviation divided out before every net.
         chunk: sub-tiles per chunk of ``f`` at inference (memory of one chunk).
         view_chunk: parent views per batch of a deeper level's attention net.
+        tissue_mask: level-1 cells without tissue (Otsu on the saturation of the level-1
+            view; bright-field slides) get no attention mass, in the ordinary and the
+            contrastive sample alike.
         strip_rows: level-1 view rows per strip (None: the whole view at once); for
             gigapixel images, whose level-1 view alone can be thousands of pixels high.
         cnn_scale: input scale of the CNN baseline (1 = full resolution).
@@ -105,6 +109,7 @@ class ModelConfig:
     chunk: int = 256
     view_chunk: int = 64
     strip_rows: int | None = None
+    tissue_mask: bool = False
     cnn_scale: float = 1.0
 
     def __post_init__(self) -> None:
@@ -157,6 +162,16 @@ class ModelConfig:
                 raise ValueError(
                     f"model.levels[{i + 1}].scale={scale}: the view of a {parent} region is empty"
                 )
+
+
+def _restrict(log_p: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Renormalise ``(B, G)`` log-probabilities over the allowed cells.
+
+    Excluded cells get a very negative but finite log-probability, so that the surrogate
+    ``p / sg(p)`` stays 1 (not NaN) where they are never drawn.
+    """
+    masked = log_p.masked_fill(~allowed, -1e4)
+    return masked - torch.logsumexp(masked, dim=1, keepdim=True)
 
 
 def view_size(scale: float, height: int, width: int) -> tuple[int, int]:
@@ -298,8 +313,11 @@ class ZoomIn(nn.Module):
         cell_logits = cell_logits.to(torch.promote_types(cell_logits.dtype, torch.float32))
         return sampling.smoothed_log_softmax(cell_logits, self.config.smooth), cell_logits
 
-    def _level1_in_strips(self, sources: Sequence[ImageSource]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Level-1 attention of large views, read and run in horizontal strips.
+    def _level1_in_strips(
+        self, sources: Sequence[ImageSource]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Level-1 attention of large views, read and run in horizontal strips; also the
+        tissue maps of the views when ``tissue_mask`` is on.
 
         Each strip of ``strip_rows`` view rows is read with a halo of the attention net's
         receptive-field radius above and below, so its own rows get exactly the logits of
@@ -312,9 +330,9 @@ class ZoomIn(nn.Module):
         halo = getattr(net, "halo", 3)
         step = self.config.strip_rows
         rows_per_px = height / vh  # full-resolution rows per view row
-        maps, raws = [], []
+        maps, raws, tissue = [], [], []
         for src in sources:
-            logits = []
+            logits, tissue_rows = [], []
             for r0 in range(0, vh, step):
                 r1 = min(vh, r0 + step)
                 a0, a1 = max(0, r0 - halo), min(vh, r1 + halo)
@@ -326,13 +344,25 @@ class ZoomIn(nn.Module):
                 else:
                     out = net(x)
                 logits.append(out[:, r0 - a0 : r1 - a0])  # (1, r1-r0, vw)
+                if self.config.tissue_mask:
+                    tissue_rows.append(strip[0, :, r0 - a0 : r1 - a0])  # (C, r1-r0, vw) raw
             full = torch.cat(logits, dim=1)  # (1, vh, vw)
+            if self.config.tissue_mask:
+                tissue.append(tissue_map(torch.cat(tissue_rows, dim=1)))
             _, _, rows, cols, _ = self._level_grid(0, (height, width))
             cell = pool_to_grid(full, rows, cols)
             cell = cell.to(torch.promote_types(cell.dtype, torch.float32))
             maps.append(sampling.smoothed_log_softmax(cell, self.config.smooth))
             raws.append(cell)
-        return torch.cat(maps), torch.cat(raws)
+        return torch.cat(maps), torch.cat(raws), (torch.stack(tissue) if tissue else None)
+
+    def _tissue_cells(self, tissue: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """``(B, v_h, v_w)`` bool tissue maps -> ``(B, G1)`` bool: cells holding any tissue."""
+        _, _, rows, cols, _ = self._level_grid(0, (height, width))
+        t = tissue.float()
+        cells = (t.flatten(1) if rows is None else (rows @ t @ cols.T).flatten(1)) > 0  # (B, G1)
+        cells[~cells.any(dim=1)] = True  # never hide a whole image
+        return cells.to(self.mean.device)
 
     # ------------------------------------------------------------------ the hierarchy
     def _descend(
@@ -346,11 +376,14 @@ class ZoomIn(nn.Module):
         logit_cache: list[dict[tuple[int, Box], torch.Tensor]],
         transform: Callable[[torch.Tensor], torch.Tensor] | None,
         record: list[LevelTrace] | None,
+        cell_mask: torch.Tensor | None = None,
     ) -> list[_Node]:
         """Sample down the hierarchy; return the leaves with their path weights."""
         B = log_alpha.shape[0]
         height, width = sources[0].height, sources[0].width
         la = transform(log_alpha) if transform else log_alpha  # (B, G1)
+        if transform and cell_mask is not None:  # the complement of a masked map stays masked
+            la = _restrict(la, cell_mask)
         if deterministic:
             counts = sampling.largest_remainder_counts(la, n)
         else:
@@ -467,12 +500,18 @@ class ZoomIn(nn.Module):
         n = samples or (cfg.train_samples if self.training and cfg.train_samples else cfg.samples)
         height, width = sources[0].height, sources[0].width
         vs = view_size(cfg.levels[0].scale, height, width)
+        tissue = None
         if views is None and cfg.strip_rows and vs[0] > cfg.strip_rows:
-            log_alpha, raw_alpha = self._level1_in_strips(sources)  # (B, G1) each
+            log_alpha, raw_alpha, tissue = self._level1_in_strips(sources)  # (B, G1) each
         else:
             if views is None:
                 views = self.read_views(sources)
             log_alpha, raw_alpha = self._attention_maps(0, views, (height, width))  # (B, G1) each
+            if cfg.tissue_mask:
+                tissue = torch.stack([tissue_map(v) for v in views.cpu()])
+        cell_mask = self._tissue_cells(tissue, height, width) if tissue is not None else None
+        if cell_mask is not None:
+            log_alpha = _restrict(log_alpha, cell_mask)
         _, grid1, *_ = self._level_grid(0, (height, width))
         whole = Box(0, 0, height, width)
         traces = [LevelTrace([{whole: log_alpha[b].detach().exp()} for b in range(B)], grid1, [])]
@@ -504,7 +543,7 @@ class ZoomIn(nn.Module):
         if contrastive:
             c_leaves = self._descend(
                 log_alpha, sources, n, deterministic, generator, cache, logit_cache,
-                sampling.complement_log_probs, None,
+                sampling.complement_log_probs, None, cell_mask,
             )
             c_z, *_ = self._aggregate(c_leaves, sources, B, keep)
             out.contrastive_logits = self.classifier(c_z)

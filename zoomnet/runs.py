@@ -185,8 +185,8 @@ def train_run(
     config.data.reference_class = ref
     config.train.reference_class = classes.index(ref)
 
-    train = load_examples(train_csv, classes, config.data.fill, "training")
-    val = load_examples(val_csv, classes, config.data.fill, "training") if val_csv else []
+    train = load_examples(train_csv, classes, config.data.fill, "training", config.data.target_mpp)
+    val = load_examples(val_csv, classes, config.data.fill, "training", config.data.target_mpp) if val_csv else []
     check_image_sizes(train + val, config.model, "the model")
     torch.manual_seed(config.train.seed)  # the initial weights follow the run's seed
     try:
@@ -295,7 +295,7 @@ def evaluate_run(
     """Metrics of a run on a manifest: accuracy, balanced accuracy, AUC (binary), confusion."""
     model, config = load_run(run_dir, device)
     classes = config.data.classes
-    examples = load_examples(test_csv, classes, config.data.fill, "evaluated")
+    examples = load_examples(test_csv, classes, config.data.fill, "evaluated", config.data.target_mpp)
     check_image_sizes(examples, config.model, f"the model in {run_dir}")
     res = evaluate(model, examples, batch_size, deterministic=deterministic, samples=samples, seed=seed)
     metrics = classification_metrics(res["probabilities"], res["labels"])
@@ -341,7 +341,7 @@ def predict_images(
     results = []
     for given in tqdm(images, desc="predict", unit="image", disable=not progress):
         tick = time.perf_counter()
-        src = LazyImage(Path(given), given, config.data.fill)
+        src = LazyImage(Path(given), given, config.data.fill, config.data.target_mpp)
         check_image_sizes([Example(src, 0, None, given)], config.model, f"the model in {run_dir}")
         out = model.predict([src], deterministic=deterministic, samples=samples, generator=generator)
         probs = torch.softmax(out.logits.float(), dim=1)[0].tolist()

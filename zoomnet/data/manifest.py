@@ -21,6 +21,7 @@ from zoomnet.data.examples import Example
 from zoomnet.errors import ImageError, UserError
 from zoomnet.sources.base import ImageSource
 from zoomnet.sources.open import image_size, open_image
+from zoomnet.sources.rescaled import RescaledSource
 
 
 @dataclass
@@ -90,7 +91,7 @@ def default_reference(classes: list[str]) -> str | None:
     return None
 
 
-_OPEN: OrderedDict[tuple[str, float], ImageSource] = OrderedDict()
+_OPEN: OrderedDict[tuple, ImageSource] = OrderedDict()
 CACHE_SIZE = 16
 
 
@@ -100,22 +101,28 @@ class LazyImage:
     Its size is read from the file's header without decoding the pixels.
     """
 
-    def __init__(self, path: Path, given: str, fill: float = 0.0):
-        self.path, self.given, self.fill = Path(path), given, float(fill)
+    def __init__(self, path: Path, given: str, fill: float = 0.0, target_mpp: float | None = None):
+        self.path, self.given, self.fill, self.target_mpp = Path(path), given, float(fill), target_mpp
         try:
-            self.height, self.width = image_size(self.path)
+            if target_mpp:  # the size at the target resolution needs the file's own
+                src = self._source()
+                self.height, self.width = src.height, src.width
+            else:
+                self.height, self.width = image_size(self.path)
         except ImageError as exc:
             raise ImageError(str(exc).replace(str(self.path), given, 1)) from None
         self.channels = 3
         self.pixels_read = 0
 
     def _source(self) -> ImageSource:
-        key = (str(self.path), self.fill)
+        key = (str(self.path), self.fill, self.target_mpp)
         if key in _OPEN:
             _OPEN.move_to_end(key)
             return _OPEN[key]
         try:
             src = open_image(self.path, fill=self.fill)
+            if self.target_mpp:
+                src = RescaledSource(src, self.target_mpp, self.given)
         except ImageError as exc:
             raise ImageError(str(exc).replace(str(self.path), self.given, 1)) from None
         _OPEN[key] = src
@@ -130,7 +137,8 @@ class LazyImage:
 
 
 def load_examples(
-    csv_path: str | Path, classes: list[str], fill: float = 0.0, role: str = "training"
+    csv_path: str | Path, classes: list[str], fill: float = 0.0, role: str = "training",
+    target_mpp: float | None = None,
 ) -> list[Example]:
     """Examples of a manifest, labels mapped to ``classes``.
 
@@ -150,7 +158,7 @@ def load_examples(
         if r.mask is not None:
             mask_src = LazyImage(r.mask, str(r.mask))
             mask = _MaskView(mask_src)
-        out.append(Example(LazyImage(r.path, r.given, fill), index[r.label], mask, r.given))
+        out.append(Example(LazyImage(r.path, r.given, fill, target_mpp), index[r.label], mask, r.given))
     return out
 
 

@@ -1,0 +1,55 @@
+"""A source seen at another physical resolution.
+
+A model trained at 0.5 um/px reads regions of fixed pixel size; on a slide scanned at
+0.25 um/px the same tissue spans twice as many pixels. ``RescaledSource`` presents the
+slide as if scanned at the target resolution: its size is the native size times
+``native_mpp / target_mpp``, and a read of a box maps to the corresponding native box,
+resampled to the box's size (or the requested output size), so the pyramid level that
+fits is used.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from zoomnet.core.geometry import Box
+from zoomnet.errors import ImageError
+from zoomnet.sources.base import ImageSource
+
+
+class RescaledSource:
+    """``inner`` at ``target_mpp`` microns per pixel (its own ``mpp`` must be known).
+
+    >>> import numpy as np
+    >>> from zoomnet.sources import ArraySource
+    >>> native = ArraySource(np.zeros((400, 600, 3), np.uint8)); native.mpp = 0.25
+    >>> src = RescaledSource(native, 0.5)
+    >>> (src.height, src.width), tuple(src.read(Box(0, 0, 10, 10)).shape)
+    ((200, 300), (3, 10, 10))
+    """
+
+    def __init__(self, inner: ImageSource, target_mpp: float, name: str = ""):
+        mpp = getattr(inner, "mpp", None)
+        if not mpp:
+            raise ImageError(
+                f"{name or inner}: the file records no microns per pixel; drop data.target_mpp or "
+                "convert the slide with its resolution"
+            )
+        self.inner, self.factor = inner, target_mpp / mpp  # native pixels per target pixel
+        self.mpp = target_mpp
+        self.height = max(1, math.floor(inner.height / self.factor))
+        self.width = max(1, math.floor(inner.width / self.factor))
+        self.channels, self.fill = inner.channels, inner.fill
+
+    def read(self, box: Box, out_size: tuple[int, int] | None = None) -> torch.Tensor:
+        top, left, h, w = (int(v) for v in box)
+        f = self.factor
+        native = Box(round(top * f), round(left * f), max(1, round(h * f)), max(1, round(w * f)))
+        return self.inner.read(native, out_size or (h, w))
+
+    def __getattr__(self, name):  # I/O counters and the like come from the wrapped source
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
