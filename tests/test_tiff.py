@@ -163,3 +163,25 @@ def test_target_resolution_rescales_a_slide(tmp_path):
     assert float((a - b).abs().mean()) < 2.0
     with pytest.raises(ImageError, match="microns per pixel"):
         RescaledSource(ArraySource(IMG), 0.5, "plain.png")
+
+
+def test_openslide_formats_are_read_through_a_guarded_openslide(tmp_path):
+    pytest.importorskip("openslide")
+    from zoomnet.sources.slide import OpenSlideSource
+
+    path = tmp_path / "slide.ndpi"  # OpenSlide reads a generic tiled TIFF under any name
+    tifffile.imwrite(path, IMG, tile=(64, 64), photometric="rgb", compression="zlib")
+    src = open_image(path, fill=255)
+    assert isinstance(src, OpenSlideSource) and (src.height, src.width) == (512, 640)
+    assert torch.equal(src.read(Box(100, 200, 37, 53)), torch.from_numpy(IMG[100:137, 200:253]).permute(2, 0, 1).float())
+    view = src.read(Box(0, 0, 512, 640), (64, 80))
+    assert float((view - ArraySource(IMG).read(Box(0, 0, 512, 640), (64, 80))).abs().mean()) < 1.0
+    assert (src.read(Box(-10, -10, 20, 20))[:, :10, :10] == 255).all()  # outside: the fill
+
+
+def test_a_corrupt_vendor_slide_costs_one_error_not_the_process(tmp_path):
+    pytest.importorskip("openslide")
+    path = tmp_path / "broken.ndpi"
+    path.write_bytes(b"II*\x00" + np.random.default_rng(0).integers(0, 255, 4000, dtype=np.uint8).tobytes())
+    with pytest.raises(ImageError, match="broken.ndpi.*OpenSlide"):
+        open_image(path)

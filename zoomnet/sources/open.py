@@ -10,6 +10,7 @@ from PIL import Image
 from zoomnet.errors import ImageError
 from zoomnet.sources.base import ImageSource
 from zoomnet.sources.pillow import PillowSource
+from zoomnet.sources.slide import VENDOR
 
 PLAIN = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".tga"}
 TIFF = {".tif", ".tiff", ".svs", ".ome.tif", ".ome.tiff"}
@@ -25,8 +26,14 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
     if not p.is_file():
         raise ImageError(f"{path}: no such file; check the path (relative paths are taken from the CSV's folder)")
     suffix = p.suffix.lower()
-    if suffix not in PLAIN | TIFF:
-        raise ImageError(f"{path}: unsupported format {suffix or '(no extension)'!r}; use PNG, JPEG, BMP or TIFF")
+    if suffix not in PLAIN | TIFF | VENDOR:
+        raise ImageError(
+        f"{path}: unsupported format {suffix or '(no extension)'!r}; use PNG, JPEG, BMP, TIFF/SVS or an "
+        "OpenSlide format (NDPI, MRXS, SCN, BIF)"
+    )
+    if suffix in VENDOR:
+        src = open_image(p)
+        return src.height, src.width
     if suffix in TIFF:
         from zoomnet.sources.tiff import TiffSource
 
@@ -63,4 +70,11 @@ def open_image(path: str | os.PathLike, fill: float = 0.0) -> ImageSource:
         from zoomnet.sources.tiff import TiffSource
 
         return TiffSource(p, fill=fill)
-    raise ImageError(f"{path}: unsupported format {suffix or '(no extension)'!r}; use PNG, JPEG, BMP or TIFF")
+    if suffix in VENDOR:
+        from zoomnet.sources.slide import OpenSlideSource
+
+        return OpenSlideSource(p, fill=fill)
+    raise ImageError(
+        f"{path}: unsupported format {suffix or '(no extension)'!r}; use PNG, JPEG, BMP, TIFF/SVS or an "
+        "OpenSlide format (NDPI, MRXS, SCN, BIF)"
+    )
