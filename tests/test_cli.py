@@ -202,3 +202,19 @@ def test_ddp_two_cpu_processes_keep_identical_weights(data):
     for k in a:
         assert torch.equal(a[k], b[k]), k  # identical on both ranks ...
     assert any(not torch.equal(a[k], initial[k]) for k in a)  # ... and trained
+
+
+@pytest.mark.parametrize("sets", [
+    ["model.kind=ats"],
+    ["model.kind=cnn", "model.cnn_scale=0.25"],
+    ["data.class_weights=true", "data.augment=true", "train.lr_step=1"],
+], ids=["ats", "cnn", "weights-augment-schedule"])
+def test_other_models_and_options_train_and_evaluate(sets, data, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["train", "--config", str(data / "tiny.json"), "--train", str(data / "set/train.csv"),
+            "--val", str(data / "set/val.csv"), "--out", str(out), "--quiet", "--set", *sets]
+    assert main(argv) == 0
+    assert main(["evaluate", str(out), str(data / "set/test.csv")]) == 0
+    assert "accuracy" in json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    kind = json.loads((out / "config.json").read_text())["model"]["kind"]
+    assert kind == (sets[0].split("=")[1] if sets[0].startswith("model.kind") else "zoomin")

@@ -25,7 +25,7 @@ def test_contrastive_loss_only_for_non_reference_images():
     labels = torch.tensor([1, 0])
     value = losses.contrastive_loss(logits, labels, reference=0)
     p1 = torch.softmax(logits[0].detach(), 0)[1]
-    assert float(value) == pytest.approx(-math.log(1 - float(p1)), abs=1e-6)
+    assert value.item() == pytest.approx(-math.log(1 - float(p1)), abs=1e-6)
     value.backward()
     assert logits.grad[1].abs().sum() == 0  # the reference-class image takes no part
     assert logits.grad[0, 1] > 0  # pushes the true class down for the complementary sample

@@ -354,7 +354,7 @@ def predict_images(
             "pixels_read": getattr(inner, "pixels_decoded", src.height * src.width),
             "bytes_read": getattr(inner, "bytes_read", 0),
         }
-        stem = Path(given).name.split(".")[0]
+        stem = Path(given).stem.removesuffix(".ome")
         if heatmaps is not None and out.levels:
             title = f"{given}: {result['label']} (p = {max(probs):.2f})"
             (picture,) = render_batch(model, [src], out, [Path(heatmaps) / f"{stem}.png"], [title])
