@@ -1,9 +1,9 @@
-"""Exact-enumeration tests of the estimator (DESIGN.md, "The estimator").
+"""Exact-enumeration tests of the estimator (docs/design.md, "The estimator").
 
 Every ordered outcome of the draws is enumerated with its probability, so E[value] and
 E[gradient] are computed exactly (no Monte-Carlo noise) and compared with the exact
 aggregate ``sum_c alpha_c sum_c' beta_c' f`` and its gradient, to 1e-10 in float64. The two
-wrong variants named in DESIGN.md must fail the same comparison.
+wrong variants named in docs/design.md must fail the same comparison.
 """
 
 from __future__ import annotations

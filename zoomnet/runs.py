@@ -345,7 +345,7 @@ def predict_images(
         check_image_sizes([Example(src, 0, None, given)], config.model, f"the model in {run_dir}")
         out = model.predict([src], deterministic=deterministic, samples=samples, generator=generator)
         probs = torch.softmax(out.logits.float(), dim=1)[0].tolist()
-        inner = src._source()
+        inner = src.opened()
         result = {
             "path": given,
             "label": classes[int(torch.tensor(probs).argmax())],

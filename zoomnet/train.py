@@ -1,4 +1,4 @@
-"""Training and evaluation loops over in-memory examples (DESIGN.md, "Losses" and
+"""Training and evaluation loops over in-memory examples (docs/design.md, "Losses" and
 "Training dynamics").
 
 The attention nets learn only through sampled locations, so the loop reports, per epoch,

@@ -1,4 +1,4 @@
-"""The unbiased Monte-Carlo estimator of the attention-weighted feature (DESIGN.md).
+"""The unbiased Monte-Carlo estimator of the attention-weighted feature (docs/design.md, "The estimator").
 
 The exact aggregate of a K-level hierarchy is ``z = sum_c alpha_c sum_c' beta^c_c' f(c, c')``
 (paper, eq. 5). Sampling replaces each sum by a weighted sum over the drawn cells; the

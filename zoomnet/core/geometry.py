@@ -1,4 +1,4 @@
-"""Grid geometry of one level of the hierarchy (DESIGN.md, "The hierarchy", steps 1-4).
+"""Grid geometry of one level of the hierarchy (docs/design.md, "The hierarchy").
 
 A level cuts its parent region (full-resolution pixels) into cells of stride ``(t_h, t_w)``;
 cell ``(i, j)`` is centred at ``cy = top + (i + 0.5) * t_h`` and owns the region of size

@@ -1,4 +1,4 @@
-"""Losses of the Zoom-In network (DESIGN.md, "Losses"; paper Sec. 2.3).
+"""Losses of the Zoom-In network (docs/design.md, "Losses"; paper Sec. 2.3).
 
 - cross-entropy on ``g(z)``;
 - the entropy regularizer on every attention map (raises entropy, keeps sampling exploring);

@@ -1,4 +1,4 @@
-"""Sampling from attention distributions (DESIGN.md, "Sampling").
+"""Sampling from attention distributions (docs/design.md, "Sampling").
 
 - level 1: ``N`` draws with replacement (``torch.multinomial``), summarised as counts;
 - deeper levels: ``k`` draws without replacement per distinct parent, by Gumbel-top-k on

@@ -105,7 +105,7 @@ class LazyImage:
         self.path, self.given, self.fill, self.target_mpp = Path(path), given, float(fill), target_mpp
         try:
             if target_mpp:  # the size at the target resolution needs the file's own
-                src = self._source()
+                src = self.opened()
                 self.height, self.width = src.height, src.width
             else:
                 self.height, self.width = image_size(self.path)
@@ -114,7 +114,8 @@ class LazyImage:
         self.channels = 3
         self.pixels_read = 0
 
-    def _source(self) -> ImageSource:
+    def opened(self) -> ImageSource:
+        """The open source (opened now if it is not in the per-process cache)."""
         key = (str(self.path), self.fill, self.target_mpp)
         if key in _OPEN:
             _OPEN.move_to_end(key)
@@ -131,7 +132,7 @@ class LazyImage:
         return src
 
     def read(self, box: Box, out_size: tuple[int, int] | None = None) -> torch.Tensor:
-        out = self._source().read(box, out_size)
+        out = self.opened().read(box, out_size)
         self.pixels_read += int(out.shape[-1] * out.shape[-2])
         return out
 

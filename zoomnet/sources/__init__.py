@@ -1,4 +1,4 @@
-"""Image sources: the only way pixels reach the model (DESIGN.md, "Data flow").
+"""Image sources: the only way pixels reach the model (docs/design.md, "The hierarchy").
 
 A source knows the image size and reads a box of it, optionally resized; the model never
 opens files. :class:`ArraySource` holds an image in memory.
