@@ -36,7 +36,7 @@ def test_instance_loss_pushes_reference_bags_down_and_positive_bags_up():
     leaf_logits = torch.zeros(6, 2, requires_grad=True)
     image = torch.tensor([0, 0, 0, 1, 1, 1])
     value = losses.instance_loss(leaf_logits, image, torch.tensor([0, 1]), reference=0)
-    assert float(value) == pytest.approx(math.log(2), abs=1e-6)
+    assert value.item() == pytest.approx(math.log(2), abs=1e-6)
     value.backward()
     assert (leaf_logits.grad[:3, 1] > 0).all()  # reference bag: every sub-tile away from class 1
     assert (leaf_logits.grad[3:, 1] < 0).all()  # positive bag: towards class 1
