@@ -99,6 +99,18 @@ def _make_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from zoomnet.bench import run_bench
+
+    if not args.skip_training:
+        raise UserError(
+            f"bench {args.setting}: the accuracy columns need trained models, which this command does not "
+            "train yet; run with --skip-training for FLOPs, memory and time"
+        )
+    run_bench(args.setting, repeats=args.repeats)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zoomnet", description="Classify very large images by zooming in.")
     parser.add_argument("--version", action="version", version=f"zoomnet {__version__}")
@@ -149,6 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--geojson", help="folder for <image stem>.geojson sampled boxes (QuPath)")
     inference(pr)
     pr.set_defaults(func=_predict)
+
+    bn = sub.add_parser("bench", help="FLOPs, peak memory and time per image of Zoom-In, ATS and CNNs (CSV)")
+    bn.add_argument("setting", help="colon-cancer, needles or megapixel-mnist")
+    bn.add_argument("--skip-training", action="store_true", help="untrained weights: cost columns only")
+    bn.add_argument("--repeats", type=int, default=5, help="timed runs after two warm-up runs (median)")
+    bn.set_defaults(func=_bench)
 
     md = sub.add_parser("make-data", help="write a synthetic data set: images, masks, train/val/test CSVs")
     md.add_argument("kind", choices=["tiny-objects", "megapixel-mnist", "needles", "gigapixel"],

@@ -62,7 +62,7 @@ class ArraySource:
             tensor = tensor.expand(3, -1, -1)
         elif rgb and tensor.shape[0] == 4:
             tensor = tensor[:3]
-        self.image = tensor
+        self.image = tensor.contiguous()  # channel-planar: crops of it feed convolutions fast
         self.channels, self.height, self.width = tensor.shape
         self.fill = float(fill)
 
