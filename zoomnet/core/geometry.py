@@ -104,6 +104,10 @@ def pooling_matrix(
     Returns ``(None, None)`` when every cell is exactly one view pixel (the dense form).
     """
     g_h, g_w = grid_shape(parent_hw[0], parent_hw[1], stride)
+    if (g_h, g_w) == tuple(view_hw) and all(
+        abs(parent_hw[i] / view_hw[i] - stride[i]) < 1e-9 for i in (0, 1)
+    ):  # dense form, exactly one view pixel per cell: no (V, V) matrices for huge views
+        return None, None
     rows = _membership(view_hw[0], parent_hw[0], stride[0], g_h)
     cols = _membership(view_hw[1], parent_hw[1], stride[1], g_w)
     if rows.shape[0] == rows.shape[1] and cols.shape[0] == cols.shape[1]:

@@ -16,6 +16,9 @@ import math
 import torch
 
 
+MULTINOMIAL_LIMIT = 2**24  # categories torch.multinomial accepts (a dense grid of a gigapixel view has more)
+
+
 def smoothed_log_softmax(logits: torch.Tensor, smooth: float = 0.0) -> torch.Tensor:
     """``log((1 - smooth) * softmax(logits) + smooth / G)`` over the last dimension.
 
@@ -61,7 +64,12 @@ def sample_with_replacement(
         ``(B, G)`` int64 counts, each row summing to ``n``.
     """
     p = log_p.detach().float().cpu().exp()  # (B, G); sampled on the CPU with a CPU generator
-    draws = torch.multinomial(p, n, replacement=True, generator=generator)  # (B, n)
+    if p.shape[1] <= MULTINOMIAL_LIMIT:
+        draws = torch.multinomial(p, n, replacement=True, generator=generator)  # (B, n)
+    else:  # torch.multinomial takes at most 2^24 categories: invert the CDF instead
+        cdf = torch.cumsum(p.double(), dim=1)  # (B, G)
+        u = torch.rand(p.shape[0], n, generator=generator, dtype=torch.float64) * cdf[:, -1:]
+        draws = torch.searchsorted(cdf, u, right=True).clamp(max=p.shape[1] - 1)  # (B, n)
     counts = torch.zeros(p.shape, dtype=torch.long)
     counts.scatter_add_(1, draws, torch.ones_like(draws))
     return counts
