@@ -189,10 +189,13 @@ def train_run(
     val = load_examples(val_csv, classes, config.data.fill, "training", config.data.target_mpp) if val_csv else []
     check_image_sizes(train + val, config.model, "the model")
     torch.manual_seed(config.train.seed)  # the initial weights follow the run's seed
-    try:
-        model = build_model(config.model).to(dev)
-    except (TypeError, ValueError) as exc:
-        raise UserError(f"model: cannot build the model ({exc}); check model.feature_kwargs") from None
+    if resume:
+        model, state = load_checkpoint(out / "last.safetensors", device=str(dev))
+    else:
+        try:
+            model = build_model(config.model).to(dev)
+        except (TypeError, ValueError) as exc:
+            raise UserError(f"model: cannot build the model ({exc}); check model.feature_kwargs") from None
     optimizer = make_optimizer(model, config.train)
     scheduler = (
         torch.optim.lr_scheduler.StepLR(optimizer, config.train.lr_step, config.train.lr_gamma)
@@ -200,12 +203,9 @@ def train_run(
     )
     generator = torch.Generator().manual_seed(config.train.seed + rank)
     if resume:
-        model, state = load_checkpoint(out / "last.safetensors", device=str(dev))
-        optimizer = make_optimizer(model, config.train)
         resume_state = load_tensors_only(out / "last.optim.pt", dev)
         optimizer.load_state_dict(resume_state["optimizer"])
         if scheduler:
-            scheduler = torch.optim.lr_scheduler.StepLR(optimizer, config.train.lr_step, config.train.lr_gamma)
             scheduler.load_state_dict(resume_state["scheduler"])
         generator.set_state(resume_state["generator"])
         torch.set_rng_state(resume_state["torch_rng"])

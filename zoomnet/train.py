@@ -94,8 +94,7 @@ def object_hits(out: ZoomInOutput, examples: list[Example]) -> tuple[int, int, i
     for ex, leaves in zip(examples, out.levels[-1].samples):
         if ex.mask is None:
             continue
-        whole = ex.mask.read(Box(0, 0, ex.mask.height, ex.mask.width))
-        if float(whole.max()) <= 0:
+        if not ex.has_objects():
             continue
         images += 1
         hits = [float(ex.mask.read(s.box).max()) > 0 for s in leaves]

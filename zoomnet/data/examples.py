@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from zoomnet.core.geometry import Box
 from zoomnet.sources.base import ImageSource
 
 
@@ -24,6 +25,14 @@ class Example:
     label: int
     mask: ImageSource | None = None
     name: str = ""
+    _objects: bool | None = field(default=None, repr=False, compare=False)
+
+    def has_objects(self) -> bool:
+        """Whether the mask marks any object (read once, then remembered)."""
+        if self._objects is None:
+            m = self.mask
+            self._objects = m is not None and float(m.read(Box(0, 0, m.height, m.width)).max()) > 0
+        return self._objects
 
 
 def batches_by_size(

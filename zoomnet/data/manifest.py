@@ -20,7 +20,7 @@ from zoomnet.core.geometry import Box
 from zoomnet.data.examples import Example
 from zoomnet.errors import ImageError, UserError
 from zoomnet.sources.base import ImageSource
-from zoomnet.sources.open import image_size, open_image
+from zoomnet.sources.open import PLAIN, image_size, open_image
 from zoomnet.sources.rescaled import RescaledSource
 
 
@@ -104,7 +104,9 @@ class LazyImage:
     def __init__(self, path: Path, given: str, fill: float = 0.0, target_mpp: float | None = None):
         self.path, self.given, self.fill, self.target_mpp = Path(path), given, float(fill), target_mpp
         try:
-            if target_mpp:  # the size at the target resolution needs the file's own
+            # plain images: the size from the header, pixels decoded on first read; lazy
+            # formats (TIFF, slides) open cheaply, so open them once and keep them cached
+            if target_mpp or self.path.suffix.lower() not in PLAIN:
                 src = self.opened()
                 self.height, self.width = src.height, src.width
             else:
