@@ -1,6 +1,6 @@
 """Peak inference memory against image size: Zoom-In against ATS, same settings.
 
-The `needle-camelyon` settings (Zoom-In: 256 px tiles at 1/4, 32 px sub-tiles on the dense
+The `needle-camelyon` settings (Zoom-In: 128 px tiles at 1/4, 32 px sub-tiles on the dense
 grid of 1/2, N = 30; ATS at 1/2 with the same patches, N and feature net) on square images
 of 1k^2 to 16k^2 (`--sizes`), untrained weights, the image held lazily (numpy, read by
 crops). Peak memory is `zoomnet.bench.PeakTensorMemory` (live tensors, weights excluded).

@@ -18,12 +18,17 @@ Methods:
 
 from __future__ import annotations
 
+import csv
+import hashlib
+import json
 import os
 import platform
+import sys
 import statistics
 import time
 import weakref
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -36,7 +41,7 @@ from zoomnet.errors import UserError
 
 MODELS = ["zoomin", "ats", "ats-fullres", "cnn", "cnn-downsampled"]
 COLUMNS = ["model", "accuracy", "accuracy_std", "flops", "attention_flops", "peak_memory_mb", "ms_per_image",
-           "train_images_per_s"]
+           "train_images_per_s", "images_hit", "spearman"]
 
 
 class PeakTensorMemory(TorchDispatchMode):
@@ -94,33 +99,58 @@ class PeakTensorMemory(TorchDispatchMode):
 
 
 class NumpySource:
-    """A lazy in-memory source: the image stays a numpy array; a read is cropped and, for a
-    view, area-resampled in uint8 before it becomes a tensor, as a pyramid level of a tiled
-    file would give it. Only what a method reads counts."""
+    """A lazy in-memory source: the image stays a numpy array, with the pyramid levels a
+    tiled file would hold (``scales``, built once, as a file's levels exist before it is
+    read). A view at one of those scales is a crop of its level; any other read is cropped
+    and area-resampled in uint8. Only what a method reads becomes a tensor and counts."""
 
-    def __init__(self, image: np.ndarray, fill: float = 0.0):
+    def __init__(self, image: np.ndarray, fill: float = 0.0, scales: tuple[float, ...] = ()):
+        from PIL import Image
+
         self.image = image
         self.height, self.width = image.shape[:2]
         self.channels, self.fill = 3, float(fill)
+        self.levels = {}
+        for s in scales:
+            size = (round(self.width * s), round(self.height * s))
+            self.levels[s] = np.asarray(Image.fromarray(image).resize(size, Image.BOX))
+
+    def _crop(self, array: np.ndarray, top: int, left: int, h: int, w: int) -> np.ndarray:
+        height, width = array.shape[:2]
+        ya, yb, xa, xb = max(top, 0), min(top + h, height), max(left, 0), min(left + w, width)
+        if ya == top and xa == left and yb - ya == h and xb - xa == w:
+            return array[ya:yb, xa:xb]
+        crop = np.full((h, w, 3), self.fill, dtype=np.uint8)
+        if yb > ya and xb > xa:
+            crop[ya - top : yb - top, xa - left : xb - left] = array[ya:yb, xa:xb]
+        return crop
 
     def read(self, box: Box, out_size=None) -> torch.Tensor:
         from PIL import Image
 
         top, left, h, w = (int(v) for v in box)
-        crop = np.full((h, w, 3), self.fill, dtype=np.uint8)
-        ya, yb, xa, xb = max(top, 0), min(top + h, self.height), max(left, 0), min(left + w, self.width)
-        if yb > ya and xb > xa:
-            crop[ya - top : yb - top, xa - left : xb - left] = self.image[ya:yb, xa:xb]
         if out_size is not None and tuple(out_size) != (h, w):
-            crop = np.asarray(Image.fromarray(crop).resize((out_size[1], out_size[0]), Image.BOX))
-        return torch.from_numpy(crop.copy()).permute(2, 0, 1).contiguous().float()
+            oh, ow = (int(v) for v in out_size)
+            for s, level in self.levels.items():
+                scaled = (top * s, left * s, h * s, w * s)
+                if all(abs(v - round(v)) < 1e-6 for v in scaled) and (round(h * s), round(w * s)) == (oh, ow):
+                    crop = self._crop(level, *(round(v) for v in scaled))
+                    break
+            else:
+                crop = np.asarray(Image.fromarray(np.ascontiguousarray(self._crop(self.image, top, left, h, w)))
+                                  .resize((ow, oh), Image.BOX))
+        else:
+            crop = self._crop(self.image, top, left, h, w)
+        crop = crop if crop.flags.writeable and crop.flags.c_contiguous else np.array(crop)
+        return torch.from_numpy(crop).permute(2, 0, 1).contiguous().float()  # (C, h, w)
 
 
 class HeldSource:
     """ATS as published: the whole full-resolution image held as one tensor."""
 
     def __init__(self, image: np.ndarray):
-        self.tensor = torch.from_numpy(image).permute(2, 0, 1).float()  # (C, H, W), counted
+        image = image if image.flags.writeable else image.copy()
+        self.tensor = torch.from_numpy(image).permute(2, 0, 1).float()  # (C, H, W): the float copy counts
         self.channels, self.height, self.width = self.tensor.shape
         self.fill = 0.0
 
@@ -133,38 +163,47 @@ class HeldSource:
 
 @dataclass
 class Setting:
-    """A benchmark setting: image size, the Zoom-In preset, ATS's and the small CNN's scales."""
+    """A benchmark setting: image size, the Zoom-In preset, ATS's and the small CNN's scales,
+    and for trained rows the synthetic set (``make-data`` kind), its size and the epochs."""
 
     size: int
     preset: str | None
     ats_scale: float
     cnn_scale: float
     image: str
+    data: str | None = None
+    num: int = 0
+    epochs: int = 0
+    train: tuple[str, ...] = ()  # overrides of the preset's training for the bench's short runs
 
 
 SETTINGS = {
     "colon-cancer": Setting(500, "colon-cancer", 0.2, 0.2, "tiny"),
-    "needles": Setting(1024, "needle-camelyon", 0.5, 0.25, "needles"),
-    "megapixel-mnist": Setting(1500, None, 0.12, 0.12, "mnist"),
+    "needles": Setting(1024, "needle-camelyon", 0.5, 0.25, "needles", "needles", 400, 6, ("train.contrastive_from=4",)),
+    # ten classes and no negative class: the ATS paper's objective (cross-entropy, entropy term)
+    "megapixel-mnist": Setting(1500, None, 0.12, 0.12, "mnist", "megapixel-mnist", 400, 8, (
+        "train.contrastive_from=null", "model.train_samples=40", "train.attention_lr=0.01")),
 }
+TRAINED = ("zoomin", "ats", "cnn-downsampled")  # the full-resolution CNN: cost only on a CPU
 
 
-def setting_config(name: str, kind: str):
-    """The run configuration of one model of a setting (untrained, 2 classes; 10 for MNIST)."""
-    from zoomnet.config import config_from_dict, defaults, load_config
+def setting_config(name: str, kind: str, overrides: list[str] | None = None):
+    """The run configuration of one model of a setting (2 classes; 10 for MNIST), with
+    ``--set`` style overrides applied before the model kind is switched."""
+    from zoomnet.config import apply_overrides, config_from_dict, defaults, load_config
 
     s = SETTINGS[name]
     if s.preset:
         config = load_config(s.preset)
-    else:  # Megapixel MNIST: ATS's view scale and patches; Zoom-In zooms in twice to them
+    else:  # Megapixel MNIST: ATS's view scale (s2 = s) and patches; Zoom-In's level 1 at half that
         data = defaults()
         data["model"].update(levels=[
             {"scale": 0.06, "region": [300, 300], "stride": "tiled"},
-            {"scale": 0.2, "region": [50, 50], "stride": "dense"},
+            {"scale": 0.12, "region": [50, 50], "stride": "dense"},
         ], samples=10, num_classes=10)
         data["ats_scale"] = 0.12
         config = config_from_dict(data)
-    data = config.to_dict()
+    data = apply_overrides(config.to_dict(), [*s.train, *(overrides or [])])
     data["ats_scale"] = s.ats_scale
     if kind in ("ats", "ats-fullres"):
         data["model"]["kind"] = "ats"
@@ -193,49 +232,247 @@ def bench_image(name: str, seed: int = 0) -> np.ndarray:
     return np.repeat(img[..., None], 3, axis=2)
 
 
-def measure(name: str, kind: str, repeats: int = 5) -> dict:
-    """FLOPs, attention FLOPs, peak memory and time per image of one model."""
+def measure(name: str, kind: str, repeats: int = 5, model: torch.nn.Module | None = None,
+            images: list[np.ndarray] | None = None, overrides: list[str] | None = None) -> dict:
+    """FLOPs, attention FLOPs, peak memory and time per image of one model.
+
+    Untrained weights (seed 0) on the setting's bench image unless ``model`` and ``images``
+    are given; over several images FLOPs and memory are means, time the median of all runs.
+    """
     from zoomnet.model import build_model
 
-    config = setting_config(name, kind)
-    torch.manual_seed(0)
-    model = build_model(config.model).eval()
-    image = bench_image(name)
+    config = setting_config(name, kind, overrides)
+    if model is None:
+        torch.manual_seed(0)
+        model = build_model(config.model)
+    model = model.eval()
+    images = images if images is not None else [bench_image(name)]
+    held = kind in ("ats-fullres", "cnn", "cnn-downsampled")
+    flops, attention, peaks, times = [], [], [], []
+    for i, image in enumerate(images):
+        lazy = NumpySource(image, scales=tuple(level.scale for level in config.model.levels))
 
-    def run():
-        src = HeldSource(image) if kind in ("ats-fullres", "cnn", "cnn-downsampled") else NumpySource(image)
-        return model.predict([src], generator=torch.Generator().manual_seed(0))
+        def run():  # the held image is made inside: it is memory the method holds
+            src = HeldSource(image) if held else lazy
+            return model.predict([src], generator=torch.Generator().manual_seed(i))
 
-    with FlopCounterMode(display=False) as fc:
-        run()
-    counts = {k: sum(v.values()) for k, v in fc.get_flop_counts().items()}
-    total = fc.get_total_flops()
-    row = {"model": kind, "flops": total}
+        with FlopCounterMode(display=False) as fc:
+            run()
+        counts = {k: sum(v.values()) for k, v in fc.get_flop_counts().items()}
+        flops.append(fc.get_total_flops())
+        attention.append(flops[-1] - counts.get("ZoomIn.feature", 0) - counts.get("ZoomIn.classifier", 0))
+        with PeakTensorMemory() as mem:
+            run()
+        peaks.append(mem.peak)
+        for _ in range(2 if i == 0 else 1):
+            run()
+        for _ in range(repeats):
+            tick = time.perf_counter()
+            run()
+            times.append((time.perf_counter() - tick) * 1000)
+    row = {"model": kind, "flops": round(statistics.mean(flops))}
     if not kind.startswith("cnn"):
-        row["attention_flops"] = total - counts.get("ZoomIn.feature", 0) - counts.get("ZoomIn.classifier", 0)
-    with PeakTensorMemory() as mem:
-        run()
-    row["peak_memory_mb"] = round(mem.peak / 2**20, 3)
-    for _ in range(2):
-        run()
-    times = []
-    for _ in range(repeats):
-        tick = time.perf_counter()
-        run()
-        times.append((time.perf_counter() - tick) * 1000)
+        row["attention_flops"] = round(statistics.mean(attention))
+    row["peak_memory_mb"] = round(statistics.mean(peaks) / 2**20, 3)
     row["ms_per_image"] = round(statistics.median(times), 2)
     return row
 
 
-def run_bench(name: str, models: list[str] | None = None, repeats: int = 5) -> list[dict]:
+def spearman(x, y) -> float:
+    """Spearman's rank correlation, ties given their average rank (nan if either is constant).
+
+    >>> spearman([1, 2, 3, 4], [10, 20, 30, 40]), spearman([1, 2, 3], [3, 2, 1])
+    (1.0, -1.0)
+    """
+    def ranks(v):
+        v = np.asarray(v, dtype=np.float64)
+        order = np.argsort(v, kind="stable")
+        r = np.empty(len(v))
+        r[order] = np.arange(len(v))
+        _, inverse, counts = np.unique(v, return_inverse=True, return_counts=True)
+        sums = np.bincount(inverse, weights=r)
+        return sums[inverse] / counts[inverse]  # average rank of each tie group
+
+    rx, ry = ranks(x), ranks(y)
+    if len(rx) < 2 or rx.std() == 0 or ry.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def leaf_probabilities(out) -> list[float]:
+    """Per distinct sampled sub-tile (``out.leaf_paths``), its probability under the
+    attention: the product of the cells' probabilities along its path."""
+    probs = []
+    for path in out.leaf_paths:
+        logp = 0.0
+        for level, (b, parent, cell) in enumerate(path):
+            m = out.parents[level][b].index(parent)
+            logp += float(out.log_maps[level][b][m].reshape(-1)[cell])
+        probs.append(float(np.exp(logp)))
+    return probs
+
+
+def evaluate_trained(model: torch.nn.Module, examples, batch_size: int = 8, seed: int = 0) -> dict:
+    """Accuracy, and where masks are known: the share of images with objects where a sampled
+    sub-tile overlaps one (``images_hit``) and Spearman's rho between each sampled
+    sub-tile's attention probability and the fraction of it that objects cover."""
+    from zoomnet.data.examples import batches_by_size
+
+    generator = torch.Generator().manual_seed(seed)
+    correct, hit, with_objects, probs, covers = 0, 0, 0, [], []
+    for idx in batches_by_size(examples, batch_size, shuffle=False):
+        batch = [examples[i] for i in idx]
+        out = model.predict([ex.source for ex in batch], generator=generator)
+        pred = out.logits.argmax(1).cpu()
+        correct += sum(int(p) == ex.label for p, ex in zip(pred, batch))
+        if not out.leaf_paths:
+            continue
+        leaf_p = leaf_probabilities(out)
+        for path, box, p in zip(out.leaf_paths, out.leaf_boxes, leaf_p):
+            ex = batch[path[0][0]]
+            if ex.mask is None or not ex.has_objects():
+                continue
+            probs.append(p)
+            covers.append(float(ex.mask.read(box).mean()))
+        for b, ex in enumerate(batch):
+            if ex.mask is not None and ex.has_objects():
+                with_objects += 1
+                hit += any(float(ex.mask.read(s.box).max()) > 0 for s in out.levels[-1].samples[b])
+    row = {"accuracy": correct / max(len(examples), 1)}
+    if with_objects:
+        row.update(images_hit=hit / with_objects, spearman=spearman(probs, covers))
+    return row
+
+
+def train_speed(model: torch.nn.Module, config, examples, batches: int = 4) -> float:
+    """Training images per second of a copy of ``model``: one warm-up batch, then ``batches``
+    timed batches of the last epoch's objective (contrastive term on where configured)."""
+    import copy
+
+    from zoomnet.train import make_optimizer, train_epoch
+
+    model = copy.deepcopy(model).train()
+    cfg = copy.deepcopy(config.train)
+    optimizer = make_optimizer(model, cfg)
+    generator = torch.Generator().manual_seed(0)
+    n = cfg.batch_size
+    pool = examples * -(-n * (batches + 1) // max(len(examples), 1))  # repeated when the set is small
+    train_epoch(model, pool[:n], cfg, optimizer, cfg.epochs, generator, progress=False)  # warm-up
+    stats = train_epoch(model, pool[n : n * (batches + 1)], cfg, optimizer, cfg.epochs, generator, progress=False)
+    return stats["images_per_s"]
+
+
+def _train_one(name: str, kind: str, seed: int, data: Path, run: Path, overrides: list[str], epochs: int,
+               progress: bool) -> list[dict]:
+    """Train (or resume, or reuse) one model of a setting; returns its epoch rows."""
+    from zoomnet.runs import train_run
+
+    config = setting_config(name, kind, overrides)
+    config.train.seed = seed
+    config.train.epochs = epochs
+    metrics = run / "metrics.csv"
+    if metrics.is_file() and len(metrics.read_text().strip().splitlines()) - 1 >= epochs:
+        return list(csv.DictReader(metrics.open()))
+    resume = (run / "last.safetensors").is_file()
+    log = lambda msg: print(f"# {kind} seed {seed}: {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    train_run(config, data / "train.csv", data / "val.csv", run, resume=resume, device="cpu", log=log,
+              progress=progress, epochs=epochs)
+    return list(csv.DictReader(metrics.open()))
+
+
+def run_trained(name: str, models: list[str], seeds: int, work: Path, overrides: list[str], epochs: int | None,
+                num: int | None, size: int | None, repeats: int, cost_images: int, progress: bool) -> list[dict]:
+    """Train each trainable model for ``seeds`` seeds on the setting's synthetic set, test it,
+    and measure the cost columns with the trained seed-0 weights on test images."""
+    from PIL import Image
+
+    from zoomnet.data.manifest import load_examples
+    from zoomnet.data.writers import write_dataset
+    from zoomnet.runs import load_run
+
+    s = SETTINGS[name]
+    if s.data is None:
+        raise UserError(f"bench {name}: there is no data set to train on here (the real set cannot be "
+                        "downloaded); add --skip-training for FLOPs, memory and time")
+    epochs = epochs or s.epochs
+    size = size or s.size
+    data = work / f"data-{num or s.num}-{size}"
+    if not (data / "test.csv").is_file():
+        print(f"# writing the {s.data} set to {data}", file=sys.stderr)
+        write_dataset(s.data, data, num=num or s.num, size=size, seed=0)
+    tag = hashlib.sha1(json.dumps([overrides, epochs, str(data)]).encode()).hexdigest()[:8]
+    rows = []
+    for kind in models:
+        row = {"model": kind}
+        source_kind = "ats" if kind == "ats-fullres" else kind
+        if source_kind in TRAINED:
+            accs, local = [], []
+            for seed in range(seeds):
+                run = work / "runs" / tag / f"{source_kind}-seed{seed}"
+                _train_one(name, source_kind, seed, data, run, overrides, epochs, progress)
+                model, config = load_run(run, "cpu")
+                test = load_examples(data / "test.csv", config.data.classes, config.data.fill, "evaluated")
+                res = evaluate_trained(model, test, config.train.batch_size, seed=seed)
+                accs.append(res["accuracy"])
+                local.append(res)
+                if seed == 0:
+                    trained, train_config = model, config
+                    train_examples = load_examples(data / "train.csv", config.data.classes, config.data.fill, "training")
+            row["accuracy"] = round(statistics.mean(accs), 4)
+            row["accuracy_std"] = round(statistics.stdev(accs), 4) if len(accs) > 1 else ""
+            if kind != "ats-fullres":
+                row["train_images_per_s"] = round(train_speed(trained, train_config, train_examples), 2)
+            if "spearman" in local[0]:
+                row["images_hit"] = round(statistics.mean(r["images_hit"] for r in local), 4)
+                row["spearman"] = round(statistics.mean(r["spearman"] for r in local), 4)
+        else:
+            trained = None  # the full-resolution CNN: cost only
+        test_rows = list(csv.DictReader((data / "test.csv").open()))[:cost_images]
+        images = [np.asarray(Image.open(data / r["path"]).convert("RGB")) for r in test_rows]
+        row.update(measure(name, kind, repeats, model=trained, images=images, overrides=overrides))
+        rows.append(row)
+    return rows
+
+
+def print_rows(rows: list[dict], header: list[str], out: str | None = None) -> None:
+    """Comment lines, then the CSV; the same text to ``out`` if given."""
+    lines = [f"# {h}" for h in header] + [",".join(COLUMNS)]
+    lines += [",".join("" if row.get(c) is None else str(row.get(c, "")) for c in COLUMNS) for row in rows]
+    text = "\n".join(lines) + "\n"
+    sys.stdout.write(text)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text)
+
+
+def run_bench(name: str, models: list[str] | None = None, repeats: int = 5, skip_training: bool = True,
+              seeds: int = 3, work: str | Path = "bench-runs", overrides: list[str] | None = None,
+              epochs: int | None = None, num: int | None = None, size: int | None = None,
+              cost_images: int = 8, out: str | None = None, progress: bool = True) -> list[dict]:
     """Measure every model of a setting; print CSV (comment lines first) and return the rows."""
     if name not in SETTINGS:
         raise UserError(f"bench {name}: unknown setting; choose one of: {', '.join(SETTINGS)}")
-    rows = [measure(name, kind, repeats) for kind in (models or MODELS)]
-    print(f"# setting: {name}, {SETTINGS[name].size}x{SETTINGS[name].size}; untrained weights, seed 0")
-    print(f"# machine: {platform.platform()}, {os.cpu_count()} CPUs; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
-    print(",".join(COLUMNS))
-    for row in rows:
-        print(",".join(str(row.get(c, "")) for c in COLUMNS))
+    models = models or MODELS
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        raise UserError(f"bench --models {unknown[0]}: unknown model; choose from {', '.join(MODELS)}")
+    overrides = list(overrides or [])
+    torch.manual_seed(0)
+    if skip_training:
+        rows = [measure(name, kind, repeats, overrides=overrides) for kind in models]
+        what = "untrained weights, seed 0, one image"
+    else:
+        rows = run_trained(name, models, seeds, Path(work) / name, overrides, epochs, num, size, repeats,
+                           cost_images, progress)
+        s = SETTINGS[name]
+        what = (f"trained: {num or s.num} synthetic images ({s.data}, 60/20/20 split), {epochs or s.epochs} epochs, "
+                f"{seeds} seed(s), best validation epoch; accuracy = test mean over seeds; cost columns: "
+                f"seed-0 weights, mean over {cost_images} test images; cnn (full resolution) untrained; "
+                "ats-fullres = the ats models holding the image; "
+                "train_images_per_s: seed-0 weights, 4 timed batches after one warm-up, one process")
+    size = size or SETTINGS[name].size
+    header = [f"setting: {name}, {size}x{size}; {what}" + (f"; --set {' '.join(overrides)}" if overrides else ""),
+              f"machine: {platform.platform()}, {os.cpu_count()} CPUs; torch {torch.__version__}, "
+              f"{torch.get_num_threads()} threads"]
+    print_rows(rows, header, out)
     return rows

@@ -102,12 +102,11 @@ def _make_data(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from zoomnet.bench import run_bench
 
-    if not args.skip_training:
-        raise UserError(
-            f"bench {args.setting}: the accuracy columns need trained models, which this command does not "
-            "train yet; run with --skip-training for FLOPs, memory and time"
-        )
-    run_bench(args.setting, repeats=args.repeats)
+    if args.seeds < 1:
+        raise UserError(f"bench --seeds {args.seeds}: give at least 1")
+    run_bench(args.setting, models=args.models, repeats=args.repeats, skip_training=args.skip_training,
+              seeds=args.seeds, work=args.work, overrides=args.set, epochs=args.epochs, num=args.num,
+              size=args.size, cost_images=args.cost_images, out=args.csv, progress=not args.quiet)
     return 0
 
 
@@ -164,8 +163,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     bn = sub.add_parser("bench", help="FLOPs, peak memory and time per image of Zoom-In, ATS and CNNs (CSV)")
     bn.add_argument("setting", help="colon-cancer, needles or megapixel-mnist")
-    bn.add_argument("--skip-training", action="store_true", help="untrained weights: cost columns only")
-    bn.add_argument("--repeats", type=int, default=5, help="timed runs after two warm-up runs (median)")
+    bn.add_argument("--skip-training", action="store_true",
+                    help="untrained weights, one image: cost columns only, in seconds")
+    bn.add_argument("--seeds", type=int, default=3, help="training seeds per model (default 3)")
+    bn.add_argument("--models", nargs="*", help="a subset of: zoomin ats ats-fullres cnn cnn-downsampled")
+    bn.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="config overrides for every model (ablations), e.g. model.samples=10")
+    bn.add_argument("--epochs", type=int, help="training epochs (default per setting)")
+    bn.add_argument("--num", type=int, help="images in the synthetic set (default per setting)")
+    bn.add_argument("--size", type=int, help="image side (default per setting; smaller for smoke runs)")
+    bn.add_argument("--work", default="bench-runs", help="folder for the data and runs (reused when present)")
+    bn.add_argument("--cost-images", type=int, default=8, help="test images the trained cost columns average")
+    bn.add_argument("--csv", help="also write the output to this file")
+    bn.add_argument("--repeats", type=int, default=5, help="timed runs per image after warm-up (median)")
+    bn.add_argument("--quiet", action="store_true", help="no progress bars")
     bn.set_defaults(func=_bench)
 
     md = sub.add_parser("make-data", help="write a synthetic data set: images, masks, train/val/test CSVs")

@@ -563,19 +563,23 @@ class ZoomIn(nn.Module):
 class CNNBaseline(nn.Module):
     """A plain CNN on the whole image (optionally downsampled), global max pooling, linear.
 
-    The reference the paper compares with: it reads every pixel of the (scaled) image.
+    The reference the paper compares with (its "ResNet with 8 convolutional layers and 32
+    channels"): a stride-2 stem and three pre-activation blocks of 32 channels (seven 3x3
+    and two 1x1 convolutions). It reads every pixel of the (scaled) image.
     """
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, width: int = 32):
         super().__init__()
+        from zoomnet.nets.features import PreActBlock
+
         self.config = config
         c = len(config.pixel_mean)
         self.body = nn.Sequential(
-            nn.Conv2d(c, 16, 5, stride=2, padding=2), nn.ReLU(inplace=True),
-            nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(inplace=True),
-            nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(c, width, 3, stride=2, padding=1, bias=False),
+            PreActBlock(width, width, 1), PreActBlock(width, width, 2), PreActBlock(width, width, 2),
+            nn.GroupNorm(8, width), nn.ReLU(inplace=True),
         )
-        self.head = nn.Linear(64, config.num_classes)
+        self.head = nn.Linear(width, config.num_classes)
         self.register_buffer("mean", torch.tensor(config.pixel_mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(config.pixel_std).view(1, -1, 1, 1), persistent=False)
 
@@ -588,7 +592,7 @@ class CNNBaseline(nn.Module):
         if views is None:
             views = self.read_views(sources)
         x = (views.to(self.mean.device) - self.mean) / self.std  # (B, C, h, w)
-        feats = self.body(x).amax(dim=(2, 3))  # (B, 64): global max pooling
+        feats = self.body(x).amax(dim=(2, 3))  # (B, width): global max pooling
         return ZoomInOutput(self.head(feats), feats, [], [], [])
 
     predict = ZoomIn.predict

@@ -113,9 +113,9 @@ def sample_without_replacement(
     """
     u = torch.rand(log_p.shape, generator=generator, dtype=torch.float64)
     tiny = torch.finfo(torch.float64).tiny
-    u = u.clamp(tiny, 1.0 - 1e-16)  # no log(0) at either end
-    gumbel = -torch.log(-torch.log(u))  # (M, G)
-    keys = log_p.detach().double().cpu() + gumbel
+    u.clamp_(tiny, 1.0 - 1e-16)  # no log(0) at either end
+    keys = u.log_().neg_().log_().neg_()  # (M, G) Gumbel noise, in place: one buffer
+    keys += log_p.detach().cpu()
     return torch.topk(keys, k, dim=1).indices
 
 

@@ -32,8 +32,9 @@ class LeNet(nn.Module):
         self.normalize = normalize
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)  # (M, width, h/2, w/2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)  # (M, D, h/4, w/4)
+        # in-place ReLU: a convolution's backward needs its input, not its output
+        x = F.max_pool2d(F.relu(self.conv1(x), inplace=True), 2)  # (M, width, h/2, w/2)
+        x = F.max_pool2d(F.relu(self.conv2(x), inplace=True), 2)  # (M, D, h/4, w/4)
         x = x.mean(dim=(2, 3)) if self.pool == "mean" else x.amax(dim=(2, 3))  # (M, D)
         return F.normalize(x, dim=1) if self.normalize else x
 
