@@ -1,8 +1,13 @@
-"""``zoomnet bench SETTING --skip-training``: the paper's Table 1 cost columns, measured in one
-harness: FLOPs, attention FLOPs, peak inference memory and time per image, for Zoom-In,
-ATS (lazy source), ATS as published (holding the full-resolution image), a CNN on the
-full-resolution image and a CNN on a downsampled one. Untrained weights with a fixed seed:
-cost does not depend on the weights.
+"""``zoomnet bench SETTING [--skip-training] [--seeds 3]``: the paper's Table 1 columns,
+measured in one harness, for Zoom-In, ATS (lazy source), ATS as published (holding the
+full-resolution image), a CNN on the full-resolution image and a CNN on a downsampled one.
+
+With ``--skip-training``: cost columns with untrained weights (seed 0) on one image; cost
+does not depend on the weights, except Zoom-In's through how many tiles its attention
+visits. Otherwise the setting's synthetic set is written, ``zoomin``, ``ats`` and
+``cnn-downsampled`` are trained for each seed (runs reused when finished), tested
+(accuracy, localization), and the cost columns are measured with the seed-0 weights on test
+images. Results and commands: ``docs/benchmarks.md``.
 
 Methods:
 - FLOPs: ``torch.utils.flop_counter.FlopCounterMode`` over one inference;
@@ -13,7 +18,9 @@ Methods:
   ATS read through a lazy source, whose crops count once they are tensors. On CUDA
   ``torch.cuda.max_memory_allocated`` would be the equivalent.
 - Time: two warm-up runs, then the median of repeated runs; the torch thread count is
-  printed.
+  printed. Training speed: one warm-up batch, then four timed batches, same process.
+- Localization: share of images with objects where a sampled sub-tile overlaps one, and
+  Spearman's rho between sampled sub-tiles' attention probability and object coverage.
 """
 
 from __future__ import annotations
