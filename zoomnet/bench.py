@@ -257,7 +257,7 @@ def measure(name: str, kind: str, repeats: int = 5, model: torch.nn.Module | Non
     held = kind in ("ats-fullres", "cnn", "cnn-downsampled")
     flops, attention, peaks, times = [], [], [], []
     for i, image in enumerate(images):
-        lazy = NumpySource(image, scales=tuple(level.scale for level in config.model.levels))
+        lazy = None if held else NumpySource(image, scales=tuple(level.scale for level in config.model.levels))
 
         def run():  # the held image is made inside: it is memory the method holds
             src = HeldSource(image) if held else lazy
@@ -324,6 +324,7 @@ def evaluate_trained(model: torch.nn.Module, examples, batch_size: int = 8, seed
     sub-tile overlaps one (``images_hit``) and Spearman's rho between each sampled
     sub-tile's attention probability and the fraction of it that objects cover."""
     from zoomnet.data.examples import batches_by_size
+    from zoomnet.train import object_hits
 
     generator = torch.Generator().manual_seed(seed)
     correct, hit, with_objects, probs, covers = 0, 0, 0, [], []
@@ -341,10 +342,8 @@ def evaluate_trained(model: torch.nn.Module, examples, batch_size: int = 8, seed
                 continue
             probs.append(p)
             covers.append(float(ex.mask.read(box).mean()))
-        for b, ex in enumerate(batch):
-            if ex.mask is not None and ex.has_objects():
-                with_objects += 1
-                hit += any(float(ex.mask.read(s.box).max()) > 0 for s in out.levels[-1].samples[b])
+        *_, images_hit, images = object_hits(out, batch)
+        hit, with_objects = hit + images_hit, with_objects + images
     row = {"accuracy": correct / max(len(examples), 1)}
     if with_objects:
         row.update(images_hit=hit / with_objects, spearman=spearman(probs, covers))
@@ -370,8 +369,8 @@ def train_speed(model: torch.nn.Module, config, examples, batches: int = 4) -> f
 
 
 def _train_one(name: str, kind: str, seed: int, data: Path, run: Path, overrides: list[str], epochs: int,
-               progress: bool) -> list[dict]:
-    """Train (or resume, or reuse) one model of a setting; returns its epoch rows."""
+               progress: bool) -> None:
+    """Train (or resume, or reuse when finished) one model of a setting into ``run``."""
     from zoomnet.runs import train_run
 
     config = setting_config(name, kind, overrides)
@@ -379,12 +378,11 @@ def _train_one(name: str, kind: str, seed: int, data: Path, run: Path, overrides
     config.train.epochs = epochs
     metrics = run / "metrics.csv"
     if metrics.is_file() and len(metrics.read_text().strip().splitlines()) - 1 >= epochs:
-        return list(csv.DictReader(metrics.open()))
+        return
     resume = (run / "last.safetensors").is_file()
     log = lambda msg: print(f"# {kind} seed {seed}: {msg}", file=sys.stderr, flush=True)  # noqa: E731
     train_run(config, data / "train.csv", data / "val.csv", run, resume=resume, device="cpu", log=log,
               progress=progress, epochs=epochs)
-    return list(csv.DictReader(metrics.open()))
 
 
 def run_trained(name: str, models: list[str], seeds: int, work: Path, overrides: list[str], epochs: int | None,
@@ -408,34 +406,37 @@ def run_trained(name: str, models: list[str], seeds: int, work: Path, overrides:
         print(f"# writing the {s.data} set to {data}", file=sys.stderr)
         write_dataset(s.data, data, num=num or s.num, size=size, seed=0)
     tag = hashlib.sha1(json.dumps([overrides, epochs, str(data)]).encode()).hexdigest()[:8]
+    test_rows = list(csv.DictReader((data / "test.csv").open()))[:cost_images]
+    images = [np.asarray(Image.open(data / r["path"]).convert("RGB")) for r in test_rows]
+    tested: dict[str, tuple] = {}  # ats-fullres is the ats models holding the image: tested once
     rows = []
     for kind in models:
         row = {"model": kind}
         source_kind = "ats" if kind == "ats-fullres" else kind
         if source_kind in TRAINED:
-            accs, local = [], []
-            for seed in range(seeds):
-                run = work / "runs" / tag / f"{source_kind}-seed{seed}"
-                _train_one(name, source_kind, seed, data, run, overrides, epochs, progress)
-                model, config = load_run(run, "cpu")
-                test = load_examples(data / "test.csv", config.data.classes, config.data.fill, "evaluated")
-                res = evaluate_trained(model, test, config.train.batch_size, seed=seed)
-                accs.append(res["accuracy"])
-                local.append(res)
-                if seed == 0:
-                    trained, train_config = model, config
-                    train_examples = load_examples(data / "train.csv", config.data.classes, config.data.fill, "training")
+            if source_kind not in tested:
+                local = []
+                for seed in range(seeds):
+                    run = work / "runs" / tag / f"{source_kind}-seed{seed}"
+                    _train_one(name, source_kind, seed, data, run, overrides, epochs, progress)
+                    model, config = load_run(run, "cpu")
+                    test = load_examples(data / "test.csv", config.data.classes, config.data.fill, "evaluated")
+                    local.append(evaluate_trained(model, test, config.train.batch_size, seed=seed))
+                    if seed == 0:
+                        first = (model, config)
+                tested[source_kind] = (local, *first)
+            local, trained, train_config = tested[source_kind]
+            accs = [r["accuracy"] for r in local]
             row["accuracy"] = round(statistics.mean(accs), 4)
             row["accuracy_std"] = round(statistics.stdev(accs), 4) if len(accs) > 1 else ""
             if kind != "ats-fullres":
-                row["train_images_per_s"] = round(train_speed(trained, train_config, train_examples), 2)
+                train = load_examples(data / "train.csv", train_config.data.classes, train_config.data.fill, "training")
+                row["train_images_per_s"] = round(train_speed(trained, train_config, train), 2)
             if "spearman" in local[0]:
                 row["images_hit"] = round(statistics.mean(r["images_hit"] for r in local), 4)
                 row["spearman"] = round(statistics.mean(r["spearman"] for r in local), 4)
         else:
             trained = None  # the full-resolution CNN: cost only
-        test_rows = list(csv.DictReader((data / "test.csv").open()))[:cost_images]
-        images = [np.asarray(Image.open(data / r["path"]).convert("RGB")) for r in test_rows]
         row.update(measure(name, kind, repeats, model=trained, images=images, overrides=overrides))
         rows.append(row)
     return rows

@@ -29,6 +29,7 @@ from zoomnet.core import expectation, sampling
 from zoomnet.core.geometry import Box, cell_boxes, grid_shape, pool_to_grid, pooling_matrix
 from zoomnet.core.tissue import tissue_map
 from zoomnet.nets import available, build
+from zoomnet.nets.features import PreActBlock
 from zoomnet.sources.base import ImageSource
 
 
@@ -570,8 +571,6 @@ class CNNBaseline(nn.Module):
 
     def __init__(self, config: ModelConfig, width: int = 32):
         super().__init__()
-        from zoomnet.nets.features import PreActBlock
-
         self.config = config
         c = len(config.pixel_mean)
         self.body = nn.Sequential(
