@@ -61,3 +61,41 @@ def test_distillation_targets_every_cell_on_the_path():
     assert level1.grad[0] < 0  # the tile holds a high-scoring sub-tile: its logit rises
     assert level2.grad[2] < 0 and level2.grad[1] > 0
     assert level1.grad[1:].abs().sum() == 0 and level2.grad[0] == 0
+
+
+def test_multiclass_instance_loss_needs_no_reference_class():
+    # two images of classes 2 and 0, three sub-tiles each, four classes
+    leaf_logits = torch.zeros(6, 4, requires_grad=True)
+    image = torch.tensor([0, 0, 0, 1, 1, 1])
+    labels = torch.tensor([2, 0])
+    value = losses.instance_loss(leaf_logits, image, labels, reference=None)
+    assert value.item() == pytest.approx(math.log(4), abs=1e-6)  # uniform bags over 4 classes
+    value.backward()
+    # every sub-tile of a bag shares the push towards the bag's class, away from the others
+    assert (leaf_logits.grad[:3, 2] < 0).all() and (leaf_logits.grad[:3, [0, 1, 3]] > 0).all()
+    assert (leaf_logits.grad[3:, 0] < 0).all() and (leaf_logits.grad[3:, 1:] > 0).all()
+
+
+def test_multiclass_instance_loss_pools_towards_the_best_subtile():
+    # once one sub-tile stands out for the bag's class, it takes most of the gradient
+    leaf_logits = torch.tensor([[0.0, 4.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]], requires_grad=True)
+    losses.instance_loss(leaf_logits, torch.zeros(3, dtype=torch.long), torch.tensor([1]), None).backward()
+    assert leaf_logits.grad[0, 1] < 5 * leaf_logits.grad[1, 1] < 0
+    # a bag whose best sub-tile shows its class costs less than one whose best shows another
+    right = losses.instance_loss(leaf_logits.detach(), torch.zeros(3, dtype=torch.long), torch.tensor([1]), None)
+    wrong = losses.instance_loss(leaf_logits.detach(), torch.zeros(3, dtype=torch.long), torch.tensor([2]), None)
+    assert right < wrong
+
+
+def test_leaf_scores_with_and_without_a_reference_class():
+    logits = torch.log(torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]]))
+    image, labels = torch.tensor([0, 1]), torch.tensor([1, 2])
+    assert torch.allclose(losses.leaf_scores(logits, image, labels, 0), torch.tensor([0.3, 0.9]))
+    assert torch.allclose(losses.leaf_scores(logits, image, labels, None), torch.tensor([0.2, 0.8]))
+
+
+def test_multiclass_contrastive_loss_takes_every_image():
+    logits = torch.tensor([[0.0, 2.0, 0.0], [3.0, 0.0, 0.0]], requires_grad=True)
+    value = losses.contrastive_loss(logits, torch.tensor([1, 0]), reference=None)
+    value.backward()
+    assert logits.grad[0, 1] > 0 and logits.grad[1, 0] > 0  # both true classes pushed down

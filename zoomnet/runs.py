@@ -27,11 +27,14 @@ import torch
 
 from zoomnet.checkpoint import atomic_write_bytes, load_checkpoint, load_tensors_only, save_checkpoint
 from zoomnet.config import RunConfig, config_from_dict
-from zoomnet.data.manifest import class_list, default_reference, load_examples, read_manifest
+from zoomnet.data.manifest import class_list, load_examples, read_manifest, resolve_reference
 from zoomnet.data.examples import Example
 from zoomnet.errors import ImageError, UserError
 from zoomnet.model import build_model
-from zoomnet.train import NonFiniteLoss, evaluate, make_optimizer, train_epoch
+from zoomnet.train import (
+    NonFiniteLoss, attention_started, contrastive_active, evaluate, flat_learning_warning, make_optimizer,
+    train_epoch,
+)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -169,21 +172,13 @@ def train_run(
     if len(classes) < 2:
         raise UserError(f"{train_csv}: only one class ({classes[0]}); a classifier needs at least two labels")
     config.model.num_classes = len(classes)
-    ref = config.data.reference_class or default_reference(classes)
-    needs_reference = (
-        config.train.contrastive_from is not None or config.train.instance_weight or config.train.distill_weight
-    )
-    if ref is None:
-        if needs_reference and config.model.kind != "cnn":
-            raise UserError(
-                f"data.reference_class: none of the classes ({', '.join(classes)}) is named negative, normal "
-                "or 0; name the negative class with --set data.reference_class=NAME"
-            )
-        ref = classes[0]
-    if ref not in classes:
-        raise UserError(f"data.reference_class={ref!r} is not a class ({', '.join(classes)}); fix the name")
-    config.data.reference_class = ref
-    config.train.reference_class = classes.index(ref)
+    ref = resolve_reference(classes, config.data.reference_class)
+    config.data.reference_class = ref if ref is not None else "none"
+    config.train.reference_class = classes.index(ref) if ref is not None else None
+    if ref is None and config.model.kind != "cnn" and not resume:
+        log(f"no reference (negative) class among {', '.join(classes[:12])}{' ...' if len(classes) > 12 else ''}: "
+            "instance, distillation and contrastive terms in their multi-class form "
+            "(--set data.reference_class=NAME names one)")
 
     train = load_examples(train_csv, classes, config.data.fill, "training", config.data.target_mpp)
     val = load_examples(val_csv, classes, config.data.fill, "training", config.data.target_mpp) if val_csv else []
@@ -217,6 +212,7 @@ def train_run(
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(out / "config.json", json.dumps(config.to_dict(), indent=2).encode())
 
+    majority = max(torch.bincount(torch.tensor([e.label for e in train])).tolist()) / max(len(train), 1)
     class_weight = None
     if config.data.class_weights:
         counts = torch.bincount(torch.tensor([e.label for e in train]), minlength=len(classes)).float()
@@ -235,6 +231,7 @@ def train_run(
                 wrapped, train, config.train, optimizer, epoch, generator, progress and rank == 0,
                 class_weight=class_weight, augment=config.data.augment_strength if config.data.augment else 0.0,
                 rank=rank, world=world, autocast=dev.type == "cuda",
+                contrastive=contrastive_active(config.train, epoch, history, len(classes)),
             )}
         except NonFiniteLoss as exc:
             kept = f"the last good checkpoint is {out / 'last.safetensors'}" if (out / "last.safetensors").exists() else "no checkpoint was written yet"
@@ -264,8 +261,20 @@ def train_run(
             val_txt = f"  val acc {row['val_accuracy']:.3f}" if "val_accuracy" in row else ""
             if "train_images_hit" in row and any(e.mask is not None for e in train[:1]):
                 val_txt += f"  sub-tiles on objects {row['train_hit_rate']:.1%}"
+            entropy = [f"{v:.2f}" for k, v in row.items() if k.startswith("attention_entropy_")]
+            if entropy:
+                val_txt += f"  attention entropy {'/'.join(entropy)}"
+            if "subtile_signal" in row:
+                val_txt += f"  sub-tile signal {row['subtile_signal']:.2f}"
             log(f"epoch {epoch}/{config.train.epochs}  {terms}  train acc {row['train_accuracy']:.3f}{val_txt}"
                 f"  {row['images_per_s']:.1f} img/s")
+            if config.train.contrastive_from == "auto" and attention_started(row, len(classes)) and not any(
+                attention_started(r, len(classes)) for r in history[:-1]
+            ):
+                log(f"epoch {epoch}: the attention has started (entropy and sub-tile signal); "
+                    "the contrastive term joins from the next epoch")
+            if epoch in (2, 5) and (warning := flat_learning_warning(row, len(classes), majority)):
+                log(f"warning: {warning}")
     if world > 1:
         import torch.distributed as dist
 

@@ -40,13 +40,17 @@ class TrainConfig:
         lr_gamma: decay factor.
         entropy_weight: lambda of the entropy regularizer (paper: 1e-5).
         contrastive_from: first epoch (1-based) with the contrastive term (None: never;
-            paper: 10).
+            paper: 10), or ``"auto"``: from the epoch after the first one in which the
+            attention has left uniform and the sampled sub-tiles carry the label
+            (:func:`attention_started`). Earlier, the complementary sample of an image looks
+            like its ordinary one, and "not this class" fights the cross-entropy.
         contrastive_weight: weight of the contrastive term.
         instance_weight: weight of the instance (MIL) loss on sampled sub-tiles (0: off).
         mask_weight: weight of attention supervision by masks (0: off; masks needed).
         distill_weight: weight of attention distillation from the sub-tiles' own object
             scores (0: off; see ``losses.attention_distillation_loss``).
-        reference_class: the negative class of the contrastive and instance terms.
+        reference_class: index of the negative class of the contrastive, instance and
+            distillation terms (None: no class is "empty"; their multi-class forms).
         seed: seed of shuffling and sampling.
     """
 
@@ -59,13 +63,69 @@ class TrainConfig:
     lr_step: int | None = None
     lr_gamma: float = 0.5
     entropy_weight: float = 1e-5
-    contrastive_from: int | None = 10
+    contrastive_from: int | str | None = 10
     contrastive_weight: float = 1.0
     instance_weight: float = 0.0
     mask_weight: float = 0.0
     distill_weight: float = 0.0
-    reference_class: int = 0
+    reference_class: int | None = 0
     seed: int = 0
+
+
+    def __post_init__(self) -> None:
+        c = self.contrastive_from
+        if not (c is None or c == "auto" or (isinstance(c, int) and not isinstance(c, bool) and c >= 1)):
+            raise ValueError(f"train.contrastive_from={c!r}: give an epoch (>= 1), \"auto\" or null")
+
+
+def attention_started(row: dict, num_classes: int) -> bool:
+    """Whether an epoch's statistics show the attention at work: some level's maps have left
+    uniform (mean entropy at most 0.9 of a uniform map's) and the sampled sub-tiles carry the
+    label (``subtile_signal`` at least halfway from chance to certainty).
+
+    >>> attention_started({"attention_entropy_1": 0.7, "subtile_signal": 0.9}, 2)
+    True
+    >>> attention_started({"attention_entropy_1": 0.99, "subtile_signal": 0.9}, 2)
+    False
+    """
+    levels = [v for k, v in row.items() if k.startswith("attention_entropy_") and math.isfinite(v)]
+    signal = row.get("subtile_signal")
+    if not levels or signal is None:
+        return False
+    return min(levels) <= 0.9 and signal >= (1 + 1 / num_classes) / 2
+
+
+def contrastive_active(cfg: TrainConfig, epoch: int, history: list[dict], num_classes: int) -> bool:
+    """Whether epoch ``epoch`` trains with the contrastive term (``history``: earlier epochs)."""
+    if cfg.contrastive_from is None:
+        return False
+    if cfg.contrastive_from == "auto":
+        return any(attention_started(row, num_classes) for row in history)
+    return epoch >= cfg.contrastive_from
+
+
+def flat_learning_warning(row: dict, num_classes: int, majority: float) -> str | None:
+    """A warning, with the measured numbers and what to try, when an epoch shows training
+    at chance: accuracy near the majority class's share, and the attention still uniform
+    or the sampled sub-tiles telling nothing of the label (None otherwise)."""
+    if "subtile_signal" not in row or attention_started(row, num_classes):
+        return None
+    chance = 1 / num_classes
+    entropy = [v for k, v in sorted(row.items()) if k.startswith("attention_entropy_")]
+    flat = row["train_accuracy"] <= majority + 0.05
+    uniform = all(v >= 0.95 for v in entropy)
+    blind = row["subtile_signal"] < chance + 0.15 * (1 - chance)
+    if not (flat and (uniform or blind)):
+        return None
+    return (
+        f"after epoch {row['epoch']} training accuracy is {row['train_accuracy']:.3f} (majority class "
+        f"{majority:.3f}), attention entropy {'/'.join(f'{v:.2f}' for v in entropy)} of uniform per level, "
+        f"best sampled sub-tile p(label) {row['subtile_signal']:.2f} (chance {chance:.2f}): the model has not "
+        "found what decides the label yet. Try more training draws (--set model.train_samples=...), "
+        "sub-tiles that hold a whole object (model.levels.-1.region), the instance and distillation terms "
+        "(train.instance_weight=4 train.distill_weight=1), or a mask column in the manifest to see hit rates; "
+        "docs/design.md, 'When accuracy is flat'"
+    )
 
 
 class NonFiniteLoss(RuntimeError):
@@ -121,6 +181,36 @@ def mask_coverage(model: ZoomIn, out: ZoomInOutput, examples: list[Example]) -> 
     return maps, covers
 
 
+def attention_entropy(out: ZoomInOutput) -> list[float]:
+    """Per level, the mean entropy of its attention maps over that of a uniform map (1 =
+    uniform, 0 = all mass on one cell); maps of one cell are left out.
+
+    >>> import math
+    >>> uniform = torch.full((1, 4), math.log(0.25))
+    >>> attention_entropy(ZoomInOutput(None, None, [], [[uniform]], []))
+    [1.0]
+    """
+    values = []
+    for level in out.log_maps:
+        ratios = [
+            (-(lp.exp() * lp).sum(-1) / math.log(lp.shape[-1])).detach().float()
+            for lp in level if lp.numel() and lp.shape[-1] > 1
+        ]
+        values.append(float(torch.cat(ratios).mean()) if ratios else float("nan"))
+    return values
+
+
+def subtile_signal(leaf_logits: torch.Tensor, leaf_image: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean over images of the best ``p(image label)`` among its sampled sub-tiles: ``1 /
+    classes`` while ``f`` sees nothing in them, near 1 once each image has a telling one."""
+    probs = torch.softmax(leaf_logits.detach().float(), dim=1)
+    p_label = probs.gather(1, labels[leaf_image][:, None]).squeeze(1)  # (L,)
+    best = torch.full((len(labels),), float("nan")).scatter_reduce(
+        0, leaf_image.cpu(), p_label.cpu(), reduce="amax", include_self=False
+    )
+    return float(best[~best.isnan()].mean()) if (~best.isnan()).any() else float("nan")
+
+
 def training_loss(
     model: torch.nn.Module, out: ZoomInOutput, batch: list[Example], labels: torch.Tensor,
     cfg: TrainConfig, contrastive: bool, class_weight: torch.Tensor | None = None,
@@ -141,7 +231,7 @@ def training_loss(
                     leaf_logits, out.leaf_image, labels, cfg.reference_class
                 )
             if cfg.distill_weight:
-                scores = 1.0 - torch.softmax(leaf_logits.detach(), dim=1)[:, cfg.reference_class]
+                scores = losses.leaf_scores(leaf_logits, out.leaf_image, labels, cfg.reference_class)
                 terms["distill"] = cfg.distill_weight * losses.attention_distillation_loss(
                     out.cell_logits, out.leaf_paths, scores
                 )
@@ -156,7 +246,7 @@ def train_epoch(
     model: torch.nn.Module, examples: list[Example], cfg: TrainConfig, optimizer: torch.optim.Optimizer,
     epoch: int, generator: torch.Generator, progress: bool = True,
     class_weight: torch.Tensor | None = None, augment: float = 0.0, rank: int = 0, world: int = 1,
-    autocast: bool = False,
+    autocast: bool = False, contrastive: bool | None = None,
 ) -> dict[str, float]:
     """One pass over ``examples``; returns mean loss terms, accuracy and hit rates.
 
@@ -167,14 +257,19 @@ def train_epoch(
         rank: this process's rank; each takes every ``world``-th batch.
         world: number of processes (torch.distributed).
         autocast: bfloat16 autocast of the nets on CUDA (estimator and losses in float32).
+        contrastive: with the contrastive term (None: by ``cfg.contrastive_from`` as an
+            epoch; see :func:`contrastive_active`).
     """
     core = getattr(model, "module", model)
     device = next(core.parameters()).device
     model.train()
-    contrastive = cfg.contrastive_from is not None and epoch >= cfg.contrastive_from
+    if contrastive is None:
+        contrastive = cfg.contrastive_from not in (None, "auto") and epoch >= cfg.contrastive_from
     sums: dict[str, float] = {}
     correct = seen = 0
     hits = [0, 0, 0, 0]
+    entropy: list[list[float]] = []  # per batch, per level
+    signal: list[float] = []
     start = time.perf_counter()
     batches = batches_by_size(examples, cfg.batch_size, shuffle=True, generator=generator)
     if world > 1:  # every rank the same number of steps, so gradient all-reduces pair up
@@ -202,6 +297,11 @@ def train_epoch(
         correct += int((out.logits.argmax(1) == labels).sum())  # this rank's share
         seen += len(batch)
         hits = [a + b for a, b in zip(hits, object_hits(out, batch))]
+        if isinstance(core, ZoomIn):
+            entropy.append(attention_entropy(out))
+            if out.leaf_features is not None:
+                with torch.no_grad():
+                    signal.append(subtile_signal(core.classifier(out.leaf_features), out.leaf_image, labels))
         bar.set_postfix(loss=f"{float(loss.detach()):.3f}", acc=f"{correct / seen:.2f}")
     seconds = time.perf_counter() - start
     stats = {f"loss_{k}": v / max(seen, 1) for k, v in sums.items()}
@@ -212,6 +312,10 @@ def train_epoch(
         seconds=seconds,
         images_per_s=seen / max(seconds, 1e-9),
     )
+    for level, values in enumerate(zip(*entropy), start=1):
+        stats[f"attention_entropy_{level}"] = sum(values) / len(values)
+    if signal:
+        stats["subtile_signal"] = sum(signal) / len(signal)
     return stats
 
 
@@ -263,8 +367,10 @@ def fit(
         torch.optim.lr_scheduler.StepLR(optimizer, cfg.lr_step, cfg.lr_gamma) if cfg.lr_step else None
     )
     history = []
+    num_classes = getattr(model, "module", model).config.num_classes
     for epoch in range(1, cfg.epochs + 1):
-        row = {"epoch": epoch, **train_epoch(model, train, cfg, optimizer, epoch, generator, progress)}
+        on = contrastive_active(cfg, epoch, history, num_classes)
+        row = {"epoch": epoch, **train_epoch(model, train, cfg, optimizer, epoch, generator, progress, contrastive=on)}
         if val:
             sampled = evaluate(model, val, cfg.batch_size, deterministic=False, seed=cfg.seed)
             det = evaluate(model, val, cfg.batch_size, deterministic=True)

@@ -7,7 +7,11 @@
 - an instance loss on the sampled sub-tiles (multiple-instance learning: every sub-tile of a
   reference-class image is of the reference class; the log-sum-exp pool of the sub-tiles of
   any other image is of its class), which trains ``f`` from the first hits instead of
-  through a mean that dilutes one object among many background sub-tiles;
+  through a mean that dilutes one object among many background sub-tiles. Without a
+  reference class (multi-class sets such as Megapixel MNIST, where no class is "empty") an
+  image of class c holds evidence for c somewhere (the log-sum-exp pool of its sub-tiles'
+  c-logits is positive) and, one class against the rest, none of its sub-tiles is evidence
+  for another class: the other classes play the part of the negative of a binary task;
 - supervision of attention maps by object masks, when masks exist.
 """
 
@@ -39,15 +43,16 @@ def entropy_regularizer(log_maps: list[list[torch.Tensor]]) -> torch.Tensor:
     return torch.stack(per_image).mean()
 
 
-def contrastive_loss(logits: torch.Tensor, labels: torch.Tensor, reference: int) -> torch.Tensor:
+def contrastive_loss(logits: torch.Tensor, labels: torch.Tensor, reference: int | None) -> torch.Tensor:
     """``-log(1 - p_y)`` of the complementary sample, for images not of the reference class.
 
     Args:
         logits: ``(B, classes)`` from the contrastive aggregate.
         labels: ``(B,)`` class indices.
-        reference: the negative / reference class.
+        reference: the negative / reference class (None: every image takes part, the
+            multi-class form).
     """
-    keep = labels != reference
+    keep = labels != reference if reference is not None else torch.ones_like(labels, dtype=torch.bool)
     if not keep.any():
         return logits.new_zeros(())
     log_p = torch.log_softmax(logits[keep], dim=1)  # (B', classes)
@@ -57,7 +62,7 @@ def contrastive_loss(logits: torch.Tensor, labels: torch.Tensor, reference: int)
 
 
 def instance_loss(
-    leaf_logits: torch.Tensor, leaf_image: torch.Tensor, labels: torch.Tensor, reference: int
+    leaf_logits: torch.Tensor, leaf_image: torch.Tensor, labels: torch.Tensor, reference: int | None
 ) -> torch.Tensor:
     """Multiple-instance loss on the sampled sub-tiles.
 
@@ -65,14 +70,23 @@ def instance_loss(
         leaf_logits: ``(L, classes)``, the classifier applied to each sub-tile's feature.
         leaf_image: ``(L,)`` image of each sub-tile.
         labels: ``(B,)`` image labels.
-        reference: the class whose images hold no object.
+        reference: the class whose images hold no object (None: no such class; every image
+            is a bag of its own class, pooled class by class).
     """
     terms = []
     for b, y in enumerate(labels.tolist()):
         rows = leaf_logits[leaf_image == b]  # (L_b, classes)
         if rows.numel() == 0:
             continue
-        if y == reference:
+        if reference is None:
+            # one class against the rest: the log-sum-exp pool of class y's logits is
+            # positive (a mean while no sub-tile stands out, a max once one does); for every
+            # other class each sub-tile is a negative instance, which gives the background
+            # the place the reference class holds in a binary task
+            bag = torch.logsumexp(rows[:, y], dim=0) - math.log(rows.shape[0])
+            others = torch.cat([rows[:, :y], rows[:, y + 1 :]], dim=1)  # (L_b, classes - 1)
+            terms.append(F.softplus(-bag) + F.softplus(others).mean())
+        elif y == reference:
             terms.append(F.cross_entropy(rows, torch.full((rows.shape[0],), y, device=rows.device)))
         else:
             # log-sum-exp pooling of the margins: a mean while no sub-tile stands out (every
@@ -82,6 +96,28 @@ def instance_loss(
             bag = torch.logsumexp(margin, dim=0) - math.log(margin.numel())
             terms.append(F.softplus(-bag))  # -log sigmoid(bag)
     return torch.stack(terms).mean() if terms else leaf_logits.new_zeros(())
+
+
+def leaf_scores(
+    leaf_logits: torch.Tensor, leaf_image: torch.Tensor, labels: torch.Tensor, reference: int | None
+) -> torch.Tensor:
+    """How much evidence each sampled sub-tile carries, in [0, 1] (detached): the target of
+    :func:`attention_distillation_loss`.
+
+    With a reference class, ``1 - p(reference)``: the sub-tile holds an object. Without
+    one, ``sigmoid(logit of its image's label)``, the one-against-the-rest probability
+    that the sub-tile shows what its image is labelled (background scores low).
+
+    Args:
+        leaf_logits: ``(L, classes)``.
+        leaf_image: ``(L,)`` image of each sub-tile.
+        labels: ``(B,)`` image labels.
+        reference: the class whose images hold no object, or None.
+    """
+    logits = leaf_logits.detach().float()
+    if reference is not None:
+        return 1.0 - torch.softmax(logits, dim=1)[:, reference]
+    return torch.sigmoid(logits.gather(1, labels[leaf_image][:, None]).squeeze(1))  # (L,)
 
 
 def mask_attention_loss(log_maps: list[torch.Tensor], coverage: list[torch.Tensor]) -> torch.Tensor:

@@ -91,6 +91,30 @@ def default_reference(classes: list[str]) -> str | None:
     return None
 
 
+def resolve_reference(classes: list[str], given: str | None) -> str | None:
+    """The reference (negative) class of a run, or None for the multi-class terms.
+
+    ``given`` (``data.reference_class``) wins; ``"none"`` asks for no reference class. Left
+    unset, a binary set takes a class named ``negative``, ``normal`` or ``0``; a set of
+    more classes takes none (the digit "0" of Megapixel MNIST is a class, not "nothing").
+
+    >>> resolve_reference(["negative", "positive"], None)
+    'negative'
+    >>> resolve_reference([str(d) for d in range(10)], None) is None
+    True
+
+    Raises:
+        UserError: ``given`` names no class.
+    """
+    if given is None:
+        return default_reference(classes) if len(classes) == 2 else None
+    if given.lower() == "none":
+        return None
+    if given not in classes:
+        raise UserError(f"data.reference_class={given!r} is not a class ({', '.join(classes)}); fix the name, or 'none'")
+    return given
+
+
 _OPEN: OrderedDict[tuple, ImageSource] = OrderedDict()
 CACHE_SIZE = 16
 

@@ -122,3 +122,51 @@ def make_tiny_objects(
         image = np.clip(img, 0, 255).astype(np.uint8)
         out.append(Example(ArraySource(image), label, ArraySource(mask, rgb=False), f"tiny-{seed}-{i}"))
     return out
+
+
+SHAPES = ("ring", "disc", "cross", "square")
+
+
+def _draw_shape(img: np.ndarray, mask: np.ndarray, rng, cy: int, cx: int, diameter: int, kind: str) -> None:
+    r = diameter / 2
+    y0, x0 = int(cy - r - 1), int(cx - r - 1)
+    n = int(diameter + 3)
+    yy, xx = np.mgrid[y0 : y0 + n, x0 : x0 + n]
+    dy, dx = yy - cy, xx - cx
+    dist = np.sqrt(dy**2 + dx**2)
+    arm = max(2.0, diameter / 6)
+    shape = {
+        "ring": (dist <= r) & (dist > r - max(2.0, diameter / 5)),
+        "disc": dist <= r,
+        "cross": ((np.abs(dy) <= arm / 2) | (np.abs(dx) <= arm / 2)) & (np.maximum(np.abs(dy), np.abs(dx)) <= r),
+        "square": (np.maximum(np.abs(dy), np.abs(dx)) <= r) & (np.maximum(np.abs(dy), np.abs(dx)) > r - arm),
+    }[kind]
+    colour = np.array([95.0, 45.0, 130.0]) + rng.normal(0, 8, 3)
+    img[y0 : y0 + n, x0 : x0 + n][shape] = colour + rng.normal(0, 6, (int(shape.sum()), 3))
+    mask[y0 : y0 + n, x0 : x0 + n][shape] = 1
+
+
+def make_shapes(
+    num: int, classes: int = 3, size: int = 96, object_size: tuple[int, int] = (12, 16), seed: int = 0
+) -> list[Example]:
+    """A multi-class tiny-object set: an image of class c holds one small shape of kind c
+    (ring, disc, cross, square) on the tissue-like background; no class is "empty".
+
+    >>> ex = make_shapes(4, classes=3, size=64)
+    >>> sorted({e.label for e in ex}) <= [0, 1, 2], ex[0].source.height
+    (True, 64)
+    """
+    if not 2 <= classes <= len(SHAPES):
+        raise ValueError(f"classes={classes}: choose 2 to {len(SHAPES)}")
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(num):
+        label = int(rng.integers(0, classes))
+        img = _background(rng, size, clutter=2.0)
+        mask = np.zeros((size, size), dtype=np.uint8)
+        d = int(rng.integers(object_size[0], object_size[1] + 1))
+        cy, cx = (int(v) for v in rng.integers(d, size - d, 2))
+        _draw_shape(img, mask, rng, cy, cx, d, SHAPES[label])
+        image = np.clip(img, 0, 255).astype(np.uint8)
+        out.append(Example(ArraySource(image), label, ArraySource(mask, rgb=False), f"shapes-{seed}-{i}"))
+    return out
