@@ -91,7 +91,9 @@ def test_leaf_scores_with_and_without_a_reference_class():
     logits = torch.log(torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]]))
     image, labels = torch.tensor([0, 1]), torch.tensor([1, 2])
     assert torch.allclose(losses.leaf_scores(logits, image, labels, 0), torch.tensor([0.3, 0.9]))
-    assert torch.allclose(losses.leaf_scores(logits, image, labels, None), torch.tensor([0.2, 0.8]))
+    # without one: the one-against-the-rest probability of the image's label, sigmoid(logit)
+    expected = torch.sigmoid(torch.stack([logits[0, 1], logits[1, 2]]))
+    assert torch.allclose(losses.leaf_scores(logits, image, labels, None), expected)
 
 
 def test_multiclass_contrastive_loss_takes_every_image():

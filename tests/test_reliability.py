@@ -119,12 +119,18 @@ def test_config_catalogue(case, sets, needle, data, tmp_path, capsys):
     assert len(err.splitlines()) == 1 and needle in err, err
 
 
-def test_unknown_label_in_a_training_manifest_needs_a_reference(data, tmp_path, capsys):
+def test_binary_labels_without_a_negative_class_train_with_the_multiclass_terms(data, tmp_path, capsys):
     img = data / "set/images/tiny_00000.png"
-    bad = tmp_path / "labels.csv"
-    bad.write_text(f"path,label\n{img},cat\n{img},dog\n")
-    assert main(["train", "--config", str(data / "tiny.json"), "--train", str(bad), "--out", str(tmp_path / "r")]) == 2
-    assert "data.reference_class" in capsys.readouterr().err
+    labels = tmp_path / "labels.csv"
+    labels.write_text(f"path,label\n{img},cat\n{img},dog\n")
+    argv = ["train", "--config", str(data / "tiny.json"), "--train", str(labels), "--quiet"]
+    assert main([*argv, "--out", str(tmp_path / "r")]) == 0
+    assert "no reference (negative) class among cat, dog" in capsys.readouterr().out
+    assert json.loads((tmp_path / "r/config.json").read_text())["data"]["reference_class"] == "none"
+    # a named reference class that is not a label is refused in one line
+    assert main([*argv, "--out", str(tmp_path / "r2"), "--set", "data.reference_class=bird"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "'bird' is not a class (cat, dog)" in err
 
 
 def _train_cmd(data: Path, out: Path, epochs: int) -> list[str]:

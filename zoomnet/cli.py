@@ -16,6 +16,12 @@ from zoomnet import __version__
 from zoomnet.errors import UserError
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    from zoomnet.doctor import print_report
+
+    return print_report()
+
+
 def _demo(args: argparse.Namespace) -> int:
     from zoomnet.demo import run_cli_demo
 
@@ -124,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--samples", type=int, help="draws N (default: the run's)")
         p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
         device(p)
+
+    doc = sub.add_parser("doctor", help="versions, device, CUDA, OpenSlide and codecs: paste it into an issue report")
+    doc.set_defaults(func=_doctor)
 
     demo = sub.add_parser("demo", help="make-data, train, evaluate and predict with heatmaps on tiny objects")
     demo.add_argument("--out", default="demo-output", help="folder for the data, the run and the heatmaps")

@@ -77,6 +77,9 @@ class ModelConfig:
         feature_kwargs: extra arguments for the feature net.
         classifier_scale: input scale of the linear classifier (features are unit vectors).
         attention_width: hidden channels of the attention nets (8 in the paper).
+        attention_prior: initial gain of the attention nets' contrast prior (0: none): the
+            untrained attention is drawn to local detail rather than uniform, so the first
+            epochs sample the places where a small object can be (``nets/attention.py``).
         smooth: uniform mass mixed into every attention map (exploration; 0 = none).
         pixel_mean: raw pixel mean subtracted before every net.
         pixel_std: raw pixel standard deviation divided out before every net.
@@ -104,6 +107,7 @@ class ModelConfig:
     feature_kwargs: dict = field(default_factory=dict)
     classifier_scale: float = 10.0
     attention_width: int = 8
+    attention_prior: float = 5.0
     smooth: float = 0.0
     pixel_mean: tuple[float, float, float] = (127.5, 127.5, 127.5)
     pixel_std: tuple[float, float, float] = (64.0, 64.0, 64.0)
@@ -264,8 +268,9 @@ class ZoomIn(nn.Module):
         super().__init__()
         self.config = config
         c = len(config.pixel_mean)
+        prior = {"prior": config.attention_prior} if config.attention_prior else {}
         self.attention = nn.ModuleList(
-            build("attention", lv.attention, in_channels=c, width=config.attention_width)
+            build("attention", lv.attention, in_channels=c, width=config.attention_width, **prior)
             for lv in config.levels
         )
         self.feature = build("feature", config.feature, in_channels=c, **config.feature_kwargs)

@@ -3,6 +3,13 @@
 The authors' net (Kong & Henao, code for the colon set): three 3x3 convolutions with 8
 channels and ReLU, then a 1x1 convolution to one channel. Its receptive field is 7 pixels
 (a halo of 3 on each side), which strip-wise evaluation of large views relies on.
+
+An optional *contrast prior* adds ``gain * local contrast`` to the logits: how far each
+view pixel is from the mean of its 7x7 neighbourhood (normalised units, mean over channels,
+capped at 3). Untrained attention is then not uniform but drawn to detail — objects, tissue,
+strokes — instead of flat background, which is where a tiny object can be at all; the gain
+is learnt with the rest, so training can turn it down where detail is not what matters.
+Its radius is 3, within the net's halo.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ class ConvAttention(nn.Module):
         depth: number of ``3x3`` convolutions (3 in the paper).
     """
 
-    def __init__(self, in_channels: int = 3, width: int = 8, depth: int = 3):
+    def __init__(self, in_channels: int = 3, width: int = 8, depth: int = 3, prior: float = 0.0):
         super().__init__()
         layers: list[nn.Module] = []
         c = in_channels
@@ -31,13 +38,32 @@ class ConvAttention(nn.Module):
             c = width
         layers.append(nn.Conv2d(c, 1, 1))
         self.net = nn.Sequential(*layers)
-        self.halo = depth  # receptive-field radius in view pixels
+        self.prior_gain = nn.Parameter(torch.tensor(float(prior))) if prior else None
+        self.halo = max(depth, 3) if prior else depth  # receptive-field radius in view pixels
 
     def forward(self, view: torch.Tensor) -> torch.Tensor:
         """``(M, C, h, w)`` normalised view -> ``(M, h, w)`` logits."""
-        return self.net(view).squeeze(1)
+        logits = self.net(view).squeeze(1)  # (M, h, w)
+        if self.prior_gain is not None:
+            logits = logits + self.prior_gain * local_contrast(view)
+        return logits
+
+
+def local_contrast(view: torch.Tensor, radius: int = 3, cap: float = 3.0) -> torch.Tensor:
+    """``(M, C, h, w)`` -> ``(M, h, w)``: mean over channels of ``|x - mean of its
+    (2 radius + 1)^2 neighbourhood|``, capped (neighbourhoods cut by the border are averaged
+    over the pixels inside).
+
+    >>> v = torch.zeros(1, 1, 9, 9); v[0, 0, 4, 4] = 2.0
+    >>> c = local_contrast(v)
+    >>> round(float(c[0, 4, 4]), 3), float(c[0, 0, 0])
+    (1.959, 0.0)
+    """
+    k = 2 * radius + 1
+    local = torch.nn.functional.avg_pool2d(view, k, stride=1, padding=radius, count_include_pad=False)
+    return (view - local).abs().mean(dim=1).clamp(max=cap)  # (M, h, w)
 
 
 @register("attention", "conv")
-def conv_attention(in_channels: int = 3, width: int = 8, depth: int = 3) -> ConvAttention:
-    return ConvAttention(in_channels, width, depth)
+def conv_attention(in_channels: int = 3, width: int = 8, depth: int = 3, prior: float = 0.0) -> ConvAttention:
+    return ConvAttention(in_channels, width, depth, prior)
