@@ -64,3 +64,20 @@ def test_contrast_prior_draws_untrained_attention_to_objects():
         hit, tiles, *_ = object_hits(out, batch)
         rates[prior] = hit / tiles
     assert rates[5.0] > 2 * rates[0.0], rates
+
+
+def test_distillation_trains_the_learnt_logits_not_the_prior():
+    torch.manual_seed(0)
+    model = ZoomIn(_config())
+    batch = make_shapes(4, classes=3, size=64, seed=2)
+    labels = torch.tensor([e.label for e in batch])
+    out = model([e.source for e in batch], generator=torch.Generator().manual_seed(0))
+    cfg = TrainConfig(entropy_weight=0.0, instance_weight=0.0, distill_weight=1.0, reference_class=None)
+    terms = training_loss(model, out, batch, labels, cfg, contrastive=False)[1]
+    from zoomnet.core import losses
+    scores = losses.leaf_scores(model.classifier(out.leaf_features), out.leaf_image, labels, None)
+    losses.attention_distillation_loss(out.cell_logits, out.leaf_paths, scores).backward()
+    assert "distill" in terms
+    for net in model.attention:
+        assert net.prior_gain.grad is None or float(net.prior_gain.grad) == 0.0
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.net.parameters())

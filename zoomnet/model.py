@@ -179,6 +179,15 @@ def _restrict(log_p: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     return masked - torch.logsumexp(masked, dim=1, keepdim=True)
 
 
+def _attend(net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An attention net's ``(M, h, w)`` logits and their learnt part (the same tensor for a
+    net without a prior, e.g. one registered by a user)."""
+    if getattr(net, "prior_gain", None) is not None:
+        return net(x, split=True)
+    logits = net(x)
+    return logits, logits
+
+
 def view_size(scale: float, height: int, width: int) -> tuple[int, int]:
     """Size of the view of a ``height x width`` region at ``scale`` (at least one pixel)."""
     return max(1, math.floor(scale * height)), max(1, math.floor(scale * width))
@@ -224,7 +233,8 @@ class ZoomInOutput:
         leaf_image: ``(L,)`` image index of each leaf.
         leaf_boxes: the leaves' boxes.
         leaf_paths: per leaf, ``(image, parent box, cell)`` at every level.
-        cell_logits: per level, ``{(image, parent box): (G,) raw cell logits}`` (with gradient).
+        cell_logits: per level, ``{(image, parent box): (G,) raw cell logits}`` of the
+            attention nets' learnt part, without the contrast prior (with gradient).
         contrastive_logits: ``(B, num_classes)`` from the complementary sample, if asked.
     """
 
@@ -313,11 +323,13 @@ class ZoomIn(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(M, C, h, w)`` raw views -> ``(M, G)`` log-probabilities and raw logits of the cells."""
         _, _, rows, cols, _ = self._level_grid(level, parent_hw)
-        logits = self.attention[level](self.normalize(views))  # (M, h, w)
+        logits, learned = _attend(self.attention[level], self.normalize(views))  # (M, h, w) each
         cell_logits = pool_to_grid(logits, rows, cols)  # (M, G)
+        raw = cell_logits if learned is logits else pool_to_grid(learned, rows, cols)
         # the estimator and losses stay in float32 (or float64) under autocast
         cell_logits = cell_logits.to(torch.promote_types(cell_logits.dtype, torch.float32))
-        return sampling.smoothed_log_softmax(cell_logits, self.config.smooth), cell_logits
+        raw = raw.to(cell_logits.dtype)
+        return sampling.smoothed_log_softmax(cell_logits, self.config.smooth), raw
 
     def _level1_in_strips(
         self, sources: Sequence[ImageSource]
@@ -338,7 +350,7 @@ class ZoomIn(nn.Module):
         rows_per_px = height / vh  # full-resolution rows per view row
         maps, raws, tissue = [], [], []
         for src in sources:
-            logits, tissue_rows = [], []
+            logits, learned, tissue_rows = [], [], []
             for r0 in range(0, vh, step):
                 r1 = min(vh, r0 + step)
                 a0, a1 = max(0, r0 - halo), min(vh, r1 + halo)
@@ -346,10 +358,11 @@ class ZoomIn(nn.Module):
                 strip = src.read(Box(top, 0, bottom - top, width), (a1 - a0, vw))[None]  # (1, C, a1-a0, vw)
                 x = self.normalize(strip)
                 if torch.is_grad_enabled():
-                    out = torch.utils.checkpoint.checkpoint(net, x, use_reentrant=False)
+                    out, own = torch.utils.checkpoint.checkpoint(_attend, net, x, use_reentrant=False)
                 else:
-                    out = net(x)
+                    out, own = _attend(net, x)
                 logits.append(out[:, r0 - a0 : r1 - a0])  # (1, r1-r0, vw)
+                learned.append(own[:, r0 - a0 : r1 - a0])
                 if self.config.tissue_mask:
                     tissue_rows.append(strip[0, :, r0 - a0 : r1 - a0])  # (C, r1-r0, vw) raw
             full = torch.cat(logits, dim=1)  # (1, vh, vw)
@@ -359,7 +372,7 @@ class ZoomIn(nn.Module):
             cell = pool_to_grid(full, rows, cols)
             cell = cell.to(torch.promote_types(cell.dtype, torch.float32))
             maps.append(sampling.smoothed_log_softmax(cell, self.config.smooth))
-            raws.append(cell)
+            raws.append(cell if learned[0] is logits[0] else pool_to_grid(torch.cat(learned, dim=1), rows, cols).to(cell.dtype))
         return torch.cat(maps), torch.cat(raws), (torch.stack(tissue) if tissue else None)
 
     def _tissue_cells(self, tissue: torch.Tensor, height: int, width: int) -> torch.Tensor:

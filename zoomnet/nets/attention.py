@@ -41,12 +41,13 @@ class ConvAttention(nn.Module):
         self.prior_gain = nn.Parameter(torch.tensor(float(prior))) if prior else None
         self.halo = max(depth, 3) if prior else depth  # receptive-field radius in view pixels
 
-    def forward(self, view: torch.Tensor) -> torch.Tensor:
-        """``(M, C, h, w)`` normalised view -> ``(M, h, w)`` logits."""
-        logits = self.net(view).squeeze(1)  # (M, h, w)
-        if self.prior_gain is not None:
-            logits = logits + self.prior_gain * local_contrast(view)
-        return logits
+    def forward(self, view: torch.Tensor, split: bool = False):
+        """``(M, C, h, w)`` normalised view -> ``(M, h, w)`` logits; with ``split`` also the
+        learnt part alone (the logits without the prior), which attention distillation
+        trains: anchoring the prior's large logits to sub-tile scores would undo it."""
+        learned = self.net(view).squeeze(1)  # (M, h, w)
+        logits = learned if self.prior_gain is None else learned + self.prior_gain * local_contrast(view)
+        return (logits, learned) if split else logits
 
 
 def local_contrast(view: torch.Tensor, radius: int = 3, cap: float = 3.0) -> torch.Tensor:
