@@ -64,32 +64,41 @@ def _emit_prediction(result: dict) -> None:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from zoomnet.data.manifest import read_manifest
-    from zoomnet.runs import predict_images
+    from zoomnet.runs import cohort_metrics, classification_metrics, predict_images
 
-    images = list(args.images)
-    truth: dict[str, str] = {}
-    if args.manifest:
-        rows = read_manifest(args.manifest)
-        images += [str(r.path) for r in rows]
-        truth = {str(r.path): r.label for r in rows}
-    if not images:
-        raise UserError("predict: no images; give image paths or --manifest CSV")
+    inputs = list(args.images) + ([args.manifest] if args.manifest else [])
+    if not inputs:
+        raise UserError("predict: nothing to predict; give images, folders or manifest CSVs")
     results = predict_images(
-        args.run, images, deterministic=args.deterministic, samples=args.samples, seed=args.seed,
-        device=args.device, heatmaps=args.heatmaps, geojson=args.geojson,
-        emit=_emit_prediction, progress=args.out is not None,
+        args.run, inputs, deterministic=args.deterministic, samples=args.samples, seed=args.seed,
+        device=args.device, heatmaps=args.heatmaps, geojson=args.geojson, emit=_emit_prediction,
+        progress=_progress(args), out_csv=args.out, workers=args.workers,
     )
+    classes = list(results[0]["probabilities"]) if results else []
+    if args.out and classes:
+        metrics = cohort_metrics(Path(args.out), classes)
+    elif results and all(r.get("true_label") in classes for r in results):
+        import torch
+
+        probs = torch.tensor([[r["probabilities"][c] for c in classes] for r in results])
+        labels = torch.tensor([classes.index(r["true_label"]) for r in results])
+        metrics = {"images": len(results), **classification_metrics(probs, labels)}
+    else:
+        metrics = None
+    if metrics:
+        summary = f"{metrics['images']} labelled images: accuracy {metrics['accuracy']:.4f}"
+        if "auc" in metrics:
+            summary += f", AUC {metrics['auc']:.4f}"
+        print(summary, file=sys.stderr)
+        print(json.dumps({"metrics": metrics}))
     if args.out:
-        classes = list(results[0]["probabilities"]) if results else []
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.out, "w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(["path", "true_label", "predicted", *[f"p_{c}" for c in classes], "seconds"])
-            for r in results:
-                w.writerow([r["path"], truth.get(r["path"], ""), r["label"],
-                            *[f"{r['probabilities'][c]:.6f}" for c in classes], f"{r['seconds']:.3f}"])
+        print(f"predictions: {args.out}", file=sys.stderr)
     return 0
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    """Progress bars only for a person watching: not with --quiet, nor into a pipe or file."""
+    return not getattr(args, "quiet", False) and sys.stderr.isatty()
 
 
 def _make_data(args: argparse.Namespace) -> int:
@@ -160,13 +169,17 @@ def build_parser() -> argparse.ArgumentParser:
     inference(ev)
     ev.set_defaults(func=_evaluate)
 
-    pr = sub.add_parser("predict", help="predict images; one JSON line per image")
+    pr = sub.add_parser("predict", help="predict images, folders of slides or manifests; one JSON line per image")
     pr.add_argument("run", help="run folder")
-    pr.add_argument("images", nargs="*", help="image files")
-    pr.add_argument("--manifest", help="a CSV of images to predict (column path)")
-    pr.add_argument("--out", help="write predictions as CSV here")
+    pr.add_argument("images", nargs="*", metavar="INPUT",
+                    help="image files, folders (searched recursively for images and slides) or CSV manifests "
+                         "(column path, optionally label: then the metrics are reported too)")
+    pr.add_argument("--manifest", help="a CSV of images to predict (column path, optionally label)")
+    pr.add_argument("--out", help="append predictions to this CSV as they finish; images already in it are skipped")
     pr.add_argument("--heatmaps", help="folder for <image stem>.png pictures of where the model looked")
-    pr.add_argument("--geojson", help="folder for <image stem>.geojson sampled boxes (QuPath)")
+    pr.add_argument("--geojson", help="folder for <image stem>.geojson (QuPath: level-0 pixel coordinates)")
+    pr.add_argument("--workers", type=int, default=2, help="threads opening the next images (default 2)")
+    pr.add_argument("--quiet", action="store_true", help="no progress bar")
     inference(pr)
     pr.set_defaults(func=_predict)
 

@@ -19,6 +19,7 @@ import io
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -312,66 +313,206 @@ def evaluate_run(
     return metrics
 
 
-def geojson_of(out, index: int, classes: list[str]) -> dict:
-    """The sampled regions of one image as a GeoJSON FeatureCollection (QuPath imports it)."""
-    features = []
-    for level, trace in enumerate(out.levels, start=1):
-        for s in trace.samples[index]:
-            b = s.box
-            ring = [[b.left, b.top], [b.left + b.width, b.top], [b.left + b.width, b.top + b.height],
-                    [b.left, b.top + b.height], [b.left, b.top]]
-            features.append({
-                "type": "Feature",
-                "geometry": {"type": "Polygon", "coordinates": [ring]},
-                "properties": {
-                    "objectType": "annotation",
-                    "name": f"level {level} w={s.weight:.4f}",
-                    "level": level, "weight": s.weight, "count": s.count,
-                    "measurements": {"weight": s.weight},
-                },
-            })
-    return {"type": "FeatureCollection", "features": features}
+def expand_inputs(inputs: list[str]) -> list[tuple[str, Path, str]]:
+    """Images to predict, as ``(name as given, path, label or "")``: image files as they
+    are, folders searched recursively for images and slides (by suffix, sorted), CSV
+    manifests with a ``path`` column and optionally ``label``.
+
+    Raises:
+        UserError: an input that does not exist, or a folder without images.
+    """
+    from zoomnet.data.manifest import read_manifest
+    from zoomnet.sources.open import PLAIN, TIFF
+    from zoomnet.sources.slide import VENDOR
+
+    known = PLAIN | TIFF | VENDOR
+    out: list[tuple[str, Path, str]] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in known)
+            if not found:
+                raise UserError(f"{item}: a folder with no images ({', '.join(sorted(known))}) in it or below")
+            out += [(str(f), f, "") for f in found]
+        elif path.suffix.lower() == ".csv":
+            out += [(r.given, r.path, r.label) for r in read_manifest(path, labels=False)]
+        else:
+            out.append((item, path, ""))
+    return out
+
+
+def _output_name(given: str, taken: dict[str, str]) -> str:
+    """A file stem for an image's heatmap and GeoJSON, unique within one prediction run
+    (two ``slide.svs`` in different folders get ``slide`` and ``slide-<hash>``)."""
+    import hashlib
+
+    stem = Path(given).name
+    for suffix in (".ome.tiff", ".ome.tif"):
+        if stem.lower().endswith(suffix):
+            stem = stem[: -len(suffix)]
+            break
+    else:
+        stem = Path(given).stem
+    if taken.setdefault(stem, given) != given:
+        stem = f"{stem}-{hashlib.sha1(given.encode()).hexdigest()[:8]}"
+        taken[stem] = given
+    return stem
+
+
+def _done_paths(out_csv: Path, header: list[str]) -> set[str]:
+    """Paths already in a predictions CSV written with ``header`` (for resuming)."""
+    if not out_csv.is_file() or out_csv.stat().st_size == 0:
+        return set()
+    with out_csv.open(newline="") as fh:
+        reader = csv.reader(fh)
+        found = next(reader, [])
+        if found != header:
+            raise UserError(
+                f"{out_csv}: exists with other columns ({', '.join(found[:6])}...); give a new --out, "
+                "or delete it to start over"
+            )
+        return {row[0] for row in reader if len(row) == len(header)}
 
 
 def predict_images(
     run_dir: str | Path, images: list[str], deterministic: bool = False, samples: int | None = None,
     seed: int = 0, device: str = "cpu", heatmaps: str | Path | None = None, geojson: str | Path | None = None,
-    emit: Callable[[dict], None] | None = None, progress: bool = False,
+    emit: Callable[[dict], None] | None = None, progress: bool = False, out_csv: str | Path | None = None,
+    workers: int = 2,
 ) -> list[dict]:
-    """Predict each image; one result dict per image (also passed to ``emit`` as it comes)."""
+    """Predict images, folders and manifests; one result dict per image (also passed to
+    ``emit`` as it comes).
+
+    With ``out_csv`` each result is appended to that CSV as soon as it is known, and images
+    already in it are skipped, so a crashed or interrupted cohort resumes where it stopped.
+    ``workers`` threads open the next files and read their level-1 views while the model
+    works on the current one. A result's ``true_label`` is the manifest's label, if any.
+
+    Raises:
+        UserError: an unreadable input (with one image), or an ``out_csv`` that is an input.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm import tqdm
 
     from zoomnet.data.manifest import LazyImage
+    from zoomnet.export import geojson_of
     from zoomnet.heatmap import render_batch
+    from zoomnet.model import view_size
 
     model, config = load_run(run_dir, device)
     classes = config.data.classes
+    items = expand_inputs(images)
+    header = ["path", "true_label", "predicted", *[f"p_{c}" for c in classes], "seconds"]
+    done: set[str] = set()
+    if out_csv is not None:
+        out_csv = Path(out_csv)
+        if any(out_csv.resolve() == p.resolve() for _, p, _ in items) or any(
+            Path(i).suffix.lower() == ".csv" and out_csv.resolve() == Path(i).resolve() for i in images
+        ):
+            raise UserError(f"--out {out_csv}: that is one of the inputs; write the predictions to a new file")
+        done = _done_paths(out_csv, header)
+        out_csv.parent.mkdir(parents=True, exist_ok=True)
+    todo = [it for it in items if it[0] not in done]
     generator = torch.Generator().manual_seed(seed)
-    results = []
-    for given in tqdm(images, desc="predict", unit="image", disable=not progress):
-        tick = time.perf_counter()
-        src = LazyImage(Path(given), given, config.data.fill, config.data.target_mpp)
+    strips = config.model.strip_rows
+
+    def prepare(item):  # in a worker thread: open the file and read its level-1 view
+        given, path, label = item
+        src = LazyImage(path, given, config.data.fill, config.data.target_mpp)
         check_image_sizes([Example(src, 0, None, given)], config.model, f"the model in {run_dir}")
-        out = model.predict([src], deterministic=deterministic, samples=samples, generator=generator)
-        probs = torch.softmax(out.logits.float(), dim=1)[0].tolist()
-        inner = src.opened()
-        result = {
-            "path": given,
-            "label": classes[int(torch.tensor(probs).argmax())],
-            "probabilities": {c: p for c, p in zip(classes, probs)},
-            "seconds": time.perf_counter() - tick,
-            "pixels_read": getattr(inner, "pixels_decoded", src.height * src.width),
-            "bytes_read": getattr(inner, "bytes_read", 0),
-        }
-        stem = Path(given).stem.removesuffix(".ome")
-        if heatmaps is not None and out.levels:
-            title = f"{given}: {result['label']} (p = {max(probs):.2f})"
-            (picture,) = render_batch(model, [src], out, [Path(heatmaps) / f"{stem}.png"], [title])
-            result["heatmap"] = str(picture)
-        if geojson is not None and out.levels:
-            Path(geojson).mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(Path(geojson) / f"{stem}.geojson", json.dumps(geojson_of(out, 0, classes)).encode())
-        results.append(result)
-        if emit:
-            emit(result)
+        views = None
+        if config.model.kind != "cnn":
+            vs = view_size(config.model.levels[0].scale, src.height, src.width)
+            if not (strips and vs[0] > strips):  # huge views are read in strips by the model
+                views = model.read_views([src])
+        return src, views
+
+    strides = [lv.cell_stride() for lv in config.model.levels]
+    names: dict[str, str] = {}
+    results, failed = [], []
+    slowest = (0.0, "")
+    fh = out_csv.open("a", newline="") if out_csv is not None else None
+    try:
+        writer = csv.writer(fh) if fh else None
+        if writer and not done:
+            writer.writerow(header)
+            fh.flush()
+        bar = tqdm(total=len(items), initial=len(items) - len(todo), desc="predict", unit="image",
+                   disable=not progress)
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            ahead = workers + 1
+            futures = [pool.submit(prepare, it) for it in todo[:ahead]]
+            for k, item in enumerate(todo):
+                given, _, label = item
+                tick = time.perf_counter()
+                try:
+                    src, views = futures[k].result()
+                except (ImageError, UserError) as exc:
+                    if len(items) == 1:
+                        raise
+                    failed.append(given)
+                    print(f"zoomnet: skipped {exc}", file=sys.stderr, flush=True)
+                    bar.update(1)
+                    continue
+                finally:
+                    if k + ahead < len(todo):
+                        futures.append(pool.submit(prepare, todo[k + ahead]))
+                    futures[k] = None  # let the finished image go
+                out = model.predict([src], views=views, deterministic=deterministic, samples=samples,
+                                    generator=generator)
+                probs = torch.softmax(out.logits.float(), dim=1)[0].tolist()
+                inner = src.opened()
+                result = {
+                    "path": given,
+                    "label": classes[int(torch.tensor(probs).argmax())],
+                    "probabilities": {c: p for c, p in zip(classes, probs)},
+                    "seconds": time.perf_counter() - tick,
+                    "pixels_read": getattr(inner, "pixels_decoded", src.height * src.width),
+                    "bytes_read": getattr(inner, "bytes_read", 0),
+                }
+                if label:
+                    result["true_label"] = label
+                stem = _output_name(given, names)
+                if heatmaps is not None and out.levels:
+                    title = f"{given}: {result['label']} (p = {max(probs):.2f})"
+                    (picture,) = render_batch(model, [src], out, [Path(heatmaps) / f"{stem}.png"], [title])
+                    result["heatmap"] = str(picture)
+                if geojson is not None and out.levels:
+                    Path(geojson).mkdir(parents=True, exist_ok=True)
+                    target = Path(geojson) / f"{stem}.geojson"
+                    collection = geojson_of(out, 0, src, classes, probs, strides, given)
+                    atomic_write_bytes(target, json.dumps(collection).encode())
+                    result["geojson"] = str(target)
+                if writer:
+                    writer.writerow([given, label, result["label"], *[f"{p:.6f}" for p in probs],
+                                     f"{result['seconds']:.3f}"])
+                    fh.flush()
+                results.append(result)
+                if emit:
+                    emit(result)
+                if result["seconds"] > slowest[0]:
+                    slowest = (result["seconds"], Path(given).name)
+                bar.set_postfix_str(f"slowest {slowest[1]} {slowest[0]:.1f}s", refresh=False)
+                bar.update(1)
+        bar.close()
+    finally:
+        if fh:
+            fh.close()
+    if failed:
+        raise UserError(
+            f"{len(failed)} of {len(items)} images could not be read (first: {failed[0]}); the others are "
+            + (f"in {out_csv}; fix or remove those files and run the same command to finish" if out_csv else "above")
+        )
     return results
+
+
+def cohort_metrics(out_csv: Path, classes: list[str]) -> dict | None:
+    """Metrics of a predictions CSV whose rows all carry a true label in ``classes``."""
+    with Path(out_csv).open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows or any(r["true_label"] not in classes for r in rows):
+        return None
+    probs = torch.tensor([[float(r[f"p_{c}"]) for c in classes] for r in rows])
+    labels = torch.tensor([classes.index(r["true_label"]) for r in rows])
+    return {"images": len(rows), **classification_metrics(probs, labels)}

@@ -10,6 +10,7 @@ never holds more than a few decoded images.
 from __future__ import annotations
 
 import csv
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,8 +35,12 @@ class Row:
     mask: Path | None
 
 
-def read_manifest(csv_path: str | Path) -> list[Row]:
+def read_manifest(csv_path: str | Path, labels: bool = True) -> list[Row]:
     """Read and check a manifest CSV.
+
+    Args:
+        labels: the ``label`` column is required (False: optional, for prediction; rows
+            without one get the label ``""``).
 
     Raises:
         UserError: missing file, missing columns, no rows, an empty path or label.
@@ -50,7 +55,7 @@ def read_manifest(csv_path: str | Path) -> list[Row]:
             raw = list(reader)
     except (UnicodeDecodeError, csv.Error) as exc:
         raise UserError(f"{csv_path}: not a readable CSV ({exc}); save it as UTF-8 text with columns path,label") from None
-    missing = [c for c in ("path", "label") if c not in columns]
+    missing = [c for c in (("path", "label") if labels else ("path",)) if c not in columns]
     if missing:
         found = ", ".join(columns) if columns else "none"
         raise UserError(
@@ -62,13 +67,13 @@ def read_manifest(csv_path: str | Path) -> list[Row]:
         rec = {k.strip(): (v or "").strip() for k, v in rec.items() if k is not None}
         if not rec.get("path"):
             raise UserError(f"{csv_path}: line {n} has an empty path; give every row an image path")
-        if rec.get("label", "") == "":
+        if labels and rec.get("label", "") == "":
             raise UserError(f"{csv_path}: line {n} ({rec['path']}) has an empty label; give every row a label")
         given = rec["path"]
         path = Path(given) if Path(given).is_absolute() else csv_path.parent / given
         mask = rec.get("mask") or None
         mask_path = None if mask is None else (Path(mask) if Path(mask).is_absolute() else csv_path.parent / mask)
-        rows.append(Row(given, path, rec["label"], mask_path))
+        rows.append(Row(given, path, rec.get("label", ""), mask_path))
     if not rows:
         raise UserError(f"{csv_path}: the CSV has no rows; add one line path,label per image")
     return rows
@@ -116,6 +121,7 @@ def resolve_reference(classes: list[str], given: str | None) -> str | None:
 
 
 _OPEN: OrderedDict[tuple, ImageSource] = OrderedDict()
+_LOCK = threading.Lock()  # prediction opens the next files in threads
 CACHE_SIZE = 16
 
 
@@ -143,18 +149,20 @@ class LazyImage:
     def opened(self) -> ImageSource:
         """The open source (opened now if it is not in the per-process cache)."""
         key = (str(self.path), self.fill, self.target_mpp)
-        if key in _OPEN:
-            _OPEN.move_to_end(key)
-            return _OPEN[key]
+        with _LOCK:
+            if key in _OPEN:
+                _OPEN.move_to_end(key)
+                return _OPEN[key]
         try:
             src = open_image(self.path, fill=self.fill)
             if self.target_mpp:
                 src = RescaledSource(src, self.target_mpp, self.given)
         except ImageError as exc:
             raise ImageError(str(exc).replace(str(self.path), self.given, 1)) from None
-        _OPEN[key] = src
-        while len(_OPEN) > CACHE_SIZE:
-            _OPEN.popitem(last=False)
+        with _LOCK:
+            _OPEN[key] = src
+            while len(_OPEN) > CACHE_SIZE:
+                _OPEN.popitem(last=False)
         return src
 
     def read(self, box: Box, out_size: tuple[int, int] | None = None) -> torch.Tensor:

@@ -43,11 +43,14 @@ class RescaledSource:
         self.width = max(1, math.floor(inner.width / self.factor))
         self.channels, self.fill = inner.channels, inner.fill
 
-    def read(self, box: Box, out_size: tuple[int, int] | None = None) -> torch.Tensor:
+    def native_box(self, box: Box) -> Box:
+        """The box of the wrapped (level-0, native) image that a read of ``box`` reads."""
         top, left, h, w = (int(v) for v in box)
         f = self.factor
-        native = Box(round(top * f), round(left * f), max(1, round(h * f)), max(1, round(w * f)))
-        return self.inner.read(native, out_size or (h, w))
+        return Box(round(top * f), round(left * f), max(1, round(h * f)), max(1, round(w * f)))
+
+    def read(self, box: Box, out_size: tuple[int, int] | None = None) -> torch.Tensor:
+        return self.inner.read(self.native_box(box), out_size or (int(box[2]), int(box[3])))
 
     def __getattr__(self, name):  # I/O counters and the like come from the wrapped source
         if name == "inner":

@@ -1,0 +1,107 @@
+"""Prediction of cohorts (folders, manifests with and without labels, resuming into a CSV)
+and GeoJSON in level-0 pixels of the original file."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import tifffile
+import torch
+from PIL import Image
+
+from zoomnet.cli import main
+from zoomnet.core.geometry import Box
+from zoomnet.data.manifest import LazyImage
+from zoomnet.sources import ArraySource
+
+
+def _rows(path: Path) -> list[dict]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_folder_and_manifests_stream_into_a_csv_that_resumes(data, run, tmp_path, capsys):
+    images = sorted((data / "set/images").glob("*.png"))
+    out = tmp_path / "pred.csv"
+    # an unlabelled manifest of the first three images, as an interrupted cohort would leave
+    first = tmp_path / "first.csv"
+    first.write_text("path\n" + "".join(f"{p}\n" for p in images[:3]))
+    assert main(["predict", str(run), str(first), "--out", str(out), "--deterministic"]) == 0
+    assert [r["path"] for r in _rows(out)] == [str(p) for p in images[:3]]
+    capsys.readouterr()
+    # the whole folder: only the rest is predicted, every image once
+    assert main(["predict", str(run), str(data / "set/images"), "--out", str(out), "--deterministic"]) == 0
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(printed) == len(images) - 3
+    rows = _rows(out)
+    assert sorted(r["path"] for r in rows) == sorted(str(p) for p in images) and len(rows) == len(images)
+
+
+def test_a_labelled_manifest_reports_metrics(data, run, tmp_path, capsys):
+    assert main(["predict", str(run), str(data / "set/test.csv"), "--deterministic"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    metrics = json.loads(lines[-1])["metrics"]
+    assert metrics["images"] == len(lines) - 1 and 0.0 <= metrics["accuracy"] <= 1.0 and "auc" in metrics
+
+
+def test_same_stem_images_keep_their_own_outputs_and_out_may_not_be_an_input(data, run, tmp_path, capsys):
+    src = data / "set/images/tiny_00000.png"
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        shutil.copy(src, tmp_path / folder / "slide.png")
+    assert main(["predict", str(run), str(tmp_path / "a/slide.png"), str(tmp_path / "b/slide.png"),
+                 "--heatmaps", str(tmp_path / "heat"), "--geojson", str(tmp_path / "geo")]) == 0
+    assert len(list((tmp_path / "heat").glob("slide*.png"))) == 2
+    assert len(list((tmp_path / "geo").glob("slide*.geojson"))) == 2
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"path\n{src}\n")
+    capsys.readouterr()
+    assert main(["predict", str(run), str(manifest), "--out", str(manifest)]) == 2
+    assert "one of the inputs" in capsys.readouterr().err
+    assert manifest.read_text() == f"path\n{src}\n"  # untouched
+
+
+def test_geojson_boxes_are_level0_pixels_of_the_original_file(data, run, tmp_path):
+    """A run that works at 0.5 um/px predicts a slide scanned at 0.25 um/px: every sampled
+    sub-tile in the GeoJSON, read from the original file and resampled to the sub-tile
+    size, gives exactly the pixels the model read."""
+    rescaled_run = tmp_path / "run"
+    shutil.copytree(run, rescaled_run)
+    config = json.loads((rescaled_run / "config.json").read_text())
+    config["data"]["target_mpp"] = 0.5
+    (rescaled_run / "config.json").write_text(json.dumps(config))
+    rng = np.random.default_rng(0)
+    native = np.asarray(Image.open(data / "set/images/tiny_00003.png").convert("RGB").resize((300, 260)))
+    native = np.clip(native.astype(int) + rng.integers(-20, 20, native.shape), 0, 255).astype(np.uint8)
+    slide = tmp_path / "slide.tif"
+    tifffile.imwrite(slide, native, resolution=(40000.0, 40000.0), resolutionunit="CENTIMETER")  # 0.25 um/px
+    assert main(["predict", str(rescaled_run), str(slide), "--geojson", str(tmp_path / "geo"), "--seed", "1"]) == 0
+    geo = json.loads((tmp_path / "geo/slide.geojson").read_text())
+    assert geo["properties"]["level0_size"] == [260, 300] and geo["properties"]["prediction"]
+    # the model's own reads, repeated with the same seed to recover its boxes
+    src = LazyImage(slide, str(slide), target_mpp=0.5)
+    from zoomnet.runs import load_run
+
+    model, _ = load_run(rescaled_run)
+    out = model.predict([src], generator=torch.Generator().manual_seed(1))
+    leaves = [f for f in geo["features"] if f["properties"]["name"] == "sub-tile"]
+    assert len(leaves) == len(out.leaf_boxes) > 0
+    original = ArraySource(native)
+    compared = 0
+    for box, feature in zip(out.leaf_boxes, leaves):
+        (ring,) = feature["geometry"]["coordinates"]
+        xs, ys = [p[0] for p in ring], [p[1] for p in ring]
+        assert min(xs) >= 0 and min(ys) >= 0 and max(xs) <= 300 and max(ys) <= 260  # clipped
+        level0 = Box(min(ys), min(xs), max(ys) - min(ys), max(xs) - min(xs))
+        inside = box.top >= 0 and box.left >= 0 and box.top + box.height <= src.height and box.left + box.width <= src.width
+        if inside:
+            assert torch.equal(original.read(level0, (box.height, box.width)), src.read(box))
+            compared += 1
+        assert set(feature["properties"]["measurements"]) == {"weight", "attention level 1", "attention level 2"}
+    assert compared > 0
+    cells = [f for f in geo["features"] if f["properties"]["name"] == "attention cell"]
+    assert cells and abs(sum(f["properties"]["measurements"]["attention"] for f in cells) - 1) < 1e-4
