@@ -81,3 +81,17 @@ def test_distillation_trains_the_learnt_logits_not_the_prior():
     for net in model.attention:
         assert net.prior_gain.grad is None or float(net.prior_gain.grad) == 0.0
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.net.parameters())
+
+
+def test_flat_learning_warning_names_what_is_stuck():
+    from zoomnet.train import flat_learning_warning
+
+    stuck = {"epoch": 2, "train_accuracy": 0.1, "attention_entropy_1": 0.99, "attention_entropy_2": 0.98,
+             "subtile_signal": 0.1}
+    text = flat_learning_warning(stuck, 10, majority=0.12)
+    assert "0.99/0.98" in text and "still uniform" in text and "train_samples" in text
+    moving = {**stuck, "attention_entropy_1": 0.6}
+    assert flat_learning_warning(moving, 10, 0.12) is None  # give f time once attention moves
+    assert "tell nothing" in flat_learning_warning({**moving, "epoch": 5}, 10, 0.12)
+    learning = {**stuck, "train_accuracy": 0.6}
+    assert flat_learning_warning(learning, 10, 0.12) is None

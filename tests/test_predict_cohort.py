@@ -105,3 +105,32 @@ def test_geojson_boxes_are_level0_pixels_of_the_original_file(data, run, tmp_pat
     assert compared > 0
     cells = [f for f in geo["features"] if f["properties"]["name"] == "attention cell"]
     assert cells and abs(sum(f["properties"]["measurements"]["attention"] for f in cells) - 1) < 1e-4
+
+
+def test_slide_heatmap_is_readable_and_the_attention_tiff_overlays_level0(data, run, tmp_path):
+    big = np.asarray(Image.open(data / "set/images/tiny_00002.png").convert("RGB").resize((1200, 900)))
+    path = tmp_path / "big.png"
+    Image.fromarray(big).save(path)
+    assert main(["predict", str(run), str(path), "--heatmaps", str(tmp_path / "heat"), "--heatmap-size", "1000",
+                 "--attention-tiffs", str(tmp_path / "att"), "--deterministic"]) == 0
+    picture = Image.open(tmp_path / "heat/big.png")
+    assert picture.width > 1000 and picture.height >= 750  # the 1000 px view, colour bar and strip beside it
+    with tifffile.TiffFile(tmp_path / "att/big.attention.tif") as tif:
+        page = tif.pages[0]
+        assert page.shape == (900, 1200, 3) and page.is_tiled and len(page.subifds or []) >= 1
+        level0 = page.asarray()
+    assert not list(tmp_path.glob("att/*.partial"))
+    # the brightest part of the overlay lies in the tile the model weighted most
+    from zoomnet.runs import load_run
+
+    model, _ = load_run(run)
+    src = LazyImage(path, str(path))
+    out = model.predict([src], deterministic=True)
+    (whole, alpha), = out.levels[0].maps[0].items()
+    g_h, g_w = out.levels[0].grid
+    best = int(alpha.argmax())
+    t_h, t_w = model.config.levels[0].cell_stride()
+    i, j = divmod(best, g_w)
+    brightness = level0.astype(float).sum(-1)
+    inside = brightness[int(i * t_h) : int((i + 1) * t_h), int(j * t_w) : int((j + 1) * t_w)].mean()
+    assert inside > brightness.mean()

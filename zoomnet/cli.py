@@ -72,7 +72,8 @@ def _predict(args: argparse.Namespace) -> int:
     results = predict_images(
         args.run, inputs, deterministic=args.deterministic, samples=args.samples, seed=args.seed,
         device=args.device, heatmaps=args.heatmaps, geojson=args.geojson, emit=_emit_prediction,
-        progress=_progress(args), out_csv=args.out, workers=args.workers,
+        progress=_progress(args), out_csv=args.out, workers=args.workers, heatmap_size=args.heatmap_size,
+        attention_tiffs=args.attention_tiffs,
     )
     classes = list(results[0]["probabilities"]) if results else []
     if args.out and classes:
@@ -177,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--manifest", help="a CSV of images to predict (column path, optionally label)")
     pr.add_argument("--out", help="append predictions to this CSV as they finish; images already in it are skipped")
     pr.add_argument("--heatmaps", help="folder for <image stem>.png pictures of where the model looked")
+    pr.add_argument("--heatmap-size", type=int, default=2048, help="long side of the heatmap pictures (default 2048)")
+    pr.add_argument("--attention-tiffs", help="folder for <image stem>.attention.tif: the attention as a pyramidal "
+                                              "TIFF at the file's level-0 size, to overlay in a slide viewer")
     pr.add_argument("--geojson", help="folder for <image stem>.geojson (QuPath: level-0 pixel coordinates)")
     pr.add_argument("--workers", type=int, default=2, help="threads opening the next images (default 2)")
     pr.add_argument("--quiet", action="store_true", help="no progress bar")

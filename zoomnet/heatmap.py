@@ -1,10 +1,14 @@
 """Pictures of where the model looked.
 
-One PNG per image: on the left, the low-resolution view with the attention density
-overlaid (level-1 attention over the whole image; inside each drawn tile, level-1 times
-level-2 attention) and the sampled sub-tile boxes drawn, brighter for larger weights; on the
-right, a strip of the sub-tiles with the largest weights, at full resolution, with their
-weights.
+One PNG per image: on the left, a view of the image (up to 2048 px on its long side by
+default) with the attention density overlaid (level-1 attention over the whole image;
+inside each drawn tile, level-1 times level-2 attention), the sampled sub-tile boxes drawn,
+brighter for larger weights, the tissue outline when the model masks tissue, and a colour
+bar of the attention scale; on the right, a strip of the sub-tiles with the largest
+weights, at full resolution, with their weights.
+
+:func:`write_attention_tiff` writes the same density at the file's level-0 size as a tiled,
+pyramidal TIFF, which QuPath or any slide viewer overlays on the slide.
 """
 
 from __future__ import annotations
@@ -12,8 +16,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from zoomnet.core.geometry import Box
 from zoomnet.model import ZoomInOutput
@@ -67,6 +72,31 @@ def attention_density(out: ZoomInOutput, index: int, height: int, width: int, si
     return density
 
 
+def _font(size: int):
+    try:  # Pillow >= 10.1 scales its built-in font
+        return ImageFont.load_default(size=size)
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def _colour_bar(height: int, font, text_px: int) -> Image.Image:
+    """A vertical bar of the overlay's colour scale (square-root of the density over its
+    maximum), labelled in shares of the image's peak attention density."""
+    width = 14 + 5 * text_px
+    bar = Image.new("RGB", (width, height), (255, 255, 255))
+    top = 2 * text_px
+    inner = max(8, height - top - text_px)
+    ramp = np.linspace(1, 0, inner)[:, None].repeat(14, axis=1)
+    bar.paste(Image.fromarray(colormap(ramp)), (4, top))
+    draw = ImageDraw.Draw(bar)
+    for share in (1.0, 0.25, 0.05, 0.0):
+        y = top + round((1 - np.sqrt(share)) * (inner - 1))
+        draw.line([(18, y), (22, y)], fill=(0, 0, 0))
+        draw.text((24, y - text_px // 2), f"{share:g}", fill=(0, 0, 0), font=font)
+    draw.text((2, 0), "attention", fill=(0, 0, 0), font=font)
+    return bar
+
+
 def render_heatmap(
     source: ImageSource,
     out: ZoomInOutput,
@@ -74,8 +104,9 @@ def render_heatmap(
     path: str | Path,
     strides: list[tuple[float, float]],
     title: str = "",
-    display: int = 512,
+    display: int = 2048,
     top: int = 6,
+    tissue: bool = False,
 ) -> Path:
     """Write the picture of image ``index`` of ``out`` to ``path`` (PNG).
 
@@ -86,10 +117,13 @@ def render_heatmap(
         path: where to write.
         strides: cell stride of each level (``LevelConfig.cell_stride()``).
         title: text written above the picture (e.g. the prediction).
-        display: longest side of the view panel in pixels.
+        display: longest side of the view panel in pixels, at most (an image smaller
+            than that is shown at least 512 px wide, enlarged).
         top: number of sub-tiles in the strip.
+        tissue: outline the tissue (the model's tissue mask, Otsu on saturation).
     """
     height, width = source.height, source.width
+    display = min(display, max(512, height, width))
     scale = display / max(height, width)
     size = (max(1, round(height * scale)), max(1, round(width * scale)))
     view = source.read(Box(0, 0, height, width), size).clamp(0, 255).permute(1, 2, 0).numpy()
@@ -97,8 +131,18 @@ def render_heatmap(
     level = np.sqrt(density / density.max()) if density.max() > 0 else density
     overlay = colormap(level).astype(np.float64)
     panel = (0.45 * view + 0.55 * overlay).clip(0, 255).astype(np.uint8)
+    if tissue:
+        from zoomnet.core.tissue import tissue_map
+
+        mask = tissue_map(torch.from_numpy(view).permute(2, 0, 1).float()).numpy()
+        edge = mask & ~np.pad(mask, 1, mode="edge")[2:, 1:-1] | mask & ~np.pad(mask, 1, mode="edge")[:-2, 1:-1]
+        edge |= mask & ~np.pad(mask, 1, mode="edge")[1:-1, 2:] | mask & ~np.pad(mask, 1, mode="edge")[1:-1, :-2]
+        panel[edge] = (40, 220, 90)
     canvas_view = Image.fromarray(panel)
     draw = ImageDraw.Draw(canvas_view)
+    line = max(2, display // 400)
+    text_px = max(11, display // 80)
+    font = _font(text_px)
     leaves = sorted(out.levels[-1].samples[index], key=lambda s: -s.weight)
     wmax = max((s.weight for s in leaves), default=1.0) or 1.0
     for s in leaves:
@@ -106,7 +150,7 @@ def render_heatmap(
         shade = int(120 + 135 * max(0.0, min(1.0, s.weight / wmax)))
         draw.rectangle(
             [b.left * scale, b.top * scale, (b.left + b.width) * scale - 1, (b.top + b.height) * scale - 1],
-            outline=(0, shade, shade), width=2,
+            outline=(0, shade, shade), width=line,
         )
     # strip of the sub-tiles with the largest weights, at full resolution, enlarged
     distinct: list = []
@@ -114,33 +158,81 @@ def render_heatmap(
         if s.box not in [d.box for d in distinct]:
             distinct.append(s)
     distinct = distinct[:top]
-    cell = max(64, size[0] // max(top, 1) - 18)
+    label = text_px + 6
+    cell = max(64, size[0] // max(top, 1) - label)
     strip = Image.new("RGB", (cell + 16, size[0]), (255, 255, 255))
     sd = ImageDraw.Draw(strip)
     for i, s in enumerate(distinct):
         pix = source.read(s.box).clamp(0, 255).permute(1, 2, 0).numpy().astype(np.uint8)
         tile = Image.fromarray(pix).resize((cell, cell), Image.NEAREST)
-        y = 4 + i * (cell + 18)
-        if y + cell + 14 > size[0]:
+        y = 4 + i * (cell + label)
+        if y + cell + label - 4 > size[0]:
             break
         strip.paste(tile, (8, y))
-        sd.text((8, y + cell + 2), f"w={s.weight:.3f}", fill=(0, 0, 0))
-    header = 22
-    canvas = Image.new("RGB", (size[1] + strip.width, size[0] + header), (255, 255, 255))
+        sd.text((8, y + cell + 2), f"w={s.weight:.3f}", fill=(0, 0, 0), font=font)
+    bar = _colour_bar(size[0], font, text_px)
+    header = 2 * text_px
+    canvas = Image.new("RGB", (size[1] + bar.width + strip.width, size[0] + header), (255, 255, 255))
     canvas.paste(canvas_view, (0, header))
-    canvas.paste(strip, (size[1], header))
-    ImageDraw.Draw(canvas).text((6, 5), title, fill=(0, 0, 0))
+    canvas.paste(bar, (size[1], header))
+    canvas.paste(strip, (size[1] + bar.width, header))
+    ImageDraw.Draw(canvas).text((6, text_px // 2), title, fill=(0, 0, 0), font=font)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
     return path
 
 
-def render_batch(model, sources, out: ZoomInOutput, paths, titles=None) -> list[Path]:
+def render_batch(model, sources, out: ZoomInOutput, paths, titles=None, display: int = 2048) -> list[Path]:
     """:func:`render_heatmap` for every image of a batch."""
     strides = [lv.cell_stride() for lv in model.config.levels]
     titles = titles or [""] * len(sources)
-    return [render_heatmap(s, out, i, p, strides, t) for i, (s, p, t) in enumerate(zip(sources, paths, titles))]
+    tissue = model.config.tissue_mask
+    return [render_heatmap(s, out, i, p, strides, t, display=display, tissue=tissue)
+            for i, (s, p, t) in enumerate(zip(sources, paths, titles))]
 
 
-__all__ = ["attention_density", "colormap", "render_batch", "render_heatmap"]
+def write_attention_tiff(
+    source: ImageSource, out: ZoomInOutput, index: int, path: str | Path,
+    strides: list[tuple[float, float]], tile: int = 512,
+) -> Path:
+    """The attention density of image ``index`` as a colour-mapped RGB pyramidal TIFF at
+    the level-0 size of the original file (the frame QuPath shows the slide in), tiled and
+    compressed, with half-size levels down to one tile.
+
+    The density is computed once at a size of at most 4096 px (its cells are far coarser)
+    and each tile is cut from it, so a 100k^2 slide costs what its tiles do, not 30 GB.
+    """
+    import tifffile
+
+    inner = source.opened() if hasattr(source, "opened") else source
+    base = getattr(inner, "inner", inner)  # the file's own level 0 under a rescaling
+    H, W = base.height, base.width
+    h, w = source.height, source.width
+    small = (max(1, round(h * min(1.0, 4096 / max(h, w)))), max(1, round(w * min(1.0, 4096 / max(h, w)))))
+    density = attention_density(out, index, h, w, small, strides)
+    rgb = colormap(np.sqrt(density / density.max()) if density.max() > 0 else density)  # (h', w', 3)
+
+    def tiles(level_h: int, level_w: int):
+        for y in range(0, level_h, tile):
+            for x in range(0, level_w, tile):
+                ys = np.minimum(((np.arange(y, y + tile) + 0.5) * small[0] / level_h).astype(int), small[0] - 1)
+                xs = np.minimum(((np.arange(x, x + tile) + 0.5) * small[1] / level_w).astype(int), small[1] - 1)
+                yield rgb[ys][:, xs]
+
+    sizes = [(H, W)]
+    while max(sizes[-1]) > tile:
+        sizes.append((max(1, sizes[-1][0] // 2), max(1, sizes[-1][1] // 2)))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    with tifffile.TiffWriter(tmp, bigtiff=H * W > 2**31) as tw:
+        for i, (lh, lw) in enumerate(sizes):
+            kwargs = {"subifds": len(sizes) - 1} if i == 0 else {"subfiletype": 1}
+            tw.write(tiles(lh, lw), shape=(lh, lw, 3), dtype=np.uint8, tile=(tile, tile),
+                     photometric="rgb", compression="zlib", **kwargs)
+    tmp.replace(path)
+    return path
+
+
+__all__ = ["attention_density", "colormap", "render_batch", "render_heatmap", "write_attention_tiff"]

@@ -378,7 +378,7 @@ def predict_images(
     run_dir: str | Path, images: list[str], deterministic: bool = False, samples: int | None = None,
     seed: int = 0, device: str = "cpu", heatmaps: str | Path | None = None, geojson: str | Path | None = None,
     emit: Callable[[dict], None] | None = None, progress: bool = False, out_csv: str | Path | None = None,
-    workers: int = 2,
+    workers: int = 2, heatmap_size: int = 2048, attention_tiffs: str | Path | None = None,
 ) -> list[dict]:
     """Predict images, folders and manifests; one result dict per image (also passed to
     ``emit`` as it comes).
@@ -387,6 +387,8 @@ def predict_images(
     already in it are skipped, so a crashed or interrupted cohort resumes where it stopped.
     ``workers`` threads open the next files and read their level-1 views while the model
     works on the current one. A result's ``true_label`` is the manifest's label, if any.
+    ``heatmaps`` pictures are at most ``heatmap_size`` px on the long side;
+    ``attention_tiffs`` get a pyramidal TIFF of the attention at the file's level-0 size.
 
     Raises:
         UserError: an unreadable input (with one image), or an ``out_csv`` that is an input.
@@ -397,7 +399,7 @@ def predict_images(
 
     from zoomnet.data.manifest import LazyImage
     from zoomnet.export import geojson_of
-    from zoomnet.heatmap import render_batch
+    from zoomnet.heatmap import render_batch, write_attention_tiff
     from zoomnet.model import view_size
 
     model, config = load_run(run_dir, device)
@@ -476,8 +478,12 @@ def predict_images(
                 stem = _output_name(given, names)
                 if heatmaps is not None and out.levels:
                     title = f"{given}: {result['label']} (p = {max(probs):.2f})"
-                    (picture,) = render_batch(model, [src], out, [Path(heatmaps) / f"{stem}.png"], [title])
+                    (picture,) = render_batch(model, [src], out, [Path(heatmaps) / f"{stem}.png"], [title],
+                                              display=heatmap_size)
                     result["heatmap"] = str(picture)
+                if attention_tiffs is not None and out.levels:
+                    target = Path(attention_tiffs) / f"{stem}.attention.tif"
+                    result["attention_tiff"] = str(write_attention_tiff(src, out, 0, target, strides))
                 if geojson is not None and out.levels:
                     Path(geojson).mkdir(parents=True, exist_ok=True)
                     target = Path(geojson) / f"{stem}.geojson"

@@ -115,16 +115,18 @@ def flat_learning_warning(row: dict, num_classes: int, majority: float) -> str |
     flat = row["train_accuracy"] <= majority + 0.05
     uniform = all(v >= 0.95 for v in entropy)
     blind = row["subtile_signal"] < chance + 0.15 * (1 - chance)
-    if not (flat and (uniform or blind)):
+    if not flat or not (uniform or (blind and row["epoch"] >= 5)):
         return None
+    what = ("the attention is still uniform, so sampling has not found where to look" if uniform else
+            "the attention has moved, but the sampled sub-tiles still tell nothing of the label")
     return (
         f"after epoch {row['epoch']} training accuracy is {row['train_accuracy']:.3f} (majority class "
         f"{majority:.3f}), attention entropy {'/'.join(f'{v:.2f}' for v in entropy)} of uniform per level, "
-        f"best sampled sub-tile p(label) {row['subtile_signal']:.2f} (chance {chance:.2f}): the model has not "
-        "found what decides the label yet. Try more training draws (--set model.train_samples=...), "
-        "sub-tiles that hold a whole object (model.levels.-1.region), the instance and distillation terms "
-        "(train.instance_weight=4 train.distill_weight=1), or a mask column in the manifest to see hit rates; "
-        "docs/design.md, 'When accuracy is flat'"
+        f"best sampled sub-tile p(label) {row['subtile_signal']:.2f} (chance {chance:.2f}): {what}. Try more "
+        "training draws (--set model.train_samples=...), sub-tiles that hold a whole object "
+        "(model.levels.-1.region), the instance and distillation terms (train.instance_weight=4 "
+        "train.distill_weight=1), or a mask column in the manifest to see hit rates; docs/design.md, "
+        "'When accuracy is flat'"
     )
 
 
