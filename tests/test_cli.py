@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import csv
+import os
+import subprocess
+import sys
 import json
 from pathlib import Path
 
@@ -218,3 +221,64 @@ def test_other_models_and_options_train_and_evaluate(sets, data, tmp_path, capsy
     assert "accuracy" in json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     kind = json.loads((out / "config.json").read_text())["model"]["kind"]
     assert kind == (sets[0].split("=")[1] if sets[0].startswith("model.kind") else "zoomin")
+
+
+def test_train_ends_with_the_run_the_best_epoch_and_what_to_type_next(data, tmp_path, capsys):
+    out = tmp_path / "r"
+    argv = ["train", "--config", str(data / "tiny.json"), "--train", str(data / "set/train.csv"),
+            "--val", str(data / "set/val.csv"), "--out", str(out), "--quiet", "--device", "cpu"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert f"run: {out} (best.safetensors from epoch 1: val accuracy" in text
+    assert f"next: zoomnet evaluate {out} {data / 'set/test.csv'}" in text and "zoomnet predict" in text
+    # TensorBoard is an extra: logged where it is installed, a one-line hint where it is not
+    import importlib.util
+
+    code = main([*argv[:-5], "--out", str(tmp_path / "tb"), "--quiet", "--tensorboard"])
+    if importlib.util.find_spec("tensorboard") is None:
+        assert code == 2 and "pip install tensorboard" in capsys.readouterr().err
+    else:
+        assert code == 0 and list((tmp_path / "tb/tensorboard").glob("events.*"))
+
+
+NET_MODULE = '''
+import torch
+from torch import nn
+
+
+class Tiny(nn.Module):
+    def __init__(self, in_channels=3, width=4):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, width, 3, padding=1)
+        self.out_dim = width
+
+    def forward(self, x):
+        return torch.nn.functional.normalize(self.conv(x).amax(dim=(2, 3)), dim=1)
+
+
+def tiny_net(in_channels=3, width=4):
+    return Tiny(in_channels, width)
+'''
+
+
+def test_a_feature_net_from_a_users_module_trains_and_predicts_in_a_fresh_process(data, tmp_path):
+    (tmp_path / "lab_nets.py").write_text(NET_MODULE)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    run = tmp_path / "run"
+    train = [sys.executable, "-m", "zoomnet", "train", "--config", str(data / "tiny.json"), "--train",
+             str(data / "set/train.csv"), "--out", str(run), "--quiet", "--device", "cpu",
+             "--set", "model.feature=lab_nets:tiny_net", 'model.feature_kwargs={"width": 6}']
+    done = subprocess.run(train, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((run / "config.json").read_text())["model"]["feature"] == "lab_nets:tiny_net"
+    image = str(data / "set/images/tiny_00000.png")
+    done = subprocess.run([sys.executable, "-m", "zoomnet", "predict", str(run), image], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1])["path"] == image
+    # without the module on the path: one line that says how to fix it
+    env.pop("PYTHONPATH")
+    done = subprocess.run([sys.executable, "-m", "zoomnet", "predict", str(run), image], env=env,
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path.parent)
+    assert done.returncode == 2 and "lab_nets:tiny_net" in done.stderr and "PYTHONPATH" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr

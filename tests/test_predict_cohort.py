@@ -134,3 +134,29 @@ def test_slide_heatmap_is_readable_and_the_attention_tiff_overlays_level0(data, 
     brightness = level0.astype(float).sum(-1)
     inside = brightness[int(i * t_h) : int((i + 1) * t_h), int(j * t_w) : int((j + 1) * t_w)].mean()
     assert inside > brightness.mean()
+
+
+def test_a_small_mask_maps_onto_a_rescaled_slide(tmp_path):
+    """A 0.25 um/px slide seen at 0.5 um/px, its mask stored at a quarter of level 0: a box of
+    the model's frame reads the mask where the object is, and nowhere else."""
+    from zoomnet.data.manifest import load_examples
+
+    slide = np.full((400, 400, 3), 200, np.uint8)
+    tifffile.imwrite(tmp_path / "s.tif", slide, resolution=(40000.0, 40000.0), resolutionunit="CENTIMETER")
+    mask = np.zeros((100, 100), np.uint8)
+    mask[60:70, 20:30] = 255  # level 0 rows 240-280, columns 80-120: model frame 120-140, 40-60
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    (tmp_path / "set.csv").write_text("path,label,mask\ns.tif,positive,m.png\n")
+    (ex,) = load_examples(tmp_path / "set.csv", ["negative", "positive"], target_mpp=0.5)
+    assert (ex.mask.height, ex.mask.width) == (ex.source.height, ex.source.width) == (200, 200)
+    assert float(ex.mask.read(Box(120, 40, 20, 20)).min()) == 1.0
+    assert float(ex.mask.read(Box(0, 0, 100, 200)).max()) == 0.0
+    assert ex.mask.read(Box(100, 20, 60, 60), (6, 6))[0, 2:4, 2:4].min() > 0  # resampled onto a grid
+    assert ex.has_objects()
+
+
+def test_make_data_splits_keep_every_class_in_every_part(tmp_path):
+    assert main(["make-data", "tiny-objects", str(tmp_path / "set"), "--num", "20", "--size", "128"]) == 0
+    for part in ("train", "val", "test"):
+        labels = {r["label"] for r in _rows(tmp_path / "set" / f"{part}.csv")}
+        assert labels == {"negative", "positive"}, part

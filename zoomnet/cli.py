@@ -36,7 +36,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.seed is not None:
         config.train.seed = args.seed
     train_run(config, args.train, args.val, args.out, resume=args.resume, device=args.device,
-              progress=not args.quiet, epochs=args.epochs)
+              progress=_progress(args), epochs=args.epochs, tensorboard=args.tensorboard)
     return 0
 
 
@@ -44,7 +44,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from zoomnet.runs import evaluate_run
 
     m = evaluate_run(args.run, args.test, deterministic=args.deterministic, samples=args.samples,
-                     seed=args.seed, device=args.device)
+                     seed=args.seed, device=args.device, progress=_progress(args))
     print(f"images: {m['images']}")
     print(f"accuracy: {m['accuracy']:.4f}")
     print(f"balanced accuracy: {m['balanced_accuracy']:.4f}")
@@ -161,12 +161,15 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config fields")
     tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
     tr.add_argument("--quiet", action="store_true", help="no progress bars")
+    tr.add_argument("--tensorboard", action="store_true",
+                    help="also log metrics and heatmaps to RUN/tensorboard (pip install tensorboard)")
     device(tr)
     tr.set_defaults(func=_train)
 
     ev = sub.add_parser("evaluate", help="metrics of a run on a manifest; the last line is JSON")
     ev.add_argument("run", help="run folder")
     ev.add_argument("test", help="manifest CSV")
+    ev.add_argument("--quiet", action="store_true", help="no progress bar")
     inference(ev)
     ev.set_defaults(func=_evaluate)
 

@@ -29,6 +29,7 @@ from zoomnet.core import expectation, sampling
 from zoomnet.core.geometry import Box, cell_boxes, grid_shape, pool_to_grid, pooling_matrix
 from zoomnet.core.tissue import tissue_map
 from zoomnet.nets import available, build
+from zoomnet.nets.registry import resolve
 from zoomnet.nets.features import PreActBlock
 from zoomnet.sources.base import ImageSource
 
@@ -73,7 +74,9 @@ class ModelConfig:
         samples: draws N at level 1 at inference.
         train_samples: draws in training (None: ``samples``). More draws early help the
             attention find rare objects; the estimator is unbiased for any N.
-        feature: registered feature net (``lenet``, ``resnet``).
+        feature: registered feature net (``lenet``, ``resnet``) or an import path
+            ``package.module:callable`` (called with ``in_channels`` and ``feature_kwargs``;
+            the net needs an ``out_dim``), recorded in the run so prediction imports it.
         feature_kwargs: extra arguments for the feature net.
         classifier_scale: input scale of the linear classifier (features are unit vectors).
         attention_width: hidden channels of the attention nets (8 in the paper).
@@ -81,8 +84,10 @@ class ModelConfig:
             untrained attention is drawn to local detail rather than uniform, so the first
             epochs sample the places where a small object can be (``nets/attention.py``).
         smooth: uniform mass mixed into every attention map (exploration; 0 = none).
-        pixel_mean: raw pixel mean subtracted before every net.
-        pixel_std: raw pixel standard deviation divided out before every net.
+        pixel_mean: raw pixel mean subtracted before every net (0-255 scale; ImageNet
+            statistics, for a feature net trained with them: ``[123.7, 116.3, 103.5]``).
+        pixel_std: raw pixel standard deviation divided out before every net (ImageNet:
+            ``[58.4, 57.1, 57.4]``).
         chunk: sub-tiles per chunk of ``f`` at inference (memory of one chunk).
         view_chunk: parent views per batch of a deeper level's attention net.
         tissue_mask: level-1 cells without tissue (Otsu on the saturation of the level-1
@@ -139,8 +144,10 @@ class ModelConfig:
             raise ValueError(f"model.samples={self.samples}: the number of draws must be >= 1")
         if self.num_classes < 2:
             raise ValueError(f"model.num_classes={self.num_classes}: need at least 2 classes")
-        if self.feature not in available("feature"):
-            raise ValueError(f"model.feature={self.feature!r}: unknown feature net; choose one of: {', '.join(available('feature'))}")
+        try:
+            resolve("feature", self.feature)
+        except ValueError as exc:
+            raise ValueError(f"model.feature={self.feature!r}: {exc}") from None
         if not 0.0 <= self.smooth < 1.0:
             raise ValueError(f"model.smooth={self.smooth}: must be in [0, 1)")
         for i, lv in enumerate(self.levels, start=1):

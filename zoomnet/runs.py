@@ -144,11 +144,13 @@ def train_run(
     log: Callable[[str], None] = print,
     progress: bool = True,
     epochs: int | None = None,
+    tensorboard: bool = False,
 ) -> list[dict]:
     """Train a model on the manifests, writing the run folder; returns the epoch rows.
 
     With ``resume``, the run's saved configuration is used; ``epochs`` (if given) extends
-    or shortens it.
+    or shortens it. ``tensorboard`` also logs every epoch's metrics and heatmaps of two
+    validation images to ``out_dir/tensorboard`` (needs the ``tensorboard`` package).
     """
     out = Path(out_dir)
     rank, world = _distributed()
@@ -219,6 +221,7 @@ def train_run(
         counts = torch.bincount(torch.tensor([e.label for e in train]), minlength=len(classes)).float()
         class_weight = (counts.sum() / (len(classes) * counts.clamp_min(1))).to(dev)
 
+    board = _tensorboard(out) if tensorboard and rank == 0 else None
     wrapped = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -240,7 +243,8 @@ def train_run(
         if scheduler:
             scheduler.step()
         if val and rank == 0:
-            res = evaluate(model, val, config.train.batch_size, seed=config.train.seed)
+            res = evaluate(model, val, config.train.batch_size, seed=config.train.seed, progress=progress,
+                           desc=f"validate {epoch}")
             m = classification_metrics(res["probabilities"], res["labels"])
             row.update(val_accuracy=m["accuracy"], val_balanced_accuracy=m["balanced_accuracy"],
                        val_hit_rate=res["hit_rate"])
@@ -276,11 +280,58 @@ def train_run(
                     "the contrastive term joins from the next epoch")
             if epoch in (2, 5) and (warning := flat_learning_warning(row, len(classes), majority)):
                 log(f"warning: {warning}")
+            if board is not None:
+                _log_board(board, model, row, val[:2], epoch)
+    if board is not None:
+        board.close()
+    if rank == 0 and history:
+        log(_summary(out, history, val_csv))
     if world > 1:
         import torch.distributed as dist
 
         dist.barrier()
     return history
+
+
+def _summary(out: Path, history: list[dict], val_csv) -> str:
+    """What a finished run says: where it is, its best epoch, and what to type next."""
+    key = "val_accuracy" if "val_accuracy" in history[-1] else "train_accuracy"
+    best = max(history, key=lambda r: r.get(key, -1.0))
+    shown = "  ".join(f"{k.replace('_', ' ')} {best[k]:.3f}" for k in ("val_accuracy", "val_auc",
+                      "val_balanced_accuracy", "train_accuracy") if k in best)
+    test = Path(val_csv).with_name("test.csv") if val_csv else Path("test.csv")
+    return (
+        f"run: {out} (best.safetensors from epoch {best['epoch']}: {shown}; metrics.csv per epoch)\n"
+        f"next: zoomnet evaluate {out} {test}\n"
+        f"      zoomnet predict {out} IMAGES_OR_FOLDERS --out predictions.csv --heatmaps {out / 'heatmaps'}"
+    )
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+def _log_board(board, model, row: dict, examples: list[Example], epoch: int) -> None:
+    """Scalars of one epoch and heatmaps of a few validation images."""
+    import numpy as np
+    from PIL import Image
+
+    from zoomnet.heatmap import render_batch
+
+    for key, value in row.items():
+        if isinstance(value, (int, float)) and key != "epoch" and math.isfinite(value):
+            board.add_scalar(key, value, epoch)
+    if examples and hasattr(model, "attention"):
+        out = model.predict([e.source for e in examples[:1]], deterministic=True)
+        with __import__("tempfile").TemporaryDirectory() as tmp:
+            (path,) = render_batch(model, [examples[0].source], out, [Path(tmp) / "h.png"], [examples[0].name],
+                                   display=512)
+            board.add_image("heatmap", np.asarray(Image.open(path).convert("RGB")), epoch, dataformats="HWC")
+    board.flush()
 
 
 def load_run(run_dir: str | Path, device: str = "cpu", which: str = "best") -> tuple[torch.nn.Module, RunConfig]:
@@ -300,14 +351,15 @@ def load_run(run_dir: str | Path, device: str = "cpu", which: str = "best") -> t
 
 def evaluate_run(
     run_dir: str | Path, test_csv: str | Path, deterministic: bool = False, samples: int | None = None,
-    seed: int = 0, device: str = "cpu", batch_size: int = 8,
+    seed: int = 0, device: str = "cpu", batch_size: int = 8, progress: bool = False,
 ) -> dict:
     """Metrics of a run on a manifest: accuracy, balanced accuracy, AUC (binary), confusion."""
     model, config = load_run(run_dir, device)
     classes = config.data.classes
     examples = load_examples(test_csv, classes, config.data.fill, "evaluated", config.data.target_mpp)
     check_image_sizes(examples, config.model, f"the model in {run_dir}")
-    res = evaluate(model, examples, batch_size, deterministic=deterministic, samples=samples, seed=seed)
+    res = evaluate(model, examples, batch_size, deterministic=deterministic, samples=samples, seed=seed,
+                   progress=progress)
     metrics = classification_metrics(res["probabilities"], res["labels"])
     metrics.update(images=len(examples), classes=classes, hit_rate=res["hit_rate"], images_hit=res["images_hit"])
     return metrics

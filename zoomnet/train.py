@@ -324,7 +324,7 @@ def train_epoch(
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module, examples: list[Example], batch_size: int = 16, deterministic: bool = False,
-    samples: int | None = None, seed: int = 0,
+    samples: int | None = None, seed: int = 0, progress: bool = False, desc: str = "evaluate",
 ) -> dict:
     """Accuracy, class probabilities and object hit rates on ``examples``.
 
@@ -337,11 +337,15 @@ def evaluate(
     model = getattr(model, "module", model)
     probs = torch.zeros(len(examples), model.config.num_classes)
     hits = [0, 0, 0, 0]
-    for idx in batches_by_size(examples, batch_size, shuffle=False):
+    batches = batches_by_size(examples, batch_size, shuffle=False)
+    bar = tqdm(total=len(examples), desc=desc, unit="image", disable=not progress, leave=False)
+    for idx in batches:
+        bar.update(len(idx))
         batch = [examples[i] for i in idx]
         out = model.predict([ex.source for ex in batch], deterministic=deterministic, samples=samples, generator=generator)
         probs[idx] = torch.softmax(out.logits.float(), dim=1).cpu()
         hits = [a + b for a, b in zip(hits, object_hits(out, batch))]
+    bar.close()
     labels = torch.tensor([ex.label for ex in examples])
     return {
         "accuracy": float((probs.argmax(1) == labels).float().mean()) if len(examples) else float("nan"),

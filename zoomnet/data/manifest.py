@@ -10,6 +10,7 @@ never holds more than a few decoded images.
 from __future__ import annotations
 
 import csv
+import math
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -189,26 +190,38 @@ def load_examples(
                 f"{csv_path}: label {r.label!r} of {r.given} is not in the class list "
                 f"({', '.join(classes)}) of the {role} run; fix the label or retrain with it"
             )
-        mask = None
-        if r.mask is not None:
-            mask_src = LazyImage(r.mask, str(r.mask))
-            mask = _MaskView(mask_src)
-        out.append(Example(LazyImage(r.path, r.given, fill, target_mpp), index[r.label], mask, r.given))
+        image = LazyImage(r.path, r.given, fill, target_mpp)
+        mask = None if r.mask is None else _MaskView(LazyImage(r.mask, str(r.mask)), image)
+        out.append(Example(image, index[r.label], mask, r.given))
     return out
 
 
 class _MaskView:
-    """A mask file read as one channel with values in {0, 1} (any non-zero pixel is object)."""
+    """A mask file read as one channel with values in {0, 1} (any non-zero pixel is object),
+    in the frame of its image: the mask may be stored at another size (a slide's mask at
+    1/16 of level 0, say) and the image may be seen at ``data.target_mpp``; a box of the
+    model's frame maps to the mask by the ratio of their sizes. The mask opens through the
+    same lazy sources as images, so a pyramidal mask of a slide reads only the tiles a box
+    touches.
+    """
 
-    def __init__(self, src: LazyImage):
+    def __init__(self, src: LazyImage, image):
         self.src = src
-        self.height, self.width, self.channels, self.fill = src.height, src.width, 1, 0.0
+        self.height, self.width, self.channels, self.fill = image.height, image.width, 1, 0.0
+        self.ry, self.rx = src.height / image.height, src.width / image.width
 
     def read(self, box: Box, out_size: tuple[int, int] | None = None) -> torch.Tensor:
-        full = self.src.read(box)[:1]  # (1, h, w) raw values
-        binary = (full > 0).float()
-        if out_size is None:
+        top, left, h, w = (int(v) for v in box)
+        if (self.ry, self.rx) == (1.0, 1.0):
+            native = Box(top, left, h, w)
+        else:
+            y0, x0 = math.floor(top * self.ry), math.floor(left * self.rx)
+            y1, x1 = math.ceil((top + h) * self.ry), math.ceil((left + w) * self.rx)
+            native = Box(y0, x0, max(1, y1 - y0), max(1, x1 - x0))
+        binary = (self.src.read(native)[:1] > 0).float()  # (1, h', w')
+        size = out_size or (h, w)
+        if tuple(binary.shape[-2:]) == tuple(size):
             return binary
         from zoomnet.sources.array import resize
 
-        return resize(binary, out_size)
+        return resize(binary, size)

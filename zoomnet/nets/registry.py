@@ -1,4 +1,10 @@
-"""A small registry mapping ``(kind, name)`` to network builders (as timm's ``register_model``)."""
+"""A small registry mapping ``(kind, name)`` to network builders (as timm's ``register_model``).
+
+A name may also be an import path, ``package.module:callable``: the callable is imported
+and called like a registered builder. A run records the name in its configuration, so
+``zoomnet predict`` and ``evaluate`` import the same net in a fresh process, as long as the
+module is importable there (installed, or on ``PYTHONPATH``).
+"""
 
 from __future__ import annotations
 
@@ -19,17 +25,42 @@ def register(kind: str, name: str) -> Callable:
     return wrap
 
 
+def resolve(kind: str, name: str) -> Callable[..., nn.Module]:
+    """The builder of a registered name or of an import path ``package.module:callable``.
+
+    Raises:
+        ValueError: an unknown name, or an import path that does not import.
+    """
+    if ":" in name:
+        import importlib
+
+        module, _, attr = name.partition(":")
+        try:
+            builder = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError, ValueError) as exc:
+            raise ValueError(
+                f"{kind} net {name!r} does not import ({exc}); install its package or put it on PYTHONPATH"
+            ) from None
+        if not callable(builder):
+            raise ValueError(f"{kind} net {name!r} is not callable")
+        return builder
+    try:
+        return _BUILDERS[kind][name]
+    except KeyError:
+        raise ValueError(
+            f"unknown {kind} net {name!r}; choose one of: {', '.join(available(kind))}, or package.module:callable"
+        ) from None
+
+
 def available(kind: str) -> list[str]:
     """Registered names of one kind (``attention``, ``feature``, ``classifier``)."""
     return sorted(_BUILDERS.get(kind, {}))
 
 
 def build(kind: str, name: str, **kwargs) -> nn.Module:
-    """Instantiate a registered net; unknown names raise a ``ValueError`` listing the choices."""
-    try:
-        builder = _BUILDERS[kind][name]
-    except KeyError:
-        raise ValueError(
-            f"unknown {kind} net {name!r}; choose one of: {', '.join(available(kind))}"
-        ) from None
-    return builder(**kwargs)
+    """Instantiate a registered (or imported) net; unknown names raise a ``ValueError``
+    listing the choices. A feature net must have an ``out_dim`` attribute (its feature size)."""
+    net = resolve(kind, name)(**kwargs)
+    if kind == "feature" and not isinstance(getattr(net, "out_dim", None), int):
+        raise ValueError(f"feature net {name!r} has no integer out_dim (its feature size); set one")
+    return net
