@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import csv
 import io
 
@@ -83,6 +85,7 @@ def test_leaf_probabilities_multiply_along_the_path():
         assert math.isclose(p, float(alpha * beta), rel_tol=1e-5)
 
 
+@pytest.mark.slow  # an end-to-end training: `make test-slow`, run by .ci/run
 def test_bench_trains_tests_and_measures_a_tiny_needles_set(tmp_path, capsys):
     args = ["bench", "needles", "--seeds", "2", "--num", "12", "--size", "256", "--epochs", "1", "--quiet",
             "--work", str(tmp_path), "--cost-images", "1", "--repeats", "1", "--csv", str(tmp_path / "out.csv")]

@@ -185,6 +185,7 @@ def _ddp_worker(rank: int, world: int, root: str, port: int) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # an end-to-end training: `make test-slow`, run by .ci/run
 def test_ddp_two_cpu_processes_keep_identical_weights(data):
     import socket
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
+
 from PIL import Image
 
 from zoomnet.cli import main
 from zoomnet.demo import run_demo
 
 
+@pytest.mark.slow  # an end-to-end training: `make test-slow`, run by .ci/run
 def test_demo_runs_end_to_end(tmp_path):
     lines: list[str] = []
     metrics = run_demo(tmp_path, train_size=16, epochs=1, val_size=4, test_size=6, heatmaps=2,
@@ -30,6 +33,7 @@ def test_cli_version(capsys):
     assert "zoomnet" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # an end-to-end training: `make test-slow`, run by .ci/run
 def test_cli_demo_runs_every_step(tmp_path, capsys):
     from zoomnet.demo import run_cli_demo
 

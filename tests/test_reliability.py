@@ -139,6 +139,7 @@ def _train_cmd(data: Path, out: Path, epochs: int) -> list[str]:
             "--device", "cpu", "--set", "model.train_samples=32"]
 
 
+@pytest.mark.slow  # an end-to-end training: `make test-slow`, run by .ci/run
 def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(data, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     whole = tmp_path / "whole"
@@ -167,6 +168,7 @@ def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(data, tmp
     assert [r["loss_ce"] for r in rows_a] == [r["loss_ce"] for r in rows_b]
 
 
+@pytest.mark.slow  # an end-to-end training: `make test-slow`, run by .ci/run
 def test_same_seed_same_metrics(data, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for name in ("a", "b"):
