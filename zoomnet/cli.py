@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", required=True, help="run folder to write")
     tr.add_argument("--epochs", type=int, help="override train.epochs")
     tr.add_argument("--seed", type=int, help="override train.seed")
-    tr.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config fields")
+    tr.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE", help="override config fields")
     tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
     tr.add_argument("--quiet", action="store_true", help="no progress bars")
     tr.add_argument("--tensorboard", action="store_true",
@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="untrained weights, one image: cost columns only, in seconds")
     bn.add_argument("--seeds", type=int, default=3, help="training seeds per model (default 3)")
     bn.add_argument("--models", nargs="*", help="a subset of: zoomin ats ats-fullres cnn cnn-downsampled")
-    bn.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+    bn.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                     help="config overrides for every model (ablations), e.g. model.samples=10")
     bn.add_argument("--epochs", type=int, help="training epochs (default per setting)")
     bn.add_argument("--num", type=int, help="images in the synthetic set (default per setting)")

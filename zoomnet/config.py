@@ -48,6 +48,27 @@ class DataConfig:
     augment_strength: float = 0.1
     target_mpp: float | None = None
 
+    def __post_init__(self) -> None:
+        """Refuse, naming the field and the fix, a value of the wrong type or range."""
+        import math
+
+        if not isinstance(self.fill, (int, float)) or isinstance(self.fill, bool) or not 0 <= self.fill <= 255:
+            raise ValueError(f"data.fill={self.fill!r}: give a raw pixel value from 0 to 255 (255: white, bright-field slides)")
+        if self.target_mpp is not None and (
+            isinstance(self.target_mpp, bool) or not isinstance(self.target_mpp, (int, float))
+            or not math.isfinite(self.target_mpp) or self.target_mpp <= 0
+        ):
+            raise ValueError(f"data.target_mpp={self.target_mpp!r}: give microns per pixel (e.g. 0.5), or null")
+        if not isinstance(self.augment_strength, (int, float)) or not 0 <= self.augment_strength < 1:
+            raise ValueError(f"data.augment_strength={self.augment_strength!r}: give a number in [0, 1)")
+        if self.classes is not None and (
+            not isinstance(self.classes, list) or len(set(map(str, self.classes))) != len(self.classes) or len(self.classes) < 2
+        ):
+            raise ValueError(f"data.classes={self.classes!r}: give a list of at least two distinct names, or null")
+        for name in ("augment", "class_weights"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"data.{name}={getattr(self, name)!r}: give true or false")
+
 
 @dataclass
 class RunConfig:

@@ -142,6 +142,25 @@ class ModelConfig:
             raise ValueError("model.levels: zoomin needs at least two levels (one is ats)")
         if self.samples <= 0 or (self.train_samples is not None and self.train_samples <= 0):
             raise ValueError(f"model.samples={self.samples}: the number of draws must be >= 1")
+        for name in ("samples", "chunk", "view_chunk", "num_classes", "attention_width"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ValueError(f"model.{name}={v!r}: give a whole number")
+        if self.strip_rows is not None and (not isinstance(self.strip_rows, int) or self.strip_rows < 1):
+            raise ValueError(f"model.strip_rows={self.strip_rows!r}: give a whole number >= 1, or null")
+        if self.chunk < 1 or self.view_chunk < 1:
+            raise ValueError(f"model.chunk={self.chunk}, view_chunk={self.view_chunk}: give at least 1")
+        if len(self.pixel_mean) != len(self.pixel_std) or not all(
+            isinstance(v, (int, float)) and math.isfinite(v) for v in (*self.pixel_mean, *self.pixel_std)
+        ) or min(self.pixel_std) <= 0:
+            raise ValueError(
+                f"model.pixel_mean={list(self.pixel_mean)}, pixel_std={list(self.pixel_std)}: give one finite mean "
+                "and one positive standard deviation per channel (0-255 scale)"
+            )
+        for name in ("classifier_scale", "attention_prior", "cnn_scale"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (name != "attention_prior" and v == 0):
+                raise ValueError(f"model.{name}={v!r}: give a finite number {'>= 0' if name == 'attention_prior' else '> 0'}")
         if self.num_classes < 2:
             raise ValueError(f"model.num_classes={self.num_classes}: need at least 2 classes")
         try:

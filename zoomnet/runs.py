@@ -167,6 +167,8 @@ def train_run(
             raise UserError(f"{out}: no checkpoint to resume from (last.safetensors); train without --resume first")
         config = config_from_dict(json.loads((out / "config.json").read_text()), str(out / "config.json"))
     if epochs is not None:
+        if epochs < 1:
+            raise UserError(f"--epochs {epochs}: give at least 1")
         config.train.epochs = epochs
     classes = config.data.classes
     if classes is None:

@@ -73,6 +73,34 @@ class TrainConfig:
 
 
     def __post_init__(self) -> None:
+        """Refuse, naming the field and the fix, a value of the wrong type or range."""
+        def whole(name: str, low: int, optional: bool = False) -> None:
+            v = getattr(self, name)
+            if optional and v is None:
+                return
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"train.{name}={v!r}: give a whole number >= {low}")
+
+        def number(name: str, positive: bool, optional: bool = False) -> None:
+            v = getattr(self, name)
+            if optional and v is None:
+                return
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (positive and v == 0):
+                raise ValueError(f"train.{name}={v!r}: give a finite number {'> 0' if positive else '>= 0'}")
+
+        whole("epochs", 1)
+        whole("batch_size", 1)
+        whole("lr_step", 1, optional=True)
+        whole("seed", 0)
+        number("lr", positive=True)
+        number("attention_lr", positive=True, optional=True)
+        number("lr_gamma", positive=True)
+        for name in ("weight_decay", "clip", "entropy_weight", "contrastive_weight", "instance_weight",
+                     "mask_weight", "distill_weight"):
+            number(name, positive=False)
+        if self.lr > 10 or (self.attention_lr or 0) > 10:
+            raise ValueError(f"train.lr={self.lr}, attention_lr={self.attention_lr}: a learning rate above 10 "
+                             "diverges; Adam takes 1e-4 to 1e-2")
         c = self.contrastive_from
         if not (c is None or c == "auto" or (isinstance(c, int) and not isinstance(c, bool) and c >= 1)):
             raise ValueError(f"train.contrastive_from={c!r}: give an epoch (>= 1), \"auto\" or null")
