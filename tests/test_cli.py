@@ -283,3 +283,13 @@ def test_a_feature_net_from_a_users_module_trains_and_predicts_in_a_fresh_proces
                           capture_output=True, text=True, timeout=300, cwd=tmp_path.parent)
     assert done.returncode == 2 and "lab_nets:tiny_net" in done.stderr and "PYTHONPATH" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_evaluate_prints_strict_json_when_a_metric_is_undefined(data, run, tmp_path, capsys):
+    rows = list(csv.DictReader(open(data / "set/test.csv")))
+    one_class = [r for r in rows if r["label"] == rows[0]["label"]]
+    path = write_csv(tmp_path / "one.csv", ["path", "label"],
+                     [[str(data / "set" / r["path"]), r["label"]] for r in one_class])
+    assert main(["evaluate", str(run), str(path), "--quiet"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "NaN" not in last and json.loads(last)["auc"] is None  # AUC of one class: undefined

@@ -313,3 +313,27 @@ def test_a_repeated_set_keeps_every_value(data, tmp_path):
     assert main(argv) == 0
     saved = json.loads((tmp_path / "r/config.json").read_text())
     assert saved["train"]["lr"] == 0.002 and saved["model"]["samples"] == 3
+
+
+def test_a_run_folder_is_never_overwritten_without_resume_or_force(data, tmp_path, capsys):
+    argv = ["train", "--config", str(data / "tiny.json"), "--train", str(data / "set/train.csv"), "--quiet"]
+    run = tmp_path / "r"
+    assert main([*argv, "--out", str(run)]) == 0
+    before = (run / "last.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main([*argv, "--out", str(run), "--set", "train.lr=0.01"]) == 2
+    assert "holds a run already; continue it with --resume, or start afresh with --force" in capsys.readouterr().err
+    assert (run / "last.safetensors").read_bytes() == before
+    assert main([*argv, "--out", str(run), "--force", "--seed", "5"]) == 0
+    assert json.loads((run / "config.json").read_text())["train"]["seed"] == 5
+    # a folder with a user's files (the manifest itself, say) is refused even with --force
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "train.csv").write_text("path,label\n")
+    capsys.readouterr()
+    assert main([*argv, "--out", str(user), "--force"]) == 2
+    assert "not a run's (train.csv)" in capsys.readouterr().err
+    assert (user / "train.csv").read_text() == "path,label\n" and len(list(user.iterdir())) == 1
+    (tmp_path / "file").write_text("x")
+    assert main([*argv, "--out", str(tmp_path / "file")]) == 2
+    assert "a file, not a folder" in capsys.readouterr().err

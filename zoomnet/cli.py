@@ -16,6 +16,27 @@ from zoomnet import __version__
 from zoomnet.errors import UserError
 
 
+def strict_json(value) -> str:
+    """JSON that every parser reads: NaN and infinities (an AUC of a one-class set, say)
+    become ``null``.
+
+    >>> strict_json({"auc": float("nan"), "n": [1.0, float("inf")]})
+    '{"auc": null, "n": [1.0, null]}'
+    """
+    import math
+
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    return json.dumps(clean(value), allow_nan=False)
+
+
 def _doctor(args: argparse.Namespace) -> int:
     from zoomnet.doctor import print_report
 
@@ -36,7 +57,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.seed is not None:
         config.train.seed = args.seed
     train_run(config, args.train, args.val, args.out, resume=args.resume, device=args.device,
-              progress=_progress(args), epochs=args.epochs, tensorboard=args.tensorboard)
+              progress=_progress(args), epochs=args.epochs, tensorboard=args.tensorboard, force=args.force)
     return 0
 
 
@@ -53,12 +74,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     print("confusion (rows: true " + ", ".join(m["classes"]) + "):")
     for c, row in zip(m["classes"], m["confusion"]):
         print(f"  {c}: {row}")
-    print(json.dumps(m))
+    print(strict_json(m))
     return 0
 
 
 def _emit_prediction(result: dict) -> None:
-    print(json.dumps(result), flush=True)
+    print(strict_json(result), flush=True)
     if "heatmap" in result:  # on stderr, so that stdout stays one JSON line per image
         print(f"heatmap: {result['heatmap']}", file=sys.stderr, flush=True)
 
@@ -91,7 +112,7 @@ def _predict(args: argparse.Namespace) -> int:
         if "auc" in metrics:
             summary += f", AUC {metrics['auc']:.4f}"
         print(summary, file=sys.stderr)
-        print(json.dumps({"metrics": metrics}))
+        print(strict_json({"metrics": metrics}))
     if args.out:
         print(f"predictions: {args.out}", file=sys.stderr)
     return 0
@@ -160,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int, help="override train.seed")
     tr.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE", help="override config fields")
     tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
+    tr.add_argument("--force", action="store_true",
+                    help="start afresh in an --out that holds a run (its files are removed; other files never are)")
     tr.add_argument("--quiet", action="store_true", help="no progress bars")
     tr.add_argument("--tensorboard", action="store_true",
                     help="also log metrics and heatmaps to RUN/tensorboard (pip install tensorboard)")

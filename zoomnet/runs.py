@@ -117,6 +117,39 @@ def _distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+RUN_FILES = {"config.json", "metrics.csv", "last.safetensors", "last.json", "last.optim.pt", "best.safetensors",
+             "best.json", "tensorboard"}
+
+
+def prepare_run_folder(out: Path, force: bool) -> None:
+    """Make sure a new run may write into ``out``: absent or empty, or (with ``force``)
+    holding only a run's own files, which are removed. Anything else is refused, so a run
+    never overwrites another run's checkpoints, a manifest or any other file of the user's.
+
+    Raises:
+        UserError: ``out`` is a file, holds a run (without ``force``), or holds other files.
+    """
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise UserError(f"{out}: a file, not a folder; give a new --out folder for the run")
+    entries = sorted(out.iterdir())
+    if not entries:
+        return
+    foreign = [e.name for e in entries if e.name not in RUN_FILES and not (e.name.startswith(".") and e.name.endswith(".tmp"))]
+    if foreign:
+        raise UserError(
+            f"{out}: holds files that are not a run's ({', '.join(foreign[:3])}); give a new --out folder "
+            "(a run never writes over other files)"
+        )
+    if not force:
+        raise UserError(f"{out}: holds a run already; continue it with --resume, or start afresh with --force")
+    import shutil
+
+    for e in entries:
+        shutil.rmtree(e) if e.is_dir() else e.unlink()
+
+
 def check_image_sizes(examples, model_config, where: str) -> None:
     """Refuse images smaller than one sub-tile: there is nothing to zoom into.
 
@@ -145,11 +178,13 @@ def train_run(
     progress: bool = True,
     epochs: int | None = None,
     tensorboard: bool = False,
+    force: bool = False,
 ) -> list[dict]:
     """Train a model on the manifests, writing the run folder; returns the epoch rows.
 
     With ``resume``, the run's saved configuration is used; ``epochs`` (if given) extends
-    or shortens it. ``tensorboard`` also logs every epoch's metrics and heatmaps of two
+    or shortens it; otherwise ``out_dir`` must be new or empty (``force``: a previous
+    run's files in it are removed first). ``tensorboard`` also logs every epoch's metrics and heatmaps of two
     validation images to ``out_dir/tensorboard`` (needs the ``tensorboard`` package).
     """
     out = Path(out_dir)
@@ -162,6 +197,8 @@ def train_run(
     history: list[dict] = []
     start_epoch = 1
     best = -math.inf
+    if not resume and rank == 0:
+        prepare_run_folder(out, force)
     if resume:
         if not (out / "last.safetensors").is_file() or not (out / "config.json").is_file():
             raise UserError(f"{out}: no checkpoint to resume from (last.safetensors); train without --resume first")
