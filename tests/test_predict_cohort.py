@@ -160,3 +160,34 @@ def test_make_data_splits_keep_every_class_in_every_part(tmp_path):
     for part in ("train", "val", "test"):
         labels = {r["label"] for r in _rows(tmp_path / "set" / f"{part}.csv")}
         assert labels == {"negative", "positive"}, part
+
+
+def test_exif_orientation_is_read_as_displayed(tmp_path):
+    from zoomnet.sources.open import image_size, open_image
+
+    shown = np.zeros((40, 60, 3), np.uint8)
+    shown[:10, :20] = 255  # a white block at the top left, as displayed
+    stored = np.rot90(shown, k=1).copy()  # stored turned; EXIF 6 turns it back (90 degrees clockwise)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    for name in ("turned.jpg", "turned.png"):
+        Image.fromarray(stored).save(tmp_path / name, exif=exif.tobytes(), **({"quality": 100} if name.endswith("jpg") else {}))
+        assert image_size(tmp_path / name) == (40, 60)
+        pixels = open_image(tmp_path / name).read(Box(0, 0, 40, 60))
+        assert pixels.shape == (3, 40, 60)
+        assert float(pixels[:, :10, :20].mean()) > 200 and float(pixels[:, 20:, 30:].mean()) < 50, name
+
+
+def test_target_resolution_refuses_an_implausible_pixel_size(tmp_path):
+    from zoomnet.errors import ImageError
+
+    image = np.full((300, 300, 3), 128, np.uint8)
+    tifffile.imwrite(tmp_path / "screen.tif", image, resolution=(72.0, 72.0), resolutionunit="INCH")
+    tifffile.imwrite(tmp_path / "coarse.tif", image, resolution=(1000.0, 1000.0), resolutionunit="CENTIMETER")
+    for name, needle in (("screen.tif", "no slide's or scene's pixel size"), ("coarse.tif", "coarser than")):
+        try:
+            LazyImage(tmp_path / name, name, target_mpp=0.5)
+        except ImageError as exc:
+            assert needle in str(exc) and name in str(exc)
+        else:
+            raise AssertionError(f"{name} was accepted")

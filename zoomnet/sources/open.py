@@ -42,7 +42,9 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
         return src.height, src.width
     try:
         with Image.open(p) as img:
-            return img.height, img.width
+            # EXIF orientations 5-8 turn the picture by 90 degrees: the displayed size swaps
+            turned = img.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+            return (img.width, img.height) if turned else (img.height, img.width)
     except Exception as exc:  # any decoder failure is the file's, not ours
         raise ImageError(
             f"{path}: cannot read the image ({type(exc).__name__}: {exc}); the file is corrupt, "

@@ -1,6 +1,7 @@
 """Plain images (PNG, JPEG, BMP, ...) decoded by Pillow and held in memory.
 
-Modes are normalised to 8-bit RGB: grayscale is repeated to three channels, RGBA and LA
+Images are read as displayed: an EXIF orientation (a phone or camera JPEG turned on its
+side) is applied. Modes are normalised to 8-bit RGB: grayscale is repeated to three channels, RGBA and LA
 drop their alpha, palette images are expanded, 16-bit and 32-bit grayscale are scaled
 from their full range to 0..255. Images above ``MAX_PIXELS`` are refused: such an image
 belongs in a pyramidal TIFF, which zoomnet reads lazily.
@@ -13,7 +14,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from zoomnet.errors import ImageError
 from zoomnet.sources.array import ArraySource
@@ -64,7 +65,7 @@ class PillowSource(ArraySource):
                             f"(limit {max_pixels:,} pixels); {CONVERT_HINT}"
                         )
                     img.load()
-                    array = to_rgb_array(img, name)
+                    array = to_rgb_array(ImageOps.exif_transpose(img), name)
         except ImageError:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):

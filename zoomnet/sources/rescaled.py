@@ -19,6 +19,16 @@ from zoomnet.errors import ImageError
 from zoomnet.sources.base import ImageSource
 
 
+def plausible_mpp(mpp: float) -> bool:
+    """Whether microns per pixel can be a slide's (0.05-100 um: any microscope objective) or
+    a remote-sensing scene's (1 cm to 1 km per pixel); 72 dpi (353 um) is neither.
+
+    >>> plausible_mpp(0.25), plausible_mpp(3e5), plausible_mpp(25400 / 72)
+    (True, True, False)
+    """
+    return 0.05 <= mpp <= 100 or 1e4 <= mpp <= 1e9
+
+
 class RescaledSource:
     """``inner`` at ``target_mpp`` microns per pixel (its own ``mpp`` must be known).
 
@@ -36,6 +46,18 @@ class RescaledSource:
             raise ImageError(
                 f"{name or inner}: the file records no microns per pixel; drop data.target_mpp or "
                 "convert the slide with its resolution"
+            )
+        if not plausible_mpp(mpp):
+            raise ImageError(
+                f"{name or inner}: records {mpp:g} um per pixel, which is no slide's or scene's pixel size "
+                "(a screen resolution such as 72 dpi, or a wrong unit); drop data.target_mpp for it or fix the "
+                "file's resolution tags"
+            )
+        if target_mpp / mpp < 1 / 8:
+            raise ImageError(
+                f"{name or inner}: scanned at {mpp:g} um per pixel, {mpp / target_mpp:.0f}x coarser than "
+                f"data.target_mpp={target_mpp:g}; it would be enlarged beyond what it holds: use slides scanned "
+                "at the model's resolution or a model trained at a coarser one"
             )
         self.inner, self.factor = inner, target_mpp / mpp  # native pixels per target pixel
         self.mpp = target_mpp
