@@ -293,3 +293,42 @@ def test_evaluate_prints_strict_json_when_a_metric_is_undefined(data, run, tmp_p
     assert main(["evaluate", str(run), str(path), "--quiet"]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert "NaN" not in last and json.loads(last)["auc"] is None  # AUC of one class: undefined
+
+
+def test_exploding_gradients_stop_the_run_and_non_finite_weights_are_never_saved(data, run, tmp_path, monkeypatch):
+    import zoomnet.train as train_mod
+    from zoomnet.checkpoint import save_checkpoint
+    from zoomnet.config import load_config
+    from zoomnet.runs import load_run, train_run
+
+    copy = tmp_path / "run"
+    copy.mkdir()
+    for f in run.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    before = (copy / "best.safetensors").read_bytes()
+    real = train_mod.training_loss
+
+    class Blow(torch.autograd.Function):  # the value passes, the gradient becomes infinite
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * float("inf")
+
+    def exploding(*args, **kwargs):
+        loss, terms = real(*args, **kwargs)
+        return Blow.apply(loss), terms
+
+    monkeypatch.setattr(train_mod, "training_loss", exploding)
+    with pytest.raises(UserError, match="gradients are not finite.*epoch 2.*last good checkpoint"):
+        train_run(load_config(str(data / "tiny.json")), data / "set/train.csv", None, copy, resume=True,
+                  progress=False, log=lambda s: None, epochs=2)
+    assert (copy / "best.safetensors").read_bytes() == before
+    model, _ = load_run(copy)
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    with pytest.raises(ValueError, match="not finite"):
+        save_checkpoint(model, copy / "best.safetensors")
+    assert (copy / "best.safetensors").read_bytes() == before

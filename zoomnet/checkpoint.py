@@ -43,6 +43,9 @@ def save_checkpoint(model: torch.nn.Module, path: str | Path, state: dict | None
     """Write ``path`` (``.safetensors``) and ``path`` with ``.json`` (config and ``state``)."""
     path = Path(path)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:  # a checkpoint that cannot predict anything must never replace a good one
+        raise ValueError(f"not saving {path}: weights {bad[0]} are not finite")
     fd, tmp = tempfile.mkstemp(dir=path.parent if path.parent.exists() else None, suffix=".tmp")
     os.close(fd)
     try:

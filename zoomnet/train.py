@@ -319,9 +319,14 @@ def train_epoch(
             raise NonFiniteLoss(f"loss is {float(loss.detach())} at epoch {epoch} ({terms})")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if cfg.clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        # the norm also tells whether a gradient blew up (clip 0: measured, not clipped)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip or float("inf"))
+        if not math.isfinite(float(norm)):
+            raise NonFiniteLoss(f"the gradients are not finite (norm {float(norm)}) at epoch {epoch}, loss {terms}")
         optimizer.step()
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        if not math.isfinite(float(torch.stack([p.detach().float().abs().sum() for p in params]).sum())):
+            raise NonFiniteLoss(f"the weights became non-finite at epoch {epoch} (the step diverged)")
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + v * len(batch)
         correct += int((out.logits.argmax(1) == labels).sum())  # this rank's share
