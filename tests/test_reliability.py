@@ -324,6 +324,11 @@ def test_a_run_folder_is_never_overwritten_without_resume_or_force(data, tmp_pat
     assert main([*argv, "--out", str(run), "--set", "train.lr=0.01"]) == 2
     assert "holds a run already; continue it with --resume, or start afresh with --force" in capsys.readouterr().err
     assert (run / "last.safetensors").read_bytes() == before
+    bad = tmp_path / "bad.csv"
+    bad.write_text("path,label\ngone.png,a\n")
+    assert main(["train", "--config", str(data / "tiny.json"), "--train", str(bad), "--quiet", "--out", str(run),
+                 "--force"]) == 2
+    assert (run / "last.safetensors").read_bytes() == before  # a failed --force loses nothing
     assert main([*argv, "--out", str(run), "--force", "--seed", "5"]) == 0
     assert json.loads((run / "config.json").read_text())["train"]["seed"] == 5
     # a folder with a user's files (the manifest itself, say) is refused even with --force

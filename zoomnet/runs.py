@@ -121,13 +121,16 @@ RUN_FILES = {"config.json", "metrics.csv", "last.safetensors", "last.json", "las
              "best.json", "tensorboard"}
 
 
-def prepare_run_folder(out: Path, force: bool) -> None:
+def prepare_run_folder(out: Path, force: bool, remove: bool = True) -> None:
     """Make sure a new run may write into ``out``: absent or empty, or (with ``force``)
     holding only a run's own files, which are removed. Anything else is refused, so a run
     never overwrites another run's checkpoints, a manifest or any other file of the user's.
 
     Raises:
         UserError: ``out`` is a file, holds a run (without ``force``), or holds other files.
+
+    With ``remove`` False it only checks (the old run stays until the new one is ready to
+    write, so a bad manifest found in between loses nothing).
     """
     if not out.exists():
         return
@@ -144,6 +147,8 @@ def prepare_run_folder(out: Path, force: bool) -> None:
         )
     if not force:
         raise UserError(f"{out}: holds a run already; continue it with --resume, or start afresh with --force")
+    if not remove:
+        return
     import shutil
 
     for e in entries:
@@ -184,8 +189,9 @@ def train_run(
 
     With ``resume``, the run's saved configuration is used; ``epochs`` (if given) extends
     or shortens it; otherwise ``out_dir`` must be new or empty (``force``: a previous
-    run's files in it are removed first). ``tensorboard`` also logs every epoch's metrics and heatmaps of two
-    validation images to ``out_dir/tensorboard`` (needs the ``tensorboard`` package).
+    run's files in it are removed first). ``tensorboard`` also logs every epoch's metrics
+    and a heatmap of a validation image to ``out_dir/tensorboard`` (needs the
+    ``tensorboard`` package).
     """
     out = Path(out_dir)
     rank, world = _distributed()
@@ -198,7 +204,7 @@ def train_run(
     start_epoch = 1
     best = -math.inf
     if not resume and rank == 0:
-        prepare_run_folder(out, force)
+        prepare_run_folder(out, force, remove=False)
     if resume:
         if not (out / "last.safetensors").is_file() or not (out / "config.json").is_file():
             raise UserError(f"{out}: no checkpoint to resume from (last.safetensors); train without --resume first")
@@ -251,6 +257,7 @@ def train_run(
         best = state.get("best", -math.inf)
         log(f"resuming {out} after epoch {state['epoch']}")
     elif rank == 0:
+        prepare_run_folder(out, force)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(out / "config.json", json.dumps(config.to_dict(), indent=2).encode())
 
