@@ -57,3 +57,43 @@ def test_checkpoint_round_trip(tmp_path):
     b = loaded.predict(srcs, deterministic=True).logits
     assert torch.equal(a, b)
     assert not list((tmp_path / "run").glob("*.tmp"))  # no temporary files left behind
+
+
+def test_a_checkpoint_from_before_the_contrast_prior_loads_without_one(tmp_path):
+    import json
+
+    from zoomnet.checkpoint import load_checkpoint, save_checkpoint
+    from zoomnet.model import LevelConfig, ModelConfig, ZoomIn
+
+    cfg = ModelConfig(levels=[LevelConfig(0.125, (64, 64)), LevelConfig(0.5, (16, 16), "dense")], attention_prior=0.0)
+    model = ZoomIn(cfg)
+    path = save_checkpoint(model, tmp_path / "old.safetensors")
+    meta = json.loads(path.with_suffix(".json").read_text())
+    del meta["model"]["attention_prior"]  # as written before the field existed
+    path.with_suffix(".json").write_text(json.dumps(meta))
+    loaded, _ = load_checkpoint(path)
+    assert loaded.config.attention_prior == 0.0
+    assert all(net.prior_gain is None for net in loaded.attention)
+
+
+def test_a_users_attention_net_without_a_prior_still_builds():
+    import torch
+    from torch import nn
+
+    from zoomnet.model import LevelConfig, ModelConfig, ZoomIn
+    from zoomnet.nets.registry import register
+
+    class Flat(nn.Module):
+        def __init__(self, in_channels=3, width=8):
+            super().__init__()
+            self.conv = nn.Conv2d(in_channels, 1, 1)
+
+        def forward(self, x):
+            return self.conv(x).squeeze(1)
+
+    register("attention", "flat-test")(lambda in_channels=3, width=8: Flat(in_channels, width))
+    cfg = ModelConfig(levels=[LevelConfig(0.125, (64, 64), attention="flat-test"), LevelConfig(0.5, (16, 16), "dense")])
+    model = ZoomIn(cfg)
+    assert model.attention[1].prior_gain is not None and not hasattr(model.attention[0], "prior_gain")
+    out = model.predict([ArraySource(np.zeros((128, 128, 3), np.uint8))], generator=torch.Generator().manual_seed(0))
+    assert out.logits.shape == (1, 2)

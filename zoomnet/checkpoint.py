@@ -71,7 +71,10 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Mod
     path = Path(path)
     try:
         meta = json.loads(path.with_suffix(".json").read_text())
-        model = build_model(ModelConfig(**meta["model"]))
+        recorded = dict(meta["model"])
+        # runs saved before the contrast prior existed were trained without one
+        recorded.setdefault("attention_prior", 0.0)
+        model = build_model(ModelConfig(**recorded))
     except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise UserError(f"{path.with_suffix('.json')}: not a zoomnet checkpoint description ({exc}); retrain or restore it") from None
     try:

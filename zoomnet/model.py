@@ -17,6 +17,7 @@ per image, through which it reads every other view and sub-tile.
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -304,11 +305,13 @@ class ZoomIn(nn.Module):
         super().__init__()
         self.config = config
         c = len(config.pixel_mean)
-        prior = {"prior": config.attention_prior} if config.attention_prior else {}
-        self.attention = nn.ModuleList(
-            build("attention", lv.attention, in_channels=c, width=config.attention_width, **prior)
-            for lv in config.levels
-        )
+        def attention_net(name: str) -> nn.Module:
+            # a user's attention net need not know the prior: it gets none
+            takes_prior = "prior" in inspect.signature(resolve("attention", name)).parameters
+            prior = {"prior": config.attention_prior} if config.attention_prior and takes_prior else {}
+            return build("attention", name, in_channels=c, width=config.attention_width, **prior)
+
+        self.attention = nn.ModuleList(attention_net(lv.attention) for lv in config.levels)
         self.feature = build("feature", config.feature, in_channels=c, **config.feature_kwargs)
         self.classifier = build(
             "classifier", "linear", in_dim=self.feature.out_dim,
@@ -374,6 +377,7 @@ class ZoomIn(nn.Module):
         halo = getattr(net, "halo", 3)
         step = self.config.strip_rows
         rows_per_px = height / vh  # full-resolution rows per view row
+        split = getattr(net, "prior_gain", None) is not None  # the learnt part differs from the logits
         maps, raws, tissue = [], [], []
         for src in sources:
             logits, learned, tissue_rows = [], [], []
@@ -398,7 +402,7 @@ class ZoomIn(nn.Module):
             cell = pool_to_grid(full, rows, cols)
             cell = cell.to(torch.promote_types(cell.dtype, torch.float32))
             maps.append(sampling.smoothed_log_softmax(cell, self.config.smooth))
-            raws.append(cell if learned[0] is logits[0] else pool_to_grid(torch.cat(learned, dim=1), rows, cols).to(cell.dtype))
+            raws.append(pool_to_grid(torch.cat(learned, dim=1), rows, cols).to(cell.dtype) if split else cell)
         return torch.cat(maps), torch.cat(raws), (torch.stack(tissue) if tissue else None)
 
     def _tissue_cells(self, tissue: torch.Tensor, height: int, width: int) -> torch.Tensor:
