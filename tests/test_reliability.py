@@ -342,3 +342,25 @@ def test_a_run_folder_is_never_overwritten_without_resume_or_force(data, tmp_pat
     (tmp_path / "file").write_text("x")
     assert main([*argv, "--out", str(tmp_path / "file")]) == 2
     assert "a file, not a folder" in capsys.readouterr().err
+
+
+def test_paths_that_are_not_image_files_say_what_they_are(data, run, tmp_path, capsys):
+    (tmp_path / "folder.png").mkdir()
+    os.mkfifo(tmp_path / "pipe.png")
+    (tmp_path / "a.png").symlink_to(tmp_path / "b.png")
+    (tmp_path / "b.png").symlink_to(tmp_path / "a.png")
+    cases = {
+        "folder.png": "a folder, not an image file",
+        "pipe.png": "a named pipe (FIFO), not an image file",
+        "a.png": "a loop of symbolic links",
+        "images\\\\slide 1.png": "a Windows path?",
+    }
+    for name, needle in cases.items():
+        manifest = tmp_path / "m.csv"
+        manifest.write_text(f"path,label\n{name},positive\n")
+        assert main(["evaluate", str(run), str(manifest), "--quiet"]) == 2, name
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and needle in err, err
+    manifest.write_text("path,label\nx\x00y.png,positive\n")
+    assert main(["evaluate", str(run), str(manifest), "--quiet"]) == 2
+    assert "NUL byte" in capsys.readouterr().err

@@ -16,15 +16,46 @@ PLAIN = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".tga
 TIFF = {".tif", ".tiff", ".svs", ".ome.tif", ".ome.tiff"}
 
 
+def check_file(path: str | os.PathLike) -> Path:
+    """``path`` as a regular file, or an :class:`ImageError` that says what it is instead
+    (nothing is opened: reading a named pipe would wait forever).
+
+    Raises:
+        ImageError: no such file, a folder, a pipe or device, a symbolic-link loop, a NUL
+            byte or a Windows-style path on this system.
+    """
+    import errno
+    import stat
+
+    text = os.fspath(path)
+    if "\x00" in text:
+        raise ImageError(f"{text!r}: the path holds a NUL byte; fix the manifest or the command line")
+    try:
+        mode = os.stat(text).st_mode
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ImageError(f"{text}: a loop of symbolic links, not a file; point it at the image") from None
+        hint = ""
+        if "\\" in text and os.sep == "/":
+            hint = " (a Windows path? write folders with / on this system)"
+        raise ImageError(
+            f"{text}: no such file{hint}; check the path (relative paths are taken from the CSV's folder)"
+        ) from None
+    if stat.S_ISDIR(mode):
+        raise ImageError(f"{text}: a folder, not an image file; give the image inside it (predict takes folders)")
+    if not stat.S_ISREG(mode):
+        kind = "a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a device or socket"
+        raise ImageError(f"{text}: {kind}, not an image file; give a regular file")
+    return Path(text)
+
+
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
     """``(height, width)`` from the file's header, without decoding the pixels.
 
     Raises:
         ImageError: a missing, unreadable or unsupported file.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise ImageError(f"{path}: no such file; check the path (relative paths are taken from the CSV's folder)")
+    p = check_file(path)
     suffix = p.suffix.lower()
     if suffix not in PLAIN | TIFF | VENDOR:
         raise ImageError(
@@ -62,9 +93,7 @@ def open_image(path: str | os.PathLike, fill: float = 0.0) -> ImageSource:
     Raises:
         ImageError: a missing, unreadable or unsupported file, with the fix.
     """
-    p = Path(path)
-    if not p.exists():
-        raise ImageError(f"{path}: no such file; check the path (relative paths are taken from the CSV's folder)")
+    p = check_file(path)
     suffix = p.suffix.lower()
     if suffix in PLAIN:
         return PillowSource(p, fill=fill)
