@@ -364,3 +364,18 @@ def test_paths_that_are_not_image_files_say_what_they_are(data, run, tmp_path, c
     manifest.write_text("path,label\nx\x00y.png,positive\n")
     assert main(["evaluate", str(run), str(manifest), "--quiet"]) == 2
     assert "NUL byte" in capsys.readouterr().err
+
+
+def test_resume_refuses_settings_that_differ_from_the_run(data, tmp_path, capsys):
+    argv = ["train", "--config", str(data / "tiny.json"), "--train", str(data / "set/train.csv"), "--quiet",
+            "--out", str(tmp_path / "r"), "--set", "model.train_samples=8"]
+    assert main(argv) == 0
+    before = (tmp_path / "r/last.safetensors").read_bytes()
+    for extra, field in ((["--set", "model.train_samples=16"], "model.train_samples"), (["--seed", "7"], "train.seed"),
+                         (["--set", "train.lr=0.5"], "train.lr")):
+        capsys.readouterr()
+        assert main([*argv, "--resume", *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"{field} differs from the run's" in err, err
+    assert (tmp_path / "r/last.safetensors").read_bytes() == before
+    assert main([*argv, "--resume", "--epochs", "2"]) == 0  # the same settings, more epochs

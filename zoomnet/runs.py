@@ -155,6 +155,36 @@ def prepare_run_folder(out: Path, force: bool, remove: bool = True) -> None:
         shutil.rmtree(e) if e.is_dir() else e.unlink()
 
 
+def _field(config: RunConfig, dotted: str):
+    node = config.to_dict()
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def first_difference(given: dict, saved: dict, where: str = "") -> str | None:
+    """The dotted name of the first field where two configurations differ, leaving out what
+    a run fills in itself (the class list, the reference class, the class count) and the
+    epochs, which ``--resume --epochs`` may change.
+
+    >>> first_difference({"train": {"lr": 0.1, "epochs": 3}}, {"train": {"lr": 0.2, "epochs": 9}})
+    'train.lr'
+    """
+    derived = {"data.classes", "data.reference_class", "train.reference_class", "model.num_classes", "train.epochs"}
+    for key in sorted(set(given) | set(saved)):
+        name = f"{where}.{key}" if where else key
+        if name in derived:
+            continue
+        a, b = given.get(key), saved.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found = first_difference(a, b, name)
+            if found:
+                return found
+        elif a != b and not (name == "data.reference_class" and None in (a, b)):
+            return name
+    return None
+
+
 def check_image_sizes(examples, model_config, where: str) -> None:
     """Refuse images smaller than one sub-tile: there is nothing to zoom into.
 
@@ -208,7 +238,15 @@ def train_run(
     if resume:
         if not (out / "last.safetensors").is_file() or not (out / "config.json").is_file():
             raise UserError(f"{out}: no checkpoint to resume from (last.safetensors); train without --resume first")
-        config = config_from_dict(json.loads((out / "config.json").read_text()), str(out / "config.json"))
+        saved = config_from_dict(json.loads((out / "config.json").read_text()), str(out / "config.json"))
+        differs = first_difference(config.to_dict(), saved.to_dict())
+        if differs:
+            raise UserError(
+                f"--resume {out}: {differs} differs from the run's ({_field(saved, differs)!r} in config.json, "
+                f"{_field(config, differs)!r} given); resume with the run's --config, --set and --seed, or train "
+                "a new run (--out elsewhere, or --force)"
+            )
+        config = saved
     if epochs is not None:
         if epochs < 1:
             raise UserError(f"--epochs {epochs}: give at least 1")
