@@ -379,3 +379,29 @@ def test_resume_refuses_settings_that_differ_from_the_run(data, tmp_path, capsys
         assert len(err.splitlines()) == 1 and f"{field} differs from the run's" in err, err
     assert (tmp_path / "r/last.safetensors").read_bytes() == before
     assert main([*argv, "--resume", "--epochs", "2"]) == 0  # the same settings, more epochs
+
+
+def test_a_hand_edited_config_json_is_checked_against_the_checkpoint(run, data, tmp_path, capsys):
+    import shutil
+
+    image = str(data / "set/images/tiny_00000.png")
+    saved = json.loads((run / "config.json").read_text())
+    edits = {
+        "not JSON": ("{model: oops", "not valid JSON"),
+        "a list": ("[1, 2]", "holds a list, not a configuration"),
+        "classes null": ({**saved, "data": {**saved["data"], "classes": None}}, "differ from the classes"),
+        "classes swapped": ({**saved, "data": {**saved["data"], "classes": saved["data"]["classes"][::-1]}},
+                            "differ from the classes"),
+        "too many classes": ({**saved, "data": {**saved["data"], "classes": [*saved["data"]["classes"], "maybe"]}},
+                             "differ from the classes"),
+        "fill as a word": ({**saved, "data": {**saved["data"], "fill": "white"}}, "data.fill='white'"),
+        "model a number": ({**saved, "model": 5}, "not a run configuration"),
+    }
+    for case, (content, needle) in edits.items():
+        copy = tmp_path / case.replace(" ", "-")
+        shutil.copytree(run, copy)
+        (copy / "config.json").write_text(content if isinstance(content, str) else json.dumps(content))
+        capsys.readouterr()
+        assert main(["predict", str(copy), image]) == 2, case
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and needle in err, (case, err)

@@ -238,7 +238,7 @@ def train_run(
     if resume:
         if not (out / "last.safetensors").is_file() or not (out / "config.json").is_file():
             raise UserError(f"{out}: no checkpoint to resume from (last.safetensors); train without --resume first")
-        saved = config_from_dict(json.loads((out / "config.json").read_text()), str(out / "config.json"))
+        saved = read_run_config(out / "config.json")
         differs = first_difference(config.to_dict(), saved.to_dict())
         if differs:
             raise UserError(
@@ -418,6 +418,24 @@ def _log_board(board, model, row: dict, examples: list[Example], epoch: int) -> 
     board.flush()
 
 
+def read_run_config(path: Path) -> RunConfig:
+    """A run's ``config.json``, checked: a file edited into something else gets one line.
+
+    Raises:
+        UserError: not JSON, not an object, or fields of the wrong type or range.
+    """
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not valid JSON ({exc}); restore the run's config.json") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: holds a {type(data).__name__}, not a configuration; restore the run's config.json")
+    try:
+        return config_from_dict(data, str(path))
+    except (TypeError, AttributeError) as exc:
+        raise UserError(f"{path}: not a run configuration ({exc}); restore the run's config.json") from None
+
+
 def load_run(run_dir: str | Path, device: str = "cpu", which: str = "best") -> tuple[torch.nn.Module, RunConfig]:
     """The model and configuration of a run folder (``best`` checkpoint, else ``last``)."""
     run = Path(run_dir)
@@ -428,8 +446,15 @@ def load_run(run_dir: str | Path, device: str = "cpu", which: str = "best") -> t
         path = run / "last.safetensors"
     if not path.is_file() or not (run / "config.json").is_file():
         raise UserError(f"{run_dir}: no checkpoint in this folder; train a model into it first")
-    config = config_from_dict(json.loads((run / "config.json").read_text()), str(run / "config.json"))
-    model, _ = load_checkpoint(path, device=str(resolve_device(device)))
+    config = read_run_config(run / "config.json")
+    model, state = load_checkpoint(path, device=str(resolve_device(device)))
+    trained = state.get("classes")
+    if trained is not None and config.data.classes != trained:
+        # the names in config.json label the outputs: an edit there would relabel every prediction
+        raise UserError(
+            f"{run / 'config.json'}: data.classes {config.data.classes} differ from the classes the checkpoint "
+            f"was trained with ({', '.join(map(str, trained))}); restore data.classes in config.json"
+        )
     return model.eval(), config
 
 
