@@ -3,11 +3,14 @@ consistent views, I/O accounting, bad files."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import tifffile
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from zoomnet import ArraySource, LevelConfig, ModelConfig, ZoomIn
 from zoomnet.core.geometry import Box
@@ -196,3 +199,53 @@ def test_plain_images_above_the_limit_are_refused_with_the_fix(tmp_path):
     Image.fromarray(IMG).save(path)
     with pytest.raises(ImageError, match="big.png.*too large.*pyramidal TIFF"):
         PillowSource(path, max_pixels=100_000)
+
+
+def test_every_defined_pixel_type_predicts_like_the_8bit_png_and_the_rest_are_refused(tmp_path, run, data, capsys):
+    from zoomnet.cli import main
+
+    rgb = np.asarray(Image.open(data / "set/images/tiny_00001.png").convert("RGB"))
+    gray = rgb.mean(axis=2).round().astype(np.uint8)
+    binary = np.where(gray > 180, 255, 0).astype(np.uint8)
+    palette_idx = (rgb[..., 0] // 64).astype(np.uint8)  # 4 colours
+    cmap = np.zeros((3, 256), np.uint16)
+    cmap[:, :4] = np.array([[0, 90, 170, 250], [40, 60, 200, 10], [255, 128, 30, 90]]) * 257
+    palette_rgb = (cmap[:, palette_idx].transpose(1, 2, 0) // 257).astype(np.uint8)
+    c, m, y = 255 - rgb[..., 0], 255 - rgb[..., 1], 255 - rgb[..., 2]
+    writes = {  # name: (reference 8-bit picture, how to write the same picture as a TIFF)
+        "float01": (rgb, lambda p: tifffile.imwrite(p, rgb.astype(np.float32) / 255, photometric="rgb")),
+        "float255": (rgb, lambda p: tifffile.imwrite(p, rgb.astype(np.float32), photometric="rgb")),
+        "sixteen": (rgb, lambda p: tifffile.imwrite(p, rgb.astype(np.uint16) * 257, photometric="rgb")),
+        "onebit": (binary, lambda p: tifffile.imwrite(p, binary > 0, photometric="minisblack")),
+        "palette": (palette_rgb, lambda p: tifffile.imwrite(p, palette_idx, photometric="palette", colormap=cmap)),
+        "cmyk": (rgb, lambda p: tifffile.imwrite(p, np.stack([c, m, y, np.zeros_like(c)], -1), photometric="separated")),
+        "grayalpha": (gray, lambda p: tifffile.imwrite(p, np.stack([gray, np.full_like(gray, 255)], -1),
+                                                      photometric="minisblack", extrasamples=["unassalpha"])),
+        "planar": (rgb, lambda p: tifffile.imwrite(p, np.moveaxis(rgb, -1, 0), photometric="rgb", planarconfig="separate")),
+        "miniswhite": (gray, lambda p: tifffile.imwrite(p, 255 - gray, photometric="miniswhite")),
+    }
+
+    def predict(path) -> dict:
+        capsys.readouterr()
+        assert main(["predict", str(run), str(path), "--deterministic", "--quiet"]) == 0, path
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])["probabilities"]
+
+    for name, (reference, write) in writes.items():
+        png = tmp_path / f"{name}.png"
+        Image.fromarray(reference).save(png)
+        write(tmp_path / f"{name}.tif")
+        want, got = predict(png), predict(tmp_path / f"{name}.tif")
+        assert all(abs(want[k] - got[k]) < 1e-4 for k in want), (name, want, got)
+    refused = {
+        "int16": (lambda p: tifffile.imwrite(p, gray.astype(np.int16)), "int16 samples have no display range"),
+        "uint32": (lambda p: tifffile.imwrite(p, gray.astype(np.uint32)), "uint32 samples have no display range"),
+        "float300": (lambda p: tifffile.imwrite(p, gray.astype(np.float32) * 300), "neither 0..1 nor 0..255"),
+        "five": (lambda p: tifffile.imwrite(p, np.zeros((128, 128, 5), np.uint8), photometric="minisblack",
+                                            planarconfig="contig"), "not gray or RGB"),
+    }
+    for name, (write, needle) in refused.items():
+        write(tmp_path / f"{name}.tif")
+        capsys.readouterr()
+        assert main(["predict", str(run), str(tmp_path / f"{name}.tif")]) == 2, name
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and needle in err, (name, err)

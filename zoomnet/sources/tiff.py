@@ -7,8 +7,14 @@ requested resolution, reads only the tiles that hold the box at that level, and 
 accounted for: ``pixels_decoded`` counts the pixels of every decoded tile (tifffile decodes
 whole tiles) and ``bytes_read`` their compressed bytes in the file.
 
-Modes: grayscale is repeated to 3 channels, a 4th (alpha) channel is dropped, 16-bit
-samples are scaled from 0..65535 to 0..255.
+Samples become RGB in 0..255 where their meaning is defined, and are refused in one line
+where it is not (:func:`sample_rule`): 8-bit as they are, 16-bit scaled from 0..65535,
+1-bit to 0/255, floating point by its range (0..1 scaled, 0..255 as it is, decided once
+from the coarsest level), palette images through their colour map, CMYK converted,
+min-is-white inverted, gray repeated to 3 channels, one alpha (extra) sample after gray or
+RGB dropped, planar (separate-plane) RGB read plane by plane. Signed and 32-bit
+integers, and more than one sample per pixel that is not RGB or CMYK (multispectral), have
+no display range: they are refused.
 """
 
 from __future__ import annotations
@@ -37,6 +43,70 @@ class _Level:
         self.tiles_across = math.ceil(width / self.tile[1])
 
 
+def sample_rule(tif, series, planar: bool, name: str):
+    """A function from a raw block ``(h, w[, S])`` to ``(h, w, 3)`` float32 in 0..255, or an
+    :class:`ImageError` naming the file and what to convert it to."""
+    page = series.levels[0].keyframe
+    dtype = np.dtype(series.dtype)
+    photometric = int(page.photometric)
+    if photometric == 6 and int(page.compression) in (6, 7, 33007):  # YCbCr JPEG tiles decode to RGB
+        photometric = 2
+    samples = int(page.samplesperpixel)
+    hint = "; save it as 8-bit or 16-bit RGB or grayscale"
+    if dtype.kind in "iu" and (dtype.kind == "i" or dtype.itemsize > 2):
+        raise ImageError(f"{name}: {dtype} samples have no display range{hint}")
+    scale = 1.0
+    if dtype == np.uint16:
+        scale = 1 / 257.0
+    elif dtype == np.bool_:
+        scale = 255.0
+    elif dtype.kind == "f":
+        coarsest = series.levels[-1]
+        if int(np.prod(coarsest.shape)) > 64_000_000:
+            raise ImageError(f"{name}: floating-point samples in a {coarsest.shape} image without a pyramid: their "
+                             f"range cannot be checked cheaply{hint}")
+        values = coarsest.asarray()
+        low, high = float(np.nanmin(values)), float(np.nanmax(values))
+        if not (np.isfinite(low) and np.isfinite(high)) or low < 0 or high > 255:
+            raise ImageError(f"{name}: floating-point samples from {low:g} to {high:g} are neither 0..1 nor 0..255{hint}")
+        scale = 255.0 if high <= 1.0 else 1.0
+    elif dtype != np.uint8:
+        raise ImageError(f"{name}: {dtype} samples are not supported{hint}")
+    if photometric == 3:  # palette: indices into a 16-bit colour map
+        cmap = np.asarray(page.colormap, dtype=np.float32).T / 257.0  # (entries, 3)
+        return lambda block: cmap[np.clip(block.reshape(block.shape[:2]).astype(np.int64), 0, len(cmap) - 1)]
+    if photometric == 5:  # separated: CMYK
+        if samples != 4 or dtype != np.uint8:
+            raise ImageError(f"{name}: {samples} ink samples of {dtype} (only 8-bit CMYK is defined){hint}")
+
+        def cmyk(block):
+            c, m, y, k = (block[..., i].astype(np.float32) for i in range(4))
+            return np.stack([(255 - c) * (255 - k), (255 - m) * (255 - k), (255 - y) * (255 - k)], -1) / 255.0
+
+        return cmyk
+    if photometric not in (0, 1, 2):
+        raise ImageError(f"{name}: photometric interpretation {page.photometric.name} is not supported{hint}")
+    extra = len(page.extrasamples or ())
+    colour = samples - extra if extra else samples
+    if photometric in (0, 1) and colour != 1 or photometric == 2 and colour != 3 or extra > 1:
+        raise ImageError(
+            f"{name}: {samples} samples per pixel ({page.photometric.name}) are not gray or RGB (multispectral?)"
+            f"{hint}"
+        )
+    invert = photometric == 0  # min-is-white
+
+    def convert(block):
+        x = block.astype(np.float32)
+        if x.ndim == 2:
+            x = x[..., None]
+        x = x[..., :colour] * scale
+        if invert:
+            x = 255.0 - x
+        return np.repeat(x, 3, axis=2) if colour == 1 else x
+
+    return convert
+
+
 def _mpp(tif, page) -> float | None:
     """Microns per pixel at level 0, where the file records it."""
     desc = page.description or ""
@@ -46,7 +116,11 @@ def _mpp(tif, page) -> float | None:
     if tif.is_ome and tif.ome_metadata:
         match = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', tif.ome_metadata)
         if match:
-            return float(match.group(1))
+            unit = re.search(r'PhysicalSizeXUnit="([^"]+)"', tif.ome_metadata)
+            # OME's default unit is the micrometre; nm and mm files exist
+            factor = {"nm": 1e-3, "um": 1.0, "\u00b5m": 1.0, "mm": 1e3, "cm": 1e4, "m": 1e6}.get(
+                unit.group(1) if unit else "um", None)
+            return float(match.group(1)) * factor if factor else None
     tag, unit = page.tags.get("XResolution"), page.tags.get("ResolutionUnit")
     if tag is not None and unit is not None:
         num, den = tag.value
@@ -89,15 +163,18 @@ class TiffSource:
             self._tif = tifffile.TiffFile(path)
             series = self._tif.series[0]
             axes = series.axes
-            if axes not in ("YX", "YXS"):
+            if axes not in ("YX", "YXS", "SYX"):
                 raise ImageError(f"{path}: TIFF axes {axes!r} are not supported; save one RGB or gray image (YX or YXS)")
+            self._planar = axes == "SYX"  # separate planes: (S, Y, X)
+            self._convert = sample_rule(self._tif, series, self._planar, str(path))
             store = series.aszarr()
             group = zarr.open(store, mode="r")
             arrays = [group[str(i)] for i in range(len(series.levels))] if hasattr(group, "keys") else [group]
-            self.height, self.width = series.levels[0].shape[:2]
+            yx = slice(1, 3) if self._planar else slice(0, 2)
+            self.height, self.width = series.levels[0].shape[yx]
             self._levels = []
             for lv, arr in zip(series.levels, arrays):
-                h, w = lv.shape[:2]
+                h, w = lv.shape[yx]
                 self._levels.append(_Level(arr, lv.keyframe, h, w, self.height / h))
             self.mpp = _mpp(self._tif, series.levels[0].keyframe)
             self._dtype = series.dtype
@@ -128,7 +205,8 @@ class TiffSource:
         lv = self._levels[level]
         th, tw = lv.tile
         try:
-            tile = np.asarray(lv.array[r * th : min((r + 1) * th, lv.height), c * tw : min((c + 1) * tw, lv.width)])
+            ys, xs = slice(r * th, min((r + 1) * th, lv.height)), slice(c * tw, min((c + 1) * tw, lv.width))
+            tile = np.moveaxis(np.asarray(lv.array[:, ys, xs]), 0, -1) if self._planar else np.asarray(lv.array[ys, xs])
         except Exception as exc:  # a damaged tile
             raise ImageError(
                 f"{self.path}: cannot read the image, pyramid level {level} ({type(exc).__name__}: {exc}); the file "
@@ -159,15 +237,9 @@ class TiffSource:
                 ty0, tx0 = r * th, c * tw
                 row.append(tile[max(ya - ty0, 0) : min(yb - ty0, th), max(xa - tx0, 0) : min(xb - tx0, tw)])
             parts.append(np.concatenate(row, axis=1))
-        block = np.concatenate(parts, axis=0)
-        if block.ndim == 2:
-            block = block[..., None]
-        if block.dtype == np.uint16:
-            block = block.astype(np.float32) / 257.0
+        block = self._convert(np.concatenate(parts, axis=0))  # (h, w, 3) float32 in 0..255
         pixels = torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32)).permute(2, 0, 1)
-        if pixels.shape[0] == 1:
-            pixels = pixels.expand(3, -1, -1)
-        out[:, ya - y0 : yb - y0, xa - x0 : xb - x0] = pixels[:3]
+        out[:, ya - y0 : yb - y0, xa - x0 : xb - x0] = pixels
         return out
 
     def read(self, box: Box, out_size: tuple[int, int] | None = None) -> torch.Tensor:
