@@ -249,3 +249,29 @@ def test_every_defined_pixel_type_predicts_like_the_8bit_png_and_the_rest_are_re
         assert main(["predict", str(run), str(tmp_path / f"{name}.tif")]) == 2, name
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and needle in err, (name, err)
+
+
+def _header_bomb(path, height: int, width: int, tile: int | None = None) -> None:
+    """A few hundred bytes whose header claims ``height x width`` pixels."""
+    tifffile.imwrite(path, np.zeros((16, 16), np.uint8), **({"tile": (16, 16)} if tile else {}))
+    with tifffile.TiffFile(path, mode="r+b") as tif:
+        tif.pages[0].tags["ImageWidth"].overwrite(width)
+        tif.pages[0].tags["ImageLength"].overwrite(height)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_size_bombs_and_tiny_tiles_get_the_pixel_budget_not_the_memory(tmp_path, run, capsys, monkeypatch):
+    from zoomnet.cli import main
+    from zoomnet.sources import tiff
+
+    _header_bomb(tmp_path / "huge.tif", 1_000_000, 1_000_000)
+    _header_bomb(tmp_path / "strip.tif", 1_000_000, 64)
+    _header_bomb(tmp_path / "tiles.tif", 4096, 4096, tile=16)
+    monkeypatch.setattr(tiff, "MAX_TILES_PER_READ", 4096)  # 16 px tiles on a 4096^2 level: 65,536 per view
+    for name, needle in (("huge.tif", "data.max_pixels is 256,000,000"), ("strip.tif", "data.max_pixels"),
+                         ("tiles.tif", "tiles of 16x16")):
+        assert (tmp_path / name).stat().st_size < 2000
+        capsys.readouterr()
+        assert main(["predict", str(run), str(tmp_path / name)]) == 2, name
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and needle in err and "raise data.max_pixels" in err, (name, err)

@@ -38,6 +38,11 @@ class DataConfig:
         target_mpp: microns per pixel the model works at (None: native pixels). Each slide
             is seen at this resolution (its own must be recorded in the file), so a model
             trained at 0.5 um/px applies to a slide scanned at 0.25 um/px.
+        max_pixels: the most pixels one read of an image may decode (the tiles or strips
+            it touches; a plain PNG or JPEG: the whole image, at most 100 million), checked
+            before decoding, so a hostile header or a badly tiled file gets an error
+            instead of filling the memory. The default (256 million, 768 MB as RGB) is what
+            a laptop holds.
     """
 
     classes: list[str] | None = None
@@ -47,6 +52,7 @@ class DataConfig:
     augment: bool = False
     augment_strength: float = 0.1
     target_mpp: float | None = None
+    max_pixels: int = 256_000_000
 
     def __post_init__(self) -> None:
         """Refuse, naming the field and the fix, a value of the wrong type or range."""
@@ -65,6 +71,8 @@ class DataConfig:
             not isinstance(self.classes, list) or len(set(map(str, self.classes))) != len(self.classes) or len(self.classes) < 2
         ):
             raise ValueError(f"data.classes={self.classes!r}: give a list of at least two distinct names, or null")
+        if isinstance(self.max_pixels, bool) or not isinstance(self.max_pixels, int) or self.max_pixels < 1_000_000:
+            raise ValueError(f"data.max_pixels={self.max_pixels!r}: give a whole number of pixels >= 1000000")
         for name in ("augment", "class_weights"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"data.{name}={getattr(self, name)!r}: give true or false")

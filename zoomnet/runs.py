@@ -266,8 +266,9 @@ def train_run(
             "instance, distillation and contrastive terms in their multi-class form "
             "(--set data.reference_class=NAME names one)")
 
-    train = load_examples(train_csv, classes, config.data.fill, "training", config.data.target_mpp)
-    val = load_examples(val_csv, classes, config.data.fill, "training", config.data.target_mpp) if val_csv else []
+    data = config.data
+    train = load_examples(train_csv, classes, data.fill, "training", data.target_mpp, data.max_pixels)
+    val = load_examples(val_csv, classes, data.fill, "training", data.target_mpp, data.max_pixels) if val_csv else []
     check_image_sizes(train + val, config.model, "the model")
     torch.manual_seed(config.train.seed)  # the initial weights follow the run's seed
     if resume:
@@ -465,7 +466,8 @@ def evaluate_run(
     """Metrics of a run on a manifest: accuracy, balanced accuracy, AUC (binary), confusion."""
     model, config = load_run(run_dir, device)
     classes = config.data.classes
-    examples = load_examples(test_csv, classes, config.data.fill, "evaluated", config.data.target_mpp)
+    examples = load_examples(test_csv, classes, config.data.fill, "evaluated", config.data.target_mpp,
+                             config.data.max_pixels)
     check_image_sizes(examples, config.model, f"the model in {run_dir}")
     res = evaluate(model, examples, batch_size, deterministic=deterministic, samples=samples, seed=seed,
                    progress=progress)
@@ -582,7 +584,7 @@ def predict_images(
 
     def prepare(item):  # in a worker thread: open the file and read its level-1 view
         given, path, label = item
-        src = LazyImage(path, given, config.data.fill, config.data.target_mpp)
+        src = LazyImage(path, given, config.data.fill, config.data.target_mpp, config.data.max_pixels)
         check_image_sizes([Example(src, 0, None, given)], config.model, f"the model in {run_dir}")
         views = None
         if config.model.kind != "cnn":

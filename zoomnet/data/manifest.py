@@ -132,8 +132,10 @@ class LazyImage:
     Its size is read from the file's header without decoding the pixels.
     """
 
-    def __init__(self, path: Path, given: str, fill: float = 0.0, target_mpp: float | None = None):
+    def __init__(self, path: Path, given: str, fill: float = 0.0, target_mpp: float | None = None,
+                 max_pixels: int = 256_000_000):
         self.path, self.given, self.fill, self.target_mpp = Path(path), given, float(fill), target_mpp
+        self.max_pixels = max_pixels
         try:
             # plain images: the size from the header, pixels decoded on first read; lazy
             # formats (TIFF, slides) open cheaply, so open them once and keep them cached
@@ -149,13 +151,13 @@ class LazyImage:
 
     def opened(self) -> ImageSource:
         """The open source (opened now if it is not in the per-process cache)."""
-        key = (str(self.path), self.fill, self.target_mpp)
+        key = (str(self.path), self.fill, self.target_mpp, self.max_pixels)
         with _LOCK:
             if key in _OPEN:
                 _OPEN.move_to_end(key)
                 return _OPEN[key]
         try:
-            src = open_image(self.path, fill=self.fill)
+            src = open_image(self.path, fill=self.fill, max_pixels=self.max_pixels)
             if self.target_mpp:
                 src = RescaledSource(src, self.target_mpp, self.given)
         except ImageError as exc:
@@ -174,7 +176,7 @@ class LazyImage:
 
 def load_examples(
     csv_path: str | Path, classes: list[str], fill: float = 0.0, role: str = "training",
-    target_mpp: float | None = None,
+    target_mpp: float | None = None, max_pixels: int = 256_000_000,
 ) -> list[Example]:
     """Examples of a manifest, labels mapped to ``classes``.
 
@@ -190,8 +192,8 @@ def load_examples(
                 f"{csv_path}: label {r.label!r} of {r.given} is not in the class list "
                 f"({', '.join(classes)}) of the {role} run; fix the label or retrain with it"
             )
-        image = LazyImage(r.path, r.given, fill, target_mpp)
-        mask = None if r.mask is None else _MaskView(LazyImage(r.mask, str(r.mask)), image)
+        image = LazyImage(r.path, r.given, fill, target_mpp, max_pixels)
+        mask = None if r.mask is None else _MaskView(LazyImage(r.mask, str(r.mask), max_pixels=max_pixels), image)
         out.append(Example(image, index[r.label], mask, r.given))
     return out
 

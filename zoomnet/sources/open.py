@@ -9,6 +9,7 @@ from PIL import Image
 
 from zoomnet.errors import ImageError
 from zoomnet.sources.base import ImageSource
+from zoomnet.sources.pillow import MAX_PIXELS as PILLOW_MAX
 from zoomnet.sources.pillow import PillowSource
 from zoomnet.sources.slide import VENDOR
 
@@ -83,12 +84,14 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
         ) from None
 
 
-def open_image(path: str | os.PathLike, fill: float = 0.0) -> ImageSource:
+def open_image(path: str | os.PathLike, fill: float = 0.0, max_pixels: int = 256_000_000) -> ImageSource:
     """Open ``path`` lazily where the format allows.
 
     Args:
         path: an image file.
         fill: raw pixel value returned outside the image (255 suits bright-field slides).
+        max_pixels: the most pixels one read may decode (a plain image: the whole image),
+            checked before decoding (``data.max_pixels``).
 
     Raises:
         ImageError: a missing, unreadable or unsupported file, with the fix.
@@ -96,11 +99,11 @@ def open_image(path: str | os.PathLike, fill: float = 0.0) -> ImageSource:
     p = check_file(path)
     suffix = p.suffix.lower()
     if suffix in PLAIN:
-        return PillowSource(p, fill=fill)
+        return PillowSource(p, fill=fill, max_pixels=min(max_pixels, PILLOW_MAX))
     if suffix in TIFF:
         from zoomnet.sources.tiff import TiffSource
 
-        return TiffSource(p, fill=fill)
+        return TiffSource(p, fill=fill, max_pixels=max_pixels)
     if suffix in VENDOR:
         from zoomnet.sources.slide import OpenSlideSource
 

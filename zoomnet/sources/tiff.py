@@ -33,6 +33,9 @@ from zoomnet.errors import ImageError
 from zoomnet.sources.array import resize
 
 
+MAX_TILES_PER_READ = 65_536  # tiles of 16 px on an 8192^2 level: 262,144 decoder calls for one view
+
+
 class _Level:
     """One pyramid level: its zarr array, size, tile grid and compressed tile sizes."""
 
@@ -151,11 +154,12 @@ class TiffSource:
 
     cache_tiles = 64
 
-    def __init__(self, path: str | os.PathLike, fill: float = 0.0):
+    def __init__(self, path: str | os.PathLike, fill: float = 0.0, max_pixels: int = 256_000_000):
         import tifffile
         import zarr
 
         self.path, self.fill, self.channels = str(path), float(fill), 3
+        self.max_pixels = int(max_pixels)
         self.pixels_decoded = 0
         self.bytes_read = 0
         self._cache: OrderedDict[tuple[int, int, int], np.ndarray] = OrderedDict()
@@ -224,15 +228,26 @@ class TiffSource:
     def _read_level(self, level: int, y0: int, x0: int, y1: int, x1: int) -> torch.Tensor:
         """Pixels ``[y0, y1) x [x0, x1)`` of a level as ``(C, h, w)`` float32, fill outside."""
         lv = self._levels[level]
-        out = torch.full((3, y1 - y0, x1 - x0), self.fill, dtype=torch.float32)
         ya, yb, xa, xb = max(y0, 0), min(y1, lv.height), max(x0, 0), min(x1, lv.width)
+        th, tw = lv.tile
+        rows = range(ya // th, (yb - 1) // th + 1) if yb > ya else range(0)
+        cols = range(xa // tw, (xb - 1) // tw + 1) if xb > xa else range(0)
+        # checked before anything is allocated or decoded: whole tiles (or strips) decode, so a
+        # small box of a single-strip level costs the level, and 16 px tiles cost a call each
+        decoded = max(len(rows) * len(cols) * th * tw, (y1 - y0) * (x1 - x0))
+        if decoded > self.max_pixels or len(rows) * len(cols) > MAX_TILES_PER_READ:
+            raise ImageError(
+                f"{self.path}: one read would decode {len(rows) * len(cols):,} tiles of {tw}x{th} ({decoded:,} pixels; "
+                f"data.max_pixels is {self.max_pixels:,}); save it as a tiled pyramid (e.g. `vips tiffsave IN OUT.tif "
+                "--tile --pyramid`) or raise data.max_pixels"
+            )
+        out = torch.full((3, y1 - y0, x1 - x0), self.fill, dtype=torch.float32)
         if yb <= ya or xb <= xa:
             return out
-        th, tw = lv.tile
         parts = []
-        for r in range(ya // th, (yb - 1) // th + 1):
+        for r in rows:
             row = []
-            for c in range(xa // tw, (xb - 1) // tw + 1):
+            for c in cols:
                 tile = self._tile(level, r, c)  # (<=th, <=tw, ...)
                 ty0, tx0 = r * th, c * tw
                 row.append(tile[max(ya - ty0, 0) : min(yb - ty0, th), max(xa - tx0, 0) : min(xb - tx0, tw)])
