@@ -42,5 +42,6 @@ def test_cli_demo_runs_every_step(tmp_path, capsys):
     commands = [ln for ln in out.out.splitlines() if ln.startswith("$ zoomnet ")]
     assert [c.split()[2] for c in commands] == ["make-data", "train", "evaluate", "predict"]
     assert any(ln.startswith("accuracy: ") for ln in out.out.splitlines())
+    assert run_cli_demo(tmp_path, num=20, epochs=1, heatmaps=2, extra=["--quiet"]) == 0  # `make demo` twice
     heat = [ln.split("heatmap: ")[1] for ln in out.err.splitlines() if ln.startswith("heatmap: ")]
     assert len(heat) == 2 and all(Image.open(p).format == "PNG" for p in heat)

@@ -97,7 +97,8 @@ def run_cli_demo(out_dir: str | Path = "demo-output", num: int = 534, epochs: in
     steps = [
         ["make-data", "tiny-objects", str(data), "--num", str(num), "--seed", str(seed)],
         ["train", "--config", "tiny-objects", "--train", str(data / "train.csv"), "--val", str(data / "val.csv"),
-         "--out", str(run), "--seed", str(seed), *(["--epochs", str(epochs)] if epochs else []), *(extra or [])],
+         "--out", str(run), "--seed", str(seed), *(["--epochs", str(epochs)] if epochs else []),
+         "--force", *(extra or [])],  # the demo's own run: a second `make demo` starts it afresh
         ["evaluate", str(run), str(data / "test.csv"), "--deterministic"],
     ]
     for argv in steps:
