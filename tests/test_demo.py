@@ -45,3 +45,13 @@ def test_cli_demo_runs_every_step(tmp_path, capsys):
     assert run_cli_demo(tmp_path, num=20, epochs=1, heatmaps=2, extra=["--quiet"]) == 0  # `make demo` twice
     heat = [ln.split("heatmap: ")[1] for ln in out.err.splitlines() if ln.startswith("heatmap: ")]
     assert len(heat) == 2 and all(Image.open(p).format == "PNG" for p in heat)
+
+
+def test_doctor_reports_what_a_bug_report_needs(capsys):
+    from zoomnet.cli import main
+
+    assert main(["doctor"]) == 0
+    text = capsys.readouterr().out
+    for key in ("zoomnet", "python", "torch", "device", "tifffile", "TIFF codecs", "OpenSlide", "presets"):
+        assert any(line.startswith(key) for line in text.splitlines()), key
+    assert "megapixel-mnist" in text and "tiny-objects" in text

@@ -381,8 +381,9 @@ def _train_one(name: str, kind: str, seed: int, data: Path, run: Path, overrides
         return
     resume = (run / "last.safetensors").is_file()
     log = lambda msg: print(f"# {kind} seed {seed}: {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    # the bench's own work folder: a run that died before its first epoch starts afresh
     train_run(config, data / "train.csv", data / "val.csv", run, resume=resume, device="cpu", log=log,
-              progress=progress, epochs=epochs)
+              progress=progress, epochs=epochs, force=not resume)
 
 
 def run_trained(name: str, models: list[str], seeds: int, work: Path, overrides: list[str], epochs: int | None,
