@@ -35,10 +35,7 @@ def test_train_writes_the_run_folder(run):
 
 
 def test_resume_continues_the_run(data, run, tmp_path):
-    copy = tmp_path / "run"
-    copy.mkdir()
-    for f in run.iterdir():
-        (copy / f.name).write_bytes(f.read_bytes())
+    copy = _copy_run(run, tmp_path / "run")
     code = main(["train", "--config", str(data / "tiny.json"), "--train", str(data / "set/train.csv"),
                  "--val", str(data / "set/val.csv"), "--out", str(copy), "--epochs", "2", "--resume", "--quiet"])
     assert code == 0
@@ -80,6 +77,14 @@ def test_predict_is_reproducible(data, run, capsys):
         main(["predict", str(run), image, *args])
         outs.append(json.loads(capsys.readouterr().out.strip())["probabilities"])
     assert outs[0] == outs[1] and outs[2] == outs[3]
+
+
+def _copy_run(run: Path, to: Path) -> Path:
+    """A copy of the session's trained run that a test may change."""
+    to.mkdir()
+    for f in run.iterdir():
+        (to / f.name).write_bytes(f.read_bytes())
+    return to
 
 
 def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> Path:
@@ -140,10 +145,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data, run, tmp_path, 
     from zoomnet.config import load_config
     from zoomnet.runs import train_run
 
-    copy = tmp_path / "run"
-    copy.mkdir()
-    for f in run.iterdir():
-        (copy / f.name).write_bytes(f.read_bytes())
+    copy = _copy_run(run, tmp_path / "run")
     before = (copy / "last.safetensors").read_bytes()
     real = train_mod.training_loss
 
@@ -301,10 +303,7 @@ def test_exploding_gradients_stop_the_run_and_non_finite_weights_are_never_saved
     from zoomnet.config import load_config
     from zoomnet.runs import load_run, train_run
 
-    copy = tmp_path / "run"
-    copy.mkdir()
-    for f in run.iterdir():
-        (copy / f.name).write_bytes(f.read_bytes())
+    copy = _copy_run(run, tmp_path / "run")
     before = (copy / "best.safetensors").read_bytes()
     real = train_mod.training_loss
 

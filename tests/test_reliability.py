@@ -107,6 +107,16 @@ CONFIG_CASES = [
     ("unknown net", ["model.feature=vgg"], "unknown feature net"),
     ("bad net option", ["model.feature_kwargs={\"depth\": 3}"], "feature_kwargs"),
     ("not key=value", ["model.samples"], "expected key=value"),
+    ("epochs not a number", ["train.epochs=abc"], "train.epochs='abc'"),
+    ("zero epochs", ["train.epochs=0"], "train.epochs=0"),
+    ("negative batch", ["train.batch_size=-1"], "train.batch_size=-1"),
+    ("negative lr", ["train.lr=-1"], "train.lr=-1"),
+    ("NaN lr", ["train.lr=NaN"], "train.lr=nan"),
+    ("huge lr", ["train.lr=1e30"], "diverges"),
+    ("contrastive start", ["train.contrastive_from=soon"], "contrastive_from"),
+    ("zero pixel std", ["model.pixel_std=[64,0,64]"], "pixel_std"),
+    ("fill as a word", ["data.fill=white"], "data.fill='white'"),
+    ("negative mpp", ["data.target_mpp=-0.5"], "data.target_mpp"),
 ]
 
 
@@ -117,6 +127,7 @@ def test_config_catalogue(case, sets, needle, data, tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and needle in err, err
+    assert not (tmp_path / "r").exists()  # checked before anything is written
 
 
 def test_binary_labels_without_a_negative_class_train_with_the_multiclass_terms(data, tmp_path, capsys):
@@ -275,29 +286,6 @@ def test_estimator_stays_float32_under_autocast():
     assert out.log_maps[0][0].dtype == torch.float32 and out.log_maps[1][0].dtype == torch.float32
     assert out.z.dtype == torch.float32 and torch.isfinite(out.logits).all()
 
-
-SETTING_CASES = [
-    ("epochs not a number", ["train.epochs=abc"], "train.epochs='abc'"),
-    ("zero epochs", ["train.epochs=0"], "train.epochs=0"),
-    ("negative batch", ["train.batch_size=-1"], "train.batch_size=-1"),
-    ("negative lr", ["train.lr=-1"], "train.lr=-1"),
-    ("NaN lr", ["train.lr=NaN"], "train.lr=nan"),
-    ("huge lr", ["train.lr=1e30"], "diverges"),
-    ("contrastive start", ["train.contrastive_from=soon"], "contrastive_from"),
-    ("zero pixel std", ["model.pixel_std=[64,0,64]"], "pixel_std"),
-    ("fill as a word", ["data.fill=white"], "data.fill='white'"),
-    ("negative mpp", ["data.target_mpp=-0.5"], "data.target_mpp"),
-]
-
-
-@pytest.mark.parametrize("case,sets,needle", SETTING_CASES, ids=[c[0] for c in SETTING_CASES])
-def test_settings_are_checked_before_anything_is_written(case, sets, needle, data, tmp_path, capsys):
-    argv = ["train", "--config", str(data / "tiny.json"), "--train", str(data / "set/train.csv"),
-            "--out", str(tmp_path / "r"), "--quiet", "--set", *sets]
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and needle in err, err
-    assert not (tmp_path / "r").exists()
 
 
 def test_zero_epochs_on_the_command_line_is_refused(data, tmp_path, capsys):
