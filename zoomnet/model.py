@@ -354,7 +354,8 @@ class ZoomIn(nn.Module):
         _, _, rows, cols, _ = self._level_grid(level, parent_hw)
         logits, learned = _attend(self.attention[level], self.normalize(views))  # (M, h, w) each
         cell_logits = pool_to_grid(logits, rows, cols)  # (M, G)
-        raw = cell_logits if learned is logits else pool_to_grid(learned, rows, cols)
+        # the learnt part alone feeds attention distillation, a training term: inference skips it
+        raw = cell_logits if learned is logits or not torch.is_grad_enabled() else pool_to_grid(learned, rows, cols)
         # the estimator and losses stay in float32 (or float64) under autocast
         cell_logits = cell_logits.to(torch.promote_types(cell_logits.dtype, torch.float32))
         raw = raw.to(cell_logits.dtype)
@@ -377,7 +378,8 @@ class ZoomIn(nn.Module):
         halo = getattr(net, "halo", 3)
         step = self.config.strip_rows
         rows_per_px = height / vh  # full-resolution rows per view row
-        split = getattr(net, "prior_gain", None) is not None  # the learnt part differs from the logits
+        # the learnt part differs from the logits (and is needed for distillation, in training)
+        split = getattr(net, "prior_gain", None) is not None and torch.is_grad_enabled()
         maps, raws, tissue = [], [], []
         for src in sources:
             logits, learned, tissue_rows = [], [], []

@@ -384,7 +384,8 @@ def _summary(out: Path, history: list[dict], val_csv) -> str:
     best = max(history, key=lambda r: r.get(key, -1.0))
     shown = "  ".join(f"{k.replace('_', ' ')} {best[k]:.3f}" for k in ("val_accuracy", "val_auc",
                       "val_balanced_accuracy", "train_accuracy") if k in best)
-    test = Path(val_csv).with_name("test.csv") if val_csv else Path("test.csv")
+    beside = Path(val_csv).with_name("test.csv") if val_csv else None
+    test = beside if beside is not None and beside.is_file() else "TEST.csv"
     return (
         f"run: {out} (best.safetensors from epoch {best['epoch']}: {shown}; metrics.csv per epoch)\n"
         f"next: zoomnet evaluate {out} {test}\n"
