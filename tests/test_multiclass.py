@@ -4,6 +4,7 @@ accuracy."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from zoomnet.data.synthetic import make_shapes
@@ -95,3 +96,15 @@ def test_flat_learning_warning_names_what_is_stuck():
     assert "tell nothing" in flat_learning_warning({**moving, "epoch": 5}, 10, 0.12)
     learning = {**stuck, "train_accuracy": 0.6}
     assert flat_learning_warning(learning, 10, 0.12) is None
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 40, 33), (2, 1, 5, 9), (1, 3, 1, 1), (3, 3, 7, 2)])
+def test_local_contrast_matches_the_mean_of_pixels_inside_each_neighbourhood(shape):
+    """The fast neighbourhood mean (a convolution of ones divided by the pixels inside) is
+    the 7x7 average pool that leaves the padding out, at the border and on tiny views."""
+    from zoomnet.nets.attention import local_contrast
+
+    view = torch.randn(*shape, generator=torch.Generator().manual_seed(0)) * 2
+    mean = torch.nn.functional.avg_pool2d(view, 7, stride=1, padding=3, count_include_pad=False)
+    expected = (view - mean).abs().mean(dim=1).clamp(max=3.0)
+    torch.testing.assert_close(local_contrast(view), expected, rtol=0, atol=1e-5)

@@ -32,7 +32,7 @@ from zoomnet.core.tissue import tissue_map
 from zoomnet.nets import available, build
 from zoomnet.nets.registry import resolve
 from zoomnet.nets.features import PreActBlock
-from zoomnet.sources.base import ImageSource
+from zoomnet.sources.base import ImageSource, read_many
 
 
 @dataclass
@@ -215,6 +215,24 @@ def _attend(net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return logits, logits
 
 
+def read_boxes(
+    sources: Sequence[ImageSource], keys: Sequence[tuple[int, Box]], out_size: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """``(M, C, h, w)`` pixels of ``(image, box)`` keys, in key order, read image by image
+    (one :func:`read_many` per image: one crop-and-resample pass where the source has it)."""
+    rows: dict[int, list[int]] = {}
+    for i, (b, _) in enumerate(keys):
+        rows.setdefault(b, []).append(i)
+    parts = [read_many(sources[b], [keys[i][1] for i in idx], out_size) for b, idx in rows.items()]
+    stacked = torch.cat(parts) if len(parts) > 1 else parts[0]
+    order = [i for idx in rows.values() for i in idx]
+    if order == list(range(len(keys))):
+        return stacked
+    out = torch.empty_like(stacked)
+    out[torch.tensor(order)] = stacked
+    return out
+
+
 def view_size(scale: float, height: int, width: int) -> tuple[int, int]:
     """Size of the view of a ``height x width`` region at ``scale`` (at least one pixel)."""
     return max(1, math.floor(scale * height)), max(1, math.floor(scale * width))
@@ -278,14 +296,65 @@ class ZoomInOutput:
     contrastive_logits: torch.Tensor | None = None
 
 
+class CellTable:
+    """Per-parent rows of one level, ``{(image, parent box): (G,) tensor}``, stored as the
+    ``(M, G)`` blocks the attention net produced, so that many rows are gathered with one
+    tensor operation (:meth:`rows`, :meth:`flat_index`) instead of one per row. Reads like
+    a dict: ``key in table``, ``table[key]``, iteration over the keys in insertion order."""
+
+    def __init__(self) -> None:
+        self.index: dict[tuple[int, Box], int] = {}
+        self._blocks: list[torch.Tensor] = []
+        self._table: torch.Tensor | None = None
+
+    def add(self, keys: Sequence[tuple[int, Box]], block: torch.Tensor) -> None:
+        """Append the rows of ``block`` ``(len(keys), G)`` under new keys."""
+        for key in keys:
+            self.index[key] = len(self.index)
+        self._blocks.append(block)
+        self._table = None
+
+    def table(self) -> torch.Tensor:
+        """Every row, ``(M, G)``, in insertion order."""
+        if not self._blocks:
+            raise KeyError("no rows yet")
+        if self._table is None:
+            self._table = self._blocks[0] if len(self._blocks) == 1 else torch.cat(self._blocks)
+        return self._table
+
+    def rows(self, keys: Sequence[tuple[int, Box]]) -> torch.Tensor:
+        """``(len(keys), G)``: the rows of ``keys``, gathered in one operation."""
+        idx = torch.tensor([self.index[k] for k in keys], dtype=torch.long, device=self.table().device)
+        return self.table().index_select(0, idx)
+
+    def flat_index(self, cells: Sequence[tuple[tuple[int, Box], int]]) -> torch.Tensor:
+        """Positions in ``table().flatten()`` of ``(key, cell)`` pairs."""
+        width = self.table().shape[1]
+        return torch.tensor([self.index[key] * width + cell for key, cell in cells], device=self.table().device)
+
+    def __contains__(self, key) -> bool:
+        return key in self.index
+
+    def __getitem__(self, key) -> torch.Tensor:
+        return self.table()[self.index[key]]
+
+    def __iter__(self):
+        return iter(self.index)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+
 @dataclass
-class _Node:
-    image: int
-    box: Box
-    weight: torch.Tensor  # 0-d path weight, with gradient
-    count: int
-    cell: int
-    path: tuple[tuple[int, Box, int], ...] = ()  # (image, parent box, cell) at each level
+class _Nodes:
+    """The regions drawn at one level, as parallel lists and one tensor of path weights."""
+
+    image: list[int]
+    box: list[Box]
+    weight: torch.Tensor  # (M,) path weights, with gradient
+    count: list[int]
+    cell: list[int]
+    path: list[tuple[tuple[int, Box, int], ...]]  # (image, parent box, cell) at each level
 
 
 class ZoomIn(nn.Module):
@@ -423,13 +492,17 @@ class ZoomIn(nn.Module):
         n: int,
         deterministic: bool,
         generator: torch.Generator | None,
-        cache: list[dict[tuple[int, Box], torch.Tensor]],
-        logit_cache: list[dict[tuple[int, Box], torch.Tensor]],
+        cache: list[CellTable],
+        logit_cache: list[CellTable],
         transform: Callable[[torch.Tensor], torch.Tensor] | None,
         record: list[LevelTrace] | None,
         cell_mask: torch.Tensor | None = None,
-    ) -> list[_Node]:
-        """Sample down the hierarchy; return the leaves with their path weights."""
+    ) -> _Nodes:
+        """Sample down the hierarchy; return the leaves with their path weights.
+
+        Every level is one batch of tensor operations over all its parents (draws, weights
+        and path products), whatever the number of images and parents; Python only keeps the
+        boxes."""
         B = log_alpha.shape[0]
         height, width = sources[0].height, sources[0].width
         la = transform(log_alpha) if transform else log_alpha  # (B, G1)
@@ -442,84 +515,95 @@ class ZoomIn(nn.Module):
         weights = expectation.with_replacement_weights(la, counts.to(la.device))  # (B, G1)
         *_, rel = self._level_grid(0, (height, width))
         whole = Box(0, 0, height, width)
-        nodes: list[_Node] = []
         counts = counts.cpu()
-        for b in range(B):
-            for c in torch.nonzero(counts[b]).flatten().tolist():
-                t, l, h, w = rel[c].tolist()
-                nodes.append(_Node(b, Box(t, l, h, w), weights[b, c], int(counts[b, c]), c, ((b, whole, c),)))
+        drawn = torch.nonzero(counts)  # (M, 2): (image, cell), image by image
+        images, cells = drawn[:, 0].tolist(), drawn[:, 1].tolist()
+        nodes = _Nodes(
+            images, [Box(*r) for r in rel[drawn[:, 1]].tolist()],
+            weights[drawn[:, 0].to(la.device), drawn[:, 1].to(la.device)],
+            counts[drawn[:, 0], drawn[:, 1]].tolist(), cells,
+            [((b, whole, c),) for b, c in zip(images, cells)],
+        )
         if record is not None:
             record[0].samples = self._samples_of(nodes, B)
 
         for level in range(1, len(self.config.levels)):
             parent_hw = tuple(self.config.levels[level - 1].region)
             vs, grid, _, _, rel = self._level_grid(level, parent_hw)
-            missing = list(dict.fromkeys((nd.image, nd.box) for nd in nodes if (nd.image, nd.box) not in cache[level]))
+            keys = list(zip(nodes.image, nodes.box))
+            missing = list(dict.fromkeys(k for k in keys if k not in cache[level]))
             for start in range(0, len(missing), self.config.view_chunk):  # memory of one chunk
                 part = missing[start : start + self.config.view_chunk]
-                views = torch.stack([sources[b].read(box, vs) for b, box in part])  # (M, C, h, w)
+                views = read_boxes(sources, part, vs)  # (M, C, h, w)
                 maps, raw = self._attention_maps(level, views, parent_hw)  # (M, G) each
-                for key, row, raw_row in zip(part, maps, raw):
-                    cache[level][key] = row
-                    logit_cache[level][key] = raw_row
-            log_beta = torch.stack([cache[level][(nd.image, nd.box)] for nd in nodes])  # (M, G)
+                cache[level].add(part, maps)
+                logit_cache[level].add(part, raw)
+            log_beta = cache[level].rows(keys)  # (M, G)
             if transform:
                 log_beta = transform(log_beta)
             G = log_beta.shape[1]
-            k_max = max(min(nd.count, G) for nd in nodes)
+            k = torch.tensor(nodes.count).clamp(max=G)  # (M,) draws per parent
+            k_max = int(k.max())
             if deterministic:
                 order = sampling.top_k_children(log_beta, k_max)  # (M, k_max)
             else:
                 order = sampling.sample_without_replacement(log_beta, k_max, generator)
-            children: list[_Node] = []
-            for i, nd in enumerate(nodes):
-                if nd.count >= G:  # the whole grid: the exact sum
-                    draws = torch.arange(G)
-                    w = expectation.exact_weights(log_beta[i])  # (G,)
-                else:
-                    draws = order[i, : nd.count]  # Gumbel-top-k prefix: a draw of size count
-                    w = expectation.without_replacement_weights(log_beta[i : i + 1], draws[None])[0]
-                for j, c in enumerate(draws.tolist()):
-                    t, l, h, ww = rel[c].tolist()
-                    box = Box(nd.box.top + t, nd.box.left + l, h, ww)
-                    step = ((nd.image, nd.box, c),)
-                    children.append(_Node(nd.image, box, nd.weight * w[j], 1, c, nd.path + step))
-            nodes = children
+            order = order.to(log_beta.device)
+            w = expectation.without_replacement_weights(log_beta, order, k)  # (M, k_max)
+            exact = k == G  # a parent drawn at least G times takes every cell: the exact sum
+            if bool(exact.any()):  # then k_max == G
+                every = torch.arange(G, device=log_beta.device).expand_as(order)
+                ex = exact.to(log_beta.device)[:, None]
+                order = torch.where(ex, every, order)
+                w = torch.where(ex, expectation.exact_weights(log_beta), w)
+            taken = torch.arange(k_max)[None, :] < k[:, None]  # (M, k_max)
+            child_w = (nodes.weight[:, None] * w)[taken.to(w.device)]  # row by row, in draw order
+            rows, cols = torch.nonzero(taken, as_tuple=True)
+            draws = order.cpu()[rows, cols]
+            rel_draws = rel[draws].tolist()
+            parents, draws = rows.tolist(), draws.tolist()
+            nodes = _Nodes(
+                [nodes.image[i] for i in parents],
+                [Box(nodes.box[i].top + t, nodes.box[i].left + l, h, ww) for i, (t, l, h, ww) in zip(parents, rel_draws)],
+                child_w, [1] * len(parents), draws,
+                [nodes.path[i] + ((nodes.image[i], nodes.box[i], c),) for i, c in zip(parents, draws)],
+            )
             if record is not None:
                 record[level].samples = self._samples_of(nodes, B)
         return nodes
 
     @staticmethod
-    def _samples_of(nodes: list[_Node], batch: int) -> list[list[Sample]]:
+    def _samples_of(nodes: _Nodes, batch: int) -> list[list[Sample]]:
         out: list[list[Sample]] = [[] for _ in range(batch)]
-        for nd in nodes:
-            out[nd.image].append(Sample(nd.box, nd.count, float(nd.weight.detach()), nd.cell))
+        for b, box, count, w, cell in zip(nodes.image, nodes.box, nodes.count, nodes.weight.detach().tolist(), nodes.cell):
+            out[b].append(Sample(box, count, w, cell))
         return out
 
     def _aggregate(
-        self, leaves: list[_Node], sources: Sequence[ImageSource], batch: int, keep: bool
+        self, leaves: _Nodes, sources: Sequence[ImageSource], batch: int, keep: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, list[Box], list[tuple]]:
         """``z = sum_leaves W f(leaf)``; each distinct sub-tile read and embedded once."""
-        merged: dict[tuple[int, Box], torch.Tensor] = {}
-        paths: dict[tuple[int, Box], tuple] = {}
-        for nd in leaves:
-            key = (nd.image, nd.box)
-            merged[key] = merged[key] + nd.weight if key in merged else nd.weight
-            paths.setdefault(key, nd.path)
-        keys = list(merged)
-        leaf_paths = [paths[k] for k in keys]
-        weights = torch.stack([merged[k] for k in keys])  # (L,)
+        slot: dict[tuple[int, Box], int] = {}
+        leaf_paths: list[tuple] = []
+        for key, path in zip(zip(leaves.image, leaves.box), leaves.path):
+            if key not in slot:
+                slot[key] = len(slot)
+                leaf_paths.append(path)
+        keys = list(slot)
+        where = torch.tensor([slot[k] for k in zip(leaves.image, leaves.box)], device=leaves.weight.device)
+        # a sub-tile reached along several paths (overlapping parents) sums its weights
+        weights = leaves.weight.new_zeros(len(keys)).index_add(0, where, leaves.weight)  # (L,)
         image = torch.tensor([b for b, _ in keys], device=weights.device)  # (L,)
         D = self.feature.out_dim
         z = torch.zeros(batch, D, device=self.mean.device, dtype=weights.dtype)
         if keep:  # training: one pass, features kept for the graph and the instance loss
-            pixels = torch.stack([sources[b].read(box) for b, box in keys])  # (L, C, h, w)
+            pixels = read_boxes(sources, keys)  # (L, C, h, w)
             feats = self.feature(self.normalize(pixels))  # (L, D)
             z = z.index_add(0, image, weights[:, None] * feats.to(weights.dtype))
             return z, feats, image, [box for _, box in keys], leaf_paths
         for start in range(0, len(keys), self.config.chunk):  # inference: memory of one chunk
             part = keys[start : start + self.config.chunk]
-            pixels = torch.stack([sources[b].read(box) for b, box in part])
+            pixels = read_boxes(sources, part)
             feats = self.feature(self.normalize(pixels))  # (chunk, D)
             sl = slice(start, start + len(part))
             z = z.index_add(0, image[sl], weights[sl, None] * feats.to(weights.dtype))
@@ -569,8 +653,9 @@ class ZoomIn(nn.Module):
         for level in range(1, len(cfg.levels)):
             _, grid, *_ = self._level_grid(level, tuple(cfg.levels[level - 1].region))
             traces.append(LevelTrace([{} for _ in range(B)], grid, []))
-        cache: list[dict] = [{} for _ in cfg.levels]
-        logit_cache: list[dict] = [{(b, whole): raw_alpha[b] for b in range(B)}] + [{} for _ in cfg.levels[1:]]
+        cache = [CellTable() for _ in cfg.levels]
+        logit_cache = [CellTable() for _ in cfg.levels]
+        logit_cache[0].add([(b, whole) for b in range(B)], raw_alpha)
         leaves = self._descend(
             log_alpha, sources, n, deterministic, generator, cache, logit_cache, None, traces
         )
@@ -582,11 +667,12 @@ class ZoomIn(nn.Module):
         parents: list[list[list[Box]]] = [[[whole] for _ in range(B)]]
         for level in range(1, len(cfg.levels)):
             per_image_maps, per_image_parents = [], []
+            probs = cache[level].table().detach().exp()
             for b in range(B):
                 keys = [key for key in cache[level] if key[0] == b]
                 per_image_parents.append([box for _, box in keys])
-                per_image_maps.append(torch.stack([cache[level][k] for k in keys]) if keys else log_alpha.new_zeros(0, 1))
-                traces[level].maps[b] = {box: cache[level][(b, box)].detach().exp() for _, box in keys}
+                per_image_maps.append(cache[level].rows(keys) if keys else log_alpha.new_zeros(0, 1))
+                traces[level].maps[b] = {box: probs[cache[level].index[(b, box)]] for _, box in keys}
             log_maps.append(per_image_maps)
             parents.append(per_image_parents)
 

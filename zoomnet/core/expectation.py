@@ -52,27 +52,42 @@ def with_replacement_weights(log_p: torch.Tensor, counts: torch.Tensor) -> torch
     return counts.to(log_p.dtype) / n * _unit_ratio(log_p)
 
 
-def without_replacement_weights(log_p: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+def without_replacement_weights(
+    log_p: torch.Tensor, draws: torch.Tensor, counts: torch.Tensor | None = None
+) -> torch.Tensor:
     """Weights of the inner (without replacement) estimator of one or many parents.
 
     Args:
         log_p: ``(M, G)`` log-probabilities ``log beta`` of ``M`` parents.
-        draws: ``(M, k)`` cell indices in draw order (``k < G``).
+        draws: ``(M, K)`` cell indices in draw order (``K < G`` where used).
+        counts: ``(M,)`` draws ``k_i <= K`` of each parent (None: ``K`` for all): row ``i``
+            uses the prefix ``draws[i, :k_i]``, a draw of size ``k_i`` (Gumbel-top-k), so
+            parents drawn different numbers of times are weighted in one pass.
 
     Returns:
-        ``(M, k)`` weights ``w_j`` of the drawn cells, in draw order.
+        ``(M, K)`` weights ``w_j`` of the drawn cells, in draw order; zero past ``k_i``.
 
     >>> lb = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
     >>> [round(w, 4) for w in without_replacement_weights(lb, torch.tensor([[0, 2]]))[0].tolist()]
     [0.75, 0.25]
+    >>> lb2 = lb.expand(2, 3)
+    >>> w = without_replacement_weights(lb2, torch.tensor([[0, 2], [0, 2]]), torch.tensor([2, 1]))
+    >>> [[round(v, 4) for v in row] for row in w.tolist()]
+    [[0.75, 0.25], [1.0, 0.0]]
     """
-    k = draws.shape[1]
-    log_b = torch.gather(log_p, 1, draws.to(log_p.device))  # (M, k)
+    k_max = draws.shape[1]
+    log_b = torch.gather(log_p, 1, draws.to(log_p.device))  # (M, K)
     beta = log_b.exp()
-    taken = torch.cumsum(beta.detach(), dim=1) - beta.detach()  # exclusive cumsum, (M, k)
+    taken = torch.cumsum(beta.detach(), dim=1) - beta.detach()  # exclusive cumsum, (M, K)
     remaining = (1.0 - taken).clamp_min(0.0)  # sg(R_m)
-    later = torch.arange(k - 1, -1, -1, dtype=log_p.dtype, device=log_p.device)  # k - j, j = 1..k
-    return (later * beta + remaining * _unit_ratio(log_b)) / k
+    j = torch.arange(k_max, device=log_p.device)
+    if counts is None:
+        k = torch.full((log_p.shape[0], 1), k_max, dtype=log_p.dtype, device=log_p.device)
+    else:
+        k = counts.to(device=log_p.device, dtype=log_p.dtype)[:, None]  # (M, 1)
+    later = (k - 1 - j).clamp_min(0)  # k - j for the 1-indexed j-th draw, (M, K)
+    w = (later * beta + remaining * _unit_ratio(log_b)) / k
+    return w if counts is None else w * (j < k)
 
 
 def exact_weights(log_p: torch.Tensor) -> torch.Tensor:

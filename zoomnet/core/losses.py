@@ -159,6 +159,17 @@ def attention_distillation_loss(
             targets[key] = max(targets.get(key, 0.0), score)
     if not targets:
         return leaf_scores.new_zeros(())
-    logits = torch.stack([cell_logits[level][parent][cell] for level, parent, cell in targets])
-    goal = torch.tensor(list(targets.values()), dtype=logits.dtype, device=logits.device)
+    logits, goal = [], []
+    for lv, table in enumerate(cell_logits):
+        chosen = [((parent, cell), score) for (level, parent, cell), score in targets.items() if level == lv]
+        if not chosen:
+            continue
+        cells = [pc for pc, _ in chosen]
+        if hasattr(table, "flat_index"):  # the model's CellTable: one gather per level
+            logits.append(table.table().flatten()[table.flat_index(cells)])
+        else:
+            logits.append(torch.stack([table[parent][cell] for parent, cell in cells]))
+        goal += [score for _, score in chosen]
+    logits = torch.cat(logits)
+    goal = torch.tensor(goal, dtype=logits.dtype, device=logits.device)
     return F.binary_cross_entropy_with_logits(logits, goal)

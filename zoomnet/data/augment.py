@@ -33,3 +33,10 @@ class JitteredSource:
         x = self.inner.read(box, out_size)  # (C, h, w)
         x = ((x - 127.5) * self.contrast + 127.5 + self.brightness) * self.gain
         return x.clamp(0.0, 255.0)
+
+    def read_many(self, boxes, out_size: tuple[int, int] | None = None) -> torch.Tensor:
+        from zoomnet.sources.base import read_many
+
+        x = read_many(self.inner, boxes, out_size)  # (M, C, h, w)
+        x = ((x - 127.5) * self.contrast + 127.5 + self.brightness) * self.gain
+        return x.clamp(0.0, 255.0)

@@ -21,7 +21,7 @@ import torch
 from zoomnet.core.geometry import Box
 from zoomnet.data.examples import Example
 from zoomnet.errors import ImageError, UserError
-from zoomnet.sources.base import ImageSource
+from zoomnet.sources.base import ImageSource, read_many
 from zoomnet.sources.open import PLAIN, image_size, open_image
 from zoomnet.sources.rescaled import RescaledSource
 
@@ -171,6 +171,11 @@ class LazyImage:
     def read(self, box: Box, out_size: tuple[int, int] | None = None) -> torch.Tensor:
         out = self.opened().read(box, out_size)
         self.pixels_read += int(out.shape[-1] * out.shape[-2])
+        return out
+
+    def read_many(self, boxes, out_size: tuple[int, int] | None = None) -> torch.Tensor:
+        out = read_many(self.opened(), boxes, out_size)  # (M, C, h, w)
+        self.pixels_read += int(out.shape[0] * out.shape[-1] * out.shape[-2])
         return out
 
 

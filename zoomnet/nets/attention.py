@@ -61,7 +61,15 @@ def local_contrast(view: torch.Tensor, radius: int = 3, cap: float = 3.0) -> tor
     (1.959, 0.0)
     """
     k = 2 * radius + 1
-    local = torch.nn.functional.avg_pool2d(view, k, stride=1, padding=radius, count_include_pad=False)
+    m, c, h, w = view.shape
+    # neighbourhood sums by a depthwise convolution of ones (several times faster on CPU
+    # than avg_pool2d), divided by how many pixels of each neighbourhood lie inside
+    ones = view.new_ones(c, 1, k, k)
+    sums = torch.nn.functional.conv2d(view, ones, padding=radius, groups=c)
+    def inside(n: int) -> torch.Tensor:
+        i = torch.arange(n, device=view.device)
+        return ((i + radius).clamp(max=n - 1) - (i - radius).clamp(min=0) + 1).to(view.dtype)
+    local = sums / (inside(h)[:, None] * inside(w)[None, :])
     return (view - local).abs().mean(dim=1).clamp(max=cap)  # (M, h, w)
 
 

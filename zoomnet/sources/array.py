@@ -10,17 +10,17 @@ from zoomnet.core.geometry import Box
 
 
 def resize(pixels: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
-    """Resample ``(C, h, w)`` to ``out_size``: area averaging when shrinking (antialiased),
-    bilinear when enlarging."""
+    """Resample ``(C, h, w)`` (or a stack ``(M, C, h, w)``) to ``out_size``: area averaging
+    when shrinking (antialiased), bilinear when enlarging."""
     h, w = pixels.shape[-2:]
     if (h, w) == tuple(out_size):
         return pixels
-    x = pixels.unsqueeze(0)
+    x = pixels if pixels.dim() == 4 else pixels.unsqueeze(0)
     if out_size[0] <= h and out_size[1] <= w:
-        x = F.interpolate(x, size=out_size, mode="area")
+        x = F.interpolate(x, size=tuple(out_size), mode="area")
     else:
-        x = F.interpolate(x, size=out_size, mode="bilinear", align_corners=False, antialias=True)
-    return x.squeeze(0)
+        x = F.interpolate(x, size=tuple(out_size), mode="bilinear", align_corners=False, antialias=True)
+    return x if pixels.dim() == 4 else x.squeeze(0)
 
 
 def crop_with_fill(image: torch.Tensor, box: Box, fill: float) -> torch.Tensor:
@@ -68,6 +68,30 @@ class ArraySource:
 
     def read(self, box: Box, out_size: tuple[int, int] | None = None) -> torch.Tensor:
         pixels = crop_with_fill(self.image, Box(*box), self.fill)  # (C, h, w)
+        return pixels if out_size is None else resize(pixels, tuple(out_size))
+
+    def read_many(self, boxes, out_size: tuple[int, int] | None = None) -> torch.Tensor:
+        """``(M, C, h, w)`` of boxes of one size: the boxes inside the image are sliced from
+        the stored pixels and converted together, the others filled one by one, and all are
+        resampled in one pass."""
+        boxes = [Box(*(int(v) for v in box)) for box in boxes]
+        sizes = {(b.height, b.width) for b in boxes}
+        if len(sizes) != 1:
+            return torch.stack([self.read(box, out_size) for box in boxes])
+        (h, w), = sizes
+        inside = [b.top >= 0 and b.left >= 0 and b.top + h <= self.height and b.left + w <= self.width for b in boxes]
+        if all(inside):
+            pixels = torch.stack([self.image[:, b.top : b.top + h, b.left : b.left + w] for b in boxes]).float()
+        else:
+            pixels = torch.empty(len(boxes), self.channels, h, w)
+            idx = [i for i, ok in enumerate(inside) if ok]
+            if idx:
+                pixels[torch.tensor(idx)] = torch.stack(
+                    [self.image[:, boxes[i].top : boxes[i].top + h, boxes[i].left : boxes[i].left + w] for i in idx]
+                ).float()
+            for i, ok in enumerate(inside):
+                if not ok:
+                    pixels[i] = crop_with_fill(self.image, boxes[i], self.fill)
         return pixels if out_size is None else resize(pixels, tuple(out_size))
 
     def __repr__(self) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -40,6 +40,17 @@ class ImageSource(Protocol):
         ...
 
 
+def read_many(source: ImageSource, boxes: Sequence[Box], out_size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Read several boxes of one source as ``(M, C, h, w)``: the source's own ``read_many``
+    where it has one (one crop-and-resample pass for a whole level), else one
+    :meth:`ImageSource.read` per box. Boxes must give one output size (one ``out_size``, or
+    boxes of one size)."""
+    many = getattr(source, "read_many", None)
+    if many is not None:
+        return many(boxes, out_size)
+    return torch.stack([source.read(box, out_size) for box in boxes])
+
+
 class CountingSource:
     """Wraps a source and records every read: box, output size and decoded pixels.
 
@@ -55,6 +66,10 @@ class CountingSource:
     def read(self, box: Box, out_size: tuple[int, int] | None = None) -> torch.Tensor:
         self.reads.append((Box(*box), out_size))
         return self.inner.read(box, out_size)
+
+    def read_many(self, boxes: Sequence[Box], out_size: tuple[int, int] | None = None) -> torch.Tensor:
+        self.reads.extend((Box(*box), out_size) for box in boxes)
+        return read_many(self.inner, boxes, out_size)
 
     def full_resolution_reads(self) -> list[Box]:
         """Boxes read without resampling."""
