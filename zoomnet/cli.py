@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from zoomnet import __version__
+from zoomnet.data.writers import KINDS
 from zoomnet.errors import UserError
 
 
@@ -232,8 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     bn.set_defaults(func=_bench)
 
     md = sub.add_parser("make-data", help="write a synthetic data set: images, masks, train/val/test CSVs")
-    md.add_argument("kind", choices=["tiny-objects", "megapixel-mnist", "needles", "gigapixel"],
-                    help="which set (gigapixel: one pyramidal TIFF slide, OUT a .tif path or a folder)")
+    md.add_argument("kind", choices=[*KINDS, "gigapixel"],
+                    help="which set (colon-cancer, traffic-signs, fmow: stand-ins with the geometry of the paper's "
+                    "sets; gigapixel: one pyramidal TIFF slide, OUT a .tif path or a folder)")
     md.add_argument("out", help="folder to write")
     md.add_argument("--num", type=int, help="number of images in all (default per set)")
     md.add_argument("--size", type=int, help="image side in pixels (default per set)")

@@ -118,15 +118,18 @@ class SlideModel:
         return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def write_gigapixel(out: str | Path, size: int = 50_000, seed: int = 0, quality: int = 85, progress: bool = True) -> Path:
-    """Write the synthetic slide to ``out`` (a ``.tif``); returns its path."""
+def write_gigapixel(out: str | Path, size: int = 50_000, seed: int = 0, quality: int = 85, progress: bool = True,
+                    lesions: int = 3, mask: str | Path | None = None) -> Path:
+    """Write the synthetic slide to ``out`` (a ``.tif``); returns its path. ``lesions``:
+    how many (0: a negative slide); ``mask``: also write the lesions as a PNG mask at 1/16
+    of level 0 (masks map to their image by the ratio of sizes)."""
     import tifffile
 
     out = Path(out)
     if out.suffix.lower() not in (".tif", ".tiff"):
         out = out / f"slide_{size}.tif" if out.suffix == "" else out.with_suffix(".tif")
     out.parent.mkdir(parents=True, exist_ok=True)
-    slide = SlideModel(size, seed)
+    slide = SlideModel(size, seed, lesions=lesions)
     levels = []
     s = size
     while True:
@@ -160,4 +163,14 @@ def write_gigapixel(out: str | Path, size: int = 50_000, seed: int = 0, quality:
     bar.close()
     meta = {"size": size, "mpp": mpp, "lesions": [{k: v for k, v in les.items() if k != "nuclei"} for les in slide.lesions]}
     out.with_suffix(".lesions.json").write_text(json.dumps(meta, indent=2))
+    if mask is not None:
+        from PIL import Image, ImageDraw
+
+        side = max(1, math.ceil(size / 16))
+        img = Image.new("L", (side, side))
+        draw = ImageDraw.Draw(img)
+        for les in slide.lesions:
+            y, x, r = les["y"] / 16, les["x"] / 16, les["radius"] / 16
+            draw.ellipse([x - r, y - r, x + r, y + r], fill=255)
+        img.save(mask)
     return out

