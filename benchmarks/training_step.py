@@ -1,0 +1,117 @@
+"""Cost of one training step of a preset: tensor operations and seconds, by phase.
+
+Runs the preset's model in training mode on in-memory images of the preset's size (random
+pixels: the cost does not depend on content, only on how many distinct tiles and sub-tiles
+the draws reach, so the draws use the untrained attention), one batch of the preset's
+batch size, and counts the operations the PyTorch profiler records (forward, loss and
+backward; also without the operations that only make views, such as cutting each box
+out of its image) and the wall time of each phase (median of ``--repeats`` steps). Writes one row
+per preset to ``docs/benchmarks/training_step.csv`` (``--csv``).
+
+    python benchmarks/training_step.py                      # megapixel-mnist, colon-cancer
+    python benchmarks/training_step.py tiny-objects --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from zoomnet.config import load_config
+from zoomnet.data.examples import Example
+from zoomnet.model import build_model
+from zoomnet.sources import ArraySource
+from zoomnet.train import make_optimizer, training_loss
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZES = {"megapixel-mnist": (1500, 1500), "colon-cancer": (500, 500), "tiny-objects": (512, 512),
+         "needle-camelyon": (1024, 1024), "traffic-signs": (960, 1280)}
+
+
+# operations that only make views of existing memory (cutting boxes out of an image, reshaping)
+VIEWS = {"as_strided", "slice", "select", "view", "reshape", "expand", "unsqueeze", "squeeze", "permute",
+         "t", "transpose", "alias", "unfold", "narrow", "as_strided_", "detach", "_reshape_alias", "resolve_conj"}
+
+
+def step_cost(preset: str, repeats: int) -> dict:
+    config = load_config(preset)
+    config.train.reference_class = None if config.model.num_classes > 2 else 0
+    h, w = SIZES[preset]
+    rng = np.random.default_rng(0)
+    batch = [
+        Example(ArraySource(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)), i % config.model.num_classes, None, f"img{i}")
+        for i in range(config.train.batch_size)
+    ]
+    labels = torch.tensor([e.label for e in batch])
+    torch.manual_seed(0)
+    model = build_model(config.model).train()
+    optimizer = make_optimizer(model, config.train)
+    generator = torch.Generator().manual_seed(0)
+
+    def one(times: list | None = None):
+        t0 = time.perf_counter()
+        out = model([e.source for e in batch], generator=generator, contrastive=True)
+        t1 = time.perf_counter()
+        loss, _ = training_loss(model, out, batch, labels, config.train, True)
+        t2 = time.perf_counter()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        t3 = time.perf_counter()
+        if times is not None:
+            times.append((t1 - t0, t2 - t1, t3 - t2))
+        return out
+
+    one()  # warm-up
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out = one()
+    events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+    ops = sum(e.count for e in events)
+    views = sum(e.count for e in events if e.key.split("::")[1] in VIEWS)
+    times: list = []
+    for _ in range(repeats):
+        one(times)
+    fwd, loss, bwd = (statistics.median(t[i] for t in times) for i in range(3))
+    return {
+        "preset": preset, "batch": len(batch), "sub_tiles": int(out.leaf_features.shape[0]),
+        "aten_ops": ops, "ops_without_views": ops - views, "ops_per_image": round(ops / len(batch)),
+        "forward_s": round(fwd, 3), "loss_s": round(loss, 3), "backward_s": round(bwd, 3),
+        "step_s": round(fwd + loss + bwd, 3), "images_per_s": round(len(batch) / (fwd + loss + bwd), 2),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("presets", nargs="*", default=["megapixel-mnist", "colon-cancer"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--csv", default=str(ROOT / "docs/benchmarks/training_step.csv"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = []
+    for preset in args.presets:
+        row = step_cost(preset, args.repeats)
+        rows.append(row)
+        print(", ".join(f"{k} {v}" for k, v in row.items()), flush=True)
+    try:
+        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = ""
+    with open(args.csv, "w", newline="") as fh:
+        fh.write(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads, commit {commit}\n")
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()
