@@ -20,7 +20,7 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.utils.checkpoint
@@ -296,6 +296,23 @@ class ZoomInOutput:
     contrastive_logits: torch.Tensor | None = None
 
 
+class LevelGrid(NamedTuple):
+    """The geometry of one level for parents of one size.
+
+    Attributes:
+        view: ``(h, w)`` of a parent's view.
+        grid: ``(g_h, g_w)`` cells.
+        rows, cols: the pooling matrices from view pixels to cells (None: one pixel a cell).
+        rel: ``(G, 4)`` cell boxes relative to the parent's top-left corner.
+    """
+
+    view: tuple[int, int]
+    grid: tuple[int, int]
+    rows: torch.Tensor | None
+    cols: torch.Tensor | None
+    rel: torch.Tensor
+
+
 class CellTable:
     """Per-parent rows of one level, ``{(image, parent box): (G,) tensor}``, stored as the
     ``(M, G)`` blocks the attention net produced, so that many rows are gathered with one
@@ -388,11 +405,11 @@ class ZoomIn(nn.Module):
         )
         self.register_buffer("mean", torch.tensor(config.pixel_mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(config.pixel_std).view(1, -1, 1, 1), persistent=False)
-        self._grids: dict[tuple[int, int, int], tuple] = {}
+        self._grids: dict[tuple[int, int, int], LevelGrid] = {}
 
     # ------------------------------------------------------------------ geometry helpers
-    def _level_grid(self, level: int, parent_hw: tuple[int, int]) -> tuple:
-        """Cached ``(view size, grid shape, rows, cols, relative boxes)`` of one level."""
+    def _level_grid(self, level: int, parent_hw: tuple[int, int]) -> LevelGrid:
+        """The cached :class:`LevelGrid` of one level for parents of ``parent_hw``."""
         key = (level, *parent_hw)
         if key not in self._grids:
             lv = self.config.levels[level]
@@ -400,7 +417,7 @@ class ZoomIn(nn.Module):
             vs = view_size(lv.scale, *parent_hw)
             rows, cols = pooling_matrix(vs, parent_hw, stride)
             rel = cell_boxes(Box(0, 0, *parent_hw), stride, lv.region)  # (G, 4)
-            self._grids[key] = (vs, grid_shape(*parent_hw, stride), rows, cols, rel)
+            self._grids[key] = LevelGrid(vs, grid_shape(*parent_hw, stride), rows, cols, rel)
         return self._grids[key]
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -420,7 +437,8 @@ class ZoomIn(nn.Module):
         self, level: int, views: torch.Tensor, parent_hw: tuple[int, int]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(M, C, h, w)`` raw views -> ``(M, G)`` log-probabilities and raw logits of the cells."""
-        _, _, rows, cols, _ = self._level_grid(level, parent_hw)
+        g = self._level_grid(level, parent_hw)
+        rows, cols = g.rows, g.cols
         logits, learned = _attend(self.attention[level], self.normalize(views))  # (M, h, w) each
         cell_logits = pool_to_grid(logits, rows, cols)  # (M, G)
         # the learnt part alone feeds attention distillation, a training term: inference skips it
@@ -469,7 +487,8 @@ class ZoomIn(nn.Module):
             full = torch.cat(logits, dim=1)  # (1, vh, vw)
             if self.config.tissue_mask:
                 tissue.append(tissue_map(torch.cat(tissue_rows, dim=1)))
-            _, _, rows, cols, _ = self._level_grid(0, (height, width))
+            g = self._level_grid(0, (height, width))
+            rows, cols = g.rows, g.cols
             cell = pool_to_grid(full, rows, cols)
             cell = cell.to(torch.promote_types(cell.dtype, torch.float32))
             maps.append(sampling.smoothed_log_softmax(cell, self.config.smooth))
@@ -478,7 +497,8 @@ class ZoomIn(nn.Module):
 
     def _tissue_cells(self, tissue: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """``(B, v_h, v_w)`` bool tissue maps -> ``(B, G1)`` bool: cells holding any tissue."""
-        _, _, rows, cols, _ = self._level_grid(0, (height, width))
+        g = self._level_grid(0, (height, width))
+        rows, cols = g.rows, g.cols
         t = tissue.float()
         cells = (t.flatten(1) if rows is None else (rows @ t @ cols.T).flatten(1)) > 0  # (B, G1)
         cells[~cells.any(dim=1)] = True  # never hide a whole image
@@ -513,7 +533,7 @@ class ZoomIn(nn.Module):
         else:
             counts = sampling.sample_with_replacement(la, n, generator)  # (B, G1)
         weights = expectation.with_replacement_weights(la, counts.to(la.device))  # (B, G1)
-        *_, rel = self._level_grid(0, (height, width))
+        rel = self._level_grid(0, (height, width)).rel
         whole = Box(0, 0, height, width)
         counts = counts.cpu()
         drawn = torch.nonzero(counts)  # (M, 2): (image, cell), image by image
@@ -529,7 +549,8 @@ class ZoomIn(nn.Module):
 
         for level in range(1, len(self.config.levels)):
             parent_hw = tuple(self.config.levels[level - 1].region)
-            vs, grid, _, _, rel = self._level_grid(level, parent_hw)
+            geometry = self._level_grid(level, parent_hw)
+            vs, rel = geometry.view, geometry.rel
             keys = list(zip(nodes.image, nodes.box))
             missing = list(dict.fromkeys(k for k in keys if k not in cache[level]))
             for start in range(0, len(missing), self.config.view_chunk):  # memory of one chunk
@@ -647,11 +668,11 @@ class ZoomIn(nn.Module):
         cell_mask = self._tissue_cells(tissue, height, width) if tissue is not None else None
         if cell_mask is not None:
             log_alpha = _restrict(log_alpha, cell_mask)
-        _, grid1, *_ = self._level_grid(0, (height, width))
+        grid1 = self._level_grid(0, (height, width)).grid
         whole = Box(0, 0, height, width)
         traces = [LevelTrace([{whole: log_alpha[b].detach().exp()} for b in range(B)], grid1, [])]
         for level in range(1, len(cfg.levels)):
-            _, grid, *_ = self._level_grid(level, tuple(cfg.levels[level - 1].region))
+            grid = self._level_grid(level, tuple(cfg.levels[level - 1].region)).grid
             traces.append(LevelTrace([{} for _ in range(B)], grid, []))
         cache = [CellTable() for _ in cfg.levels]
         logit_cache = [CellTable() for _ in cfg.levels]
@@ -676,7 +697,10 @@ class ZoomIn(nn.Module):
             log_maps.append(per_image_maps)
             parents.append(per_image_parents)
 
-        out = ZoomInOutput(logits, z, traces, log_maps, parents, feats, image, boxes, leaf_paths, logit_cache)
+        out = ZoomInOutput(
+            logits=logits, z=z, levels=traces, log_maps=log_maps, parents=parents, leaf_features=feats,
+            leaf_image=image, leaf_boxes=boxes, leaf_paths=leaf_paths, cell_logits=logit_cache,
+        )
         if contrastive:
             c_leaves = self._descend(
                 log_alpha, sources, n, deterministic, generator, cache, logit_cache,
@@ -728,7 +752,7 @@ class CNNBaseline(nn.Module):
             views = self.read_views(sources)
         x = (views.to(self.mean.device) - self.mean) / self.std  # (B, C, h, w)
         feats = self.body(x).amax(dim=(2, 3))  # (B, width): global max pooling
-        return ZoomInOutput(self.head(feats), feats, [], [], [])
+        return ZoomInOutput(logits=self.head(feats), z=feats, levels=[], log_maps=[], parents=[])
 
     predict = ZoomIn.predict
 

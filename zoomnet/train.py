@@ -203,7 +203,7 @@ def mask_coverage(model: ZoomIn, out: ZoomInOutput, examples: list[Example]) -> 
             if ex.mask is None:
                 continue
             for box, lp in zip(out.parents[level][b], out.log_maps[level][b]):
-                g_h, g_w = (out.levels[level].grid if level else model._level_grid(0, (box.height, box.width))[1])
+                g_h, g_w = (out.levels[level].grid if level else model._level_grid(0, (box.height, box.width)).grid)
                 span = Box(box.top, box.left, round(g_h * t_h), round(g_w * t_w))
                 cov = ex.mask.read(span, (g_h, g_w))[0].flatten()  # (G,) fraction covered
                 maps.append(lp.flatten())
