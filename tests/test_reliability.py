@@ -163,7 +163,9 @@ def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(data, tmp
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)  # in epoch 2 (or later): the run dies without cleaning up
     proc.wait()
-    epochs_done = json.loads((killed / "last.json").read_text())["state"]["epoch"]
+    from zoomnet.checkpoint import read_description
+
+    epochs_done = read_description(killed / "last.safetensors")["state"]["epoch"]
     assert 1 <= epochs_done < 4, "the kill came after the run ended; slow the run down"
     from zoomnet.checkpoint import load_checkpoint
 
@@ -177,6 +179,68 @@ def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(data, tmp
     rows_a = list(csv.DictReader(open(whole / "metrics.csv")))
     rows_b = list(csv.DictReader(open(killed / "metrics.csv")))
     assert [r["loss_ce"] for r in rows_a] == [r["loss_ce"] for r in rows_b]
+
+
+class _Crash(BaseException):
+    """A process killed between two file operations (not an Exception: nothing catches it)."""
+
+
+@pytest.mark.slow  # eight short trainings: `make test-slow`, run by .ci/run
+def test_a_crash_at_any_instant_of_saving_resumes_to_the_same_end(data, tmp_path, monkeypatch):
+    """Kill the run before each rename of the end of one epoch (optimiser state, best and
+    last checkpoints, their readable copies, metrics), resume, and get bitwise the weights,
+    best weights, description and metrics of a run never interrupted."""
+    from zoomnet.checkpoint import load_checkpoint, read_description
+
+    # no validation set: the best epoch is by training accuracy, which rises, so later epochs write best weights
+    argv = ["train", "--config", str(data / "tiny.json"), "--train", str(data / "set/train.csv"),
+            "--epochs", "3", "--quiet", "--device", "cpu", "--set", "model.train_samples=8"]
+    real_replace = os.replace
+    renames: list[str] = []
+
+    def counting(src, dst, *a, **k):
+        renames.append(Path(dst).name)
+        return real_replace(src, dst, *a, **k)
+
+    monkeypatch.setattr(os, "replace", counting)
+    assert main([*argv, "--out", str(tmp_path / "whole")]) == 0
+    monkeypatch.setattr(os, "replace", real_replace)
+    # the renames of each epoch end with metrics.csv; test the last epoch that wrote best weights
+    ends = [i for i, name in enumerate(renames) if name == "metrics.csv"]
+    epochs = [renames[a + 1 : b + 1] for a, b in zip([-1, *ends], ends)]
+    chosen = max((e for e in range(1, len(epochs)) if "best.safetensors" in epochs[e]), default=len(epochs) - 1)
+    first = sum(len(e) for e in epochs[:chosen])
+    assert {"last.optim.pt", "prev.optim.pt", "last.safetensors", "metrics.csv"} <= set(epochs[chosen])
+    print("renames at the end of the epoch tested:", epochs[chosen])
+
+    def same(a: Path, b: Path) -> None:
+        for name in ("last.safetensors", "best.safetensors"):
+            x, state_x = load_checkpoint(a / name)
+            y, state_y = load_checkpoint(b / name)
+            for (k, u), (_, v) in zip(x.state_dict().items(), y.state_dict().items()):
+                assert torch.equal(u, v), (name, k)
+            drop = lambda st: {**st, "history": [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s")} for r in st["history"]]}
+            assert drop(state_x) == drop(state_y)
+            assert read_description(b / name) == json.loads((b / name).with_suffix(".json").read_text())
+        strip = lambda p: [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s")} for r in csv.DictReader(open(p))]
+        assert strip(a / "metrics.csv") == strip(b / "metrics.csv")
+
+    for k in range(len(epochs[chosen])):
+        out = tmp_path / f"crash{k}"
+        calls = [0]
+
+        def crashing(src, dst, *a, **kw):
+            calls[0] += 1
+            if calls[0] == first + k + 1:
+                raise _Crash(f"killed before renaming {Path(dst).name}")
+            return real_replace(src, dst, *a, **kw)
+
+        monkeypatch.setattr(os, "replace", crashing)
+        with pytest.raises(_Crash):
+            main([*argv, "--out", str(out)])
+        monkeypatch.setattr(os, "replace", real_replace)
+        assert main([*argv, "--out", str(out), "--resume"]) == 0, epochs[chosen][k]
+        same(tmp_path / "whole", out)
 
 
 @pytest.mark.slow  # an end-to-end training: `make test-slow`, run by .ci/run

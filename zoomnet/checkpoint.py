@@ -1,7 +1,8 @@
-"""Checkpoints: weights as safetensors (no code runs on load) beside a JSON of the config.
-
-Both files are written to a temporary name and renamed into place, so a crash never leaves
-a half-written checkpoint.
+"""Checkpoints: weights as safetensors (no code runs on load), with their description (the
+model config and the training state) inside the same file's metadata, so that weights and
+description are replaced together by one rename: a crash at any instant leaves either the
+old checkpoint or the new one, never a mix. A readable copy of the description is written
+beside it as ``.json`` (checkpoints from before the metadata are read from that copy).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from zoomnet.errors import UserError
@@ -46,18 +48,57 @@ def save_checkpoint(model: torch.nn.Module, path: str | Path, state: dict | None
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:  # a checkpoint that cannot predict anything must never replace a good one
         raise ValueError(f"not saving {path}: weights {bad[0]} are not finite")
-    fd, tmp = tempfile.mkstemp(dir=path.parent if path.parent.exists() else None, suffix=".tmp")
+    meta = {"model": config_to_dict(model.config), "state": state or {}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file(tensors, tmp)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, path)
+        save_file(tensors, tmp, metadata={"zoomnet": json.dumps(meta)})
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)  # weights and description together
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    meta = {"model": config_to_dict(model.config), "state": state or {}}
-    atomic_write_bytes(path.with_suffix(".json"), json.dumps(meta, indent=2).encode())
+    atomic_write_bytes(path.with_suffix(".json"), json.dumps(meta, indent=2).encode())  # the readable copy
     return path
+
+
+def refresh_readable_copy(path: str | Path) -> None:
+    """Rewrite the ``.json`` beside a checkpoint from the description inside it, where a
+    crash came between the two renames and left the copy one epoch behind."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    try:
+        meta = read_description(path)
+    except (OSError, ValueError, KeyError):
+        return
+    copy = path.with_suffix(".json")
+    try:
+        current = json.loads(copy.read_text())
+    except (OSError, ValueError):
+        current = None
+    if current != meta:
+        atomic_write_bytes(copy, json.dumps(meta, indent=2).encode())
+
+
+def read_description(path: str | Path) -> dict:
+    """``{"model": ..., "state": ...}`` of a checkpoint: from its own metadata, or from the
+    ``.json`` beside it for checkpoints written before the metadata held it.
+
+    Raises:
+        OSError, ValueError, KeyError: unreadable (the caller words the error).
+    """
+    path = Path(path)
+    try:
+        with safe_open(str(path), "pt") as fh:
+            embedded = (fh.metadata() or {}).get("zoomnet")
+    except Exception:  # not a safetensors file: load_checkpoint says so when it reads the weights
+        embedded = None
+    if embedded is not None:
+        return json.loads(embedded)
+    return json.loads(path.with_suffix(".json").read_text())
 
 
 def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, dict]:
@@ -69,14 +110,17 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Mod
         UserError: an unreadable, foreign or mismatched checkpoint.
     """
     path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such checkpoint; give a run folder's best.safetensors or last.safetensors")
     try:
-        meta = json.loads(path.with_suffix(".json").read_text())
+        meta = read_description(path)
         recorded = dict(meta["model"])
         # runs saved before the contrast prior existed were trained without one
         recorded.setdefault("attention_prior", 0.0)
         model = build_model(ModelConfig(**recorded))
     except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise UserError(f"{path.with_suffix('.json')}: not a zoomnet checkpoint description ({exc}); retrain or restore it") from None
+        raise UserError(f"{path}: no zoomnet checkpoint description in it or in {path.with_suffix('.json').name} "
+                        f"({type(exc).__name__}: {exc}); retrain or restore it") from None
     try:
         tensors = load_file(str(path), device=device)
     except Exception as exc:  # safetensors raises its own error types for any foreign content

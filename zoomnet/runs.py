@@ -4,12 +4,15 @@ A run folder holds everything needed to reproduce or use it:
 
     config.json          the resolved configuration, with the class list
     metrics.csv          one row per epoch: loss terms, accuracies, AUC, hit rates, speed
-    last.safetensors     weights after the last finished epoch (+ last.json: config, state)
+    last.safetensors     weights after the last finished epoch, with the config and the
+                         training state in its metadata (+ last.json: a readable copy)
     last.optim.pt        optimiser, schedule and random state for --resume (tensors only)
+    prev.optim.pt        the same of the epoch before (a crash between files resumes from it)
     best.safetensors     weights of the best validation epoch (+ best.json)
 
-Every file is written to a temporary name and renamed into place, so a crash at any moment
-leaves the previous epoch's files whole.
+Every file is written to a temporary name and renamed into place, in an order that lets
+``--resume`` reach the same end from a crash at any instant (see the end of an epoch in
+:func:`train_run`).
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ from typing import Callable
 
 import torch
 
-from zoomnet.checkpoint import atomic_write_bytes, load_checkpoint, load_tensors_only, save_checkpoint
+from zoomnet.checkpoint import (
+    atomic_write_bytes, load_checkpoint, load_tensors_only, refresh_readable_copy, save_checkpoint,
+)
 from zoomnet.config import RunConfig, config_from_dict
 from zoomnet.data.manifest import class_list, load_examples, read_manifest, resolve_reference
 from zoomnet.data.examples import Example
@@ -92,8 +97,12 @@ def _write_metrics(path: Path, history: list[dict]) -> None:
     atomic_write_bytes(path, buf.getvalue().encode())
 
 
-def _save_resume_state(out: Path, optimizer, scheduler, generator: torch.Generator) -> None:
+def _save_resume_state(out: Path, optimizer, scheduler, generator: torch.Generator, epoch: int) -> None:
+    """Write ``last.optim.pt`` for the end of ``epoch``, keeping the previous one as
+    ``prev.optim.pt``: whatever instant a crash comes, the state of the epoch that
+    ``last.safetensors`` holds is in one of the two (:func:`_load_resume_state`)."""
     state = {
+        "epoch": epoch,
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict() if scheduler else {},
         "generator": generator.get_state(),
@@ -101,7 +110,28 @@ def _save_resume_state(out: Path, optimizer, scheduler, generator: torch.Generat
     }
     buf = io.BytesIO()
     torch.save(state, buf)
+    if (out / "last.optim.pt").exists():
+        os.replace(out / "last.optim.pt", out / "prev.optim.pt")
     atomic_write_bytes(out / "last.optim.pt", buf.getvalue())
+
+
+def _load_resume_state(out: Path, epoch: int, device) -> dict:
+    """The optimiser, schedule and random state saved with the weights of ``epoch``.
+
+    Raises:
+        UserError: neither ``last.optim.pt`` nor ``prev.optim.pt`` is of that epoch.
+    """
+    found = []
+    for name in ("last.optim.pt", "prev.optim.pt"):
+        if (out / name).is_file():
+            state = load_tensors_only(out / name, device)
+            found.append(f"{name}: epoch {state.get('epoch', '?')}")
+            if state.get("epoch", epoch) == epoch:  # files from before the epoch was recorded: trusted
+                return state
+    raise UserError(
+        f"{out}: no optimiser state of epoch {epoch}, the epoch of last.safetensors ({'; '.join(found) or 'none found'}); "
+        "train a new run (--force), or copy the run's best.safetensors elsewhere first"
+    )
 
 
 def _distributed() -> tuple[int, int]:
@@ -117,7 +147,7 @@ def _distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-RUN_FILES = {"config.json", "metrics.csv", "last.safetensors", "last.json", "last.optim.pt", "best.safetensors",
+RUN_FILES = {"config.json", "metrics.csv", "last.safetensors", "last.json", "last.optim.pt", "prev.optim.pt", "best.safetensors",
              "best.json", "tensorboard"}
 
 
@@ -285,7 +315,7 @@ def train_run(
     )
     generator = torch.Generator().manual_seed(config.train.seed + rank)
     if resume:
-        resume_state = load_tensors_only(out / "last.optim.pt", dev)
+        resume_state = _load_resume_state(out, state["epoch"], dev)
         optimizer.load_state_dict(resume_state["optimizer"])
         if scheduler:
             scheduler.load_state_dict(resume_state["scheduler"])
@@ -295,6 +325,10 @@ def train_run(
         start_epoch = state["epoch"] + 1
         best = state.get("best", -math.inf)
         log(f"resuming {out} after epoch {state['epoch']}")
+        if rank == 0:  # a crash may have come between a checkpoint and its copy, or the metrics
+            _write_metrics(out / "metrics.csv", history)
+            for name in ("last.safetensors", "best.safetensors"):
+                refresh_readable_copy(out / name)
     elif rank == 0:
         prepare_run_folder(out, force)
         out.mkdir(parents=True, exist_ok=True)
@@ -342,10 +376,13 @@ def train_run(
             improved = score > best
             best = max(best, score)
             state = {"epoch": epoch, "history": history, "best": best, "classes": classes}
-            save_checkpoint(model, out / "last.safetensors", state)
-            _save_resume_state(out, optimizer, scheduler, generator)
+            # in this order, a crash at any instant resumes to the same end (tests/test_reliability.py):
+            # the optimiser state first (the previous one kept), the best weights before the last ones
+            # (a resumed epoch that improves rewrites them), the metrics last (rewritten on resume)
+            _save_resume_state(out, optimizer, scheduler, generator, epoch)
             if improved:
                 save_checkpoint(model, out / "best.safetensors", state)
+            save_checkpoint(model, out / "last.safetensors", state)
             _write_metrics(out / "metrics.csv", history)
             terms = "  ".join(f"{k[5:]} {v:.3f}" for k, v in row.items() if k.startswith("loss_"))
             val_txt = f"  val acc {row['val_accuracy']:.3f}" if "val_accuracy" in row else ""
