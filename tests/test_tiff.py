@@ -182,6 +182,22 @@ def test_openslide_formats_are_read_through_a_guarded_openslide(tmp_path):
     assert (src.read(Box(-10, -10, 20, 20))[:, :10, :10] == 255).all()  # outside: the fill
 
 
+def test_a_vendor_slide_without_coarse_levels_keeps_to_the_pixel_budget(tmp_path):
+    """One level only: a whole-slide view would decode level 0; refused before decoding."""
+    pytest.importorskip("openslide")
+    from zoomnet.sources.slide import OpenSlideSource
+
+    path = tmp_path / "flat.ndpi"
+    tifffile.imwrite(path, IMG, tile=(64, 64), photometric="rgb", compression="zlib")
+    src = open_image(path, max_pixels=100_000)
+    assert isinstance(src, OpenSlideSource)
+    assert src.read(Box(0, 0, 256, 256)).shape == (3, 256, 256)  # 65,536 pixels: within the budget
+    before = src.pixels_decoded
+    with pytest.raises(ImageError, match=r"flat.ndpi: one read would decode 640x512 pixels.*data.max_pixels is 100,000"):
+        src.read(Box(0, 0, 512, 640), (64, 80))
+    assert src.pixels_decoded == before  # nothing was decoded
+
+
 def test_a_corrupt_vendor_slide_costs_one_error_not_the_process(tmp_path):
     pytest.importorskip("openslide")
     path = tmp_path / "broken.ndpi"

@@ -107,7 +107,7 @@ def open_image(path: str | os.PathLike, fill: float = 0.0, max_pixels: int = 256
     if suffix in VENDOR:
         from zoomnet.sources.slide import OpenSlideSource
 
-        return OpenSlideSource(p, fill=fill)
+        return OpenSlideSource(p, fill=fill, max_pixels=max_pixels)
     raise ImageError(
         f"{path}: unsupported format {suffix or '(no extension)'!r}; use PNG, JPEG, BMP, TIFF/SVS or an "
         "OpenSlide format (NDPI, MRXS, SCN, BIF)"

@@ -45,10 +45,15 @@ class OpenSlideSource:
         path: the slide.
         fill: raw value for pixels outside the slide (OpenSlide's transparent pixels).
         probe_timeout: seconds the child-process check may take.
+        max_pixels: the most pixels one read may take from its pyramid level
+            (``data.max_pixels``), checked before OpenSlide decodes anything: a slide
+            without coarse levels would otherwise decode level 0 for a level-1 view.
     """
 
-    def __init__(self, path: str | os.PathLike, fill: float = 0.0, probe_timeout: float = 120.0):
+    def __init__(self, path: str | os.PathLike, fill: float = 0.0, probe_timeout: float = 120.0,
+                 max_pixels: int = 256_000_000):
         self.path, self.fill, self.channels = str(path), float(fill), 3
+        self.max_pixels = int(max_pixels)
         try:
             import openslide
         except ImportError:
@@ -78,6 +83,12 @@ class OpenSlideSource:
         level = self._slide.get_best_level_for_downsample(max(want, 1.0))
         ds = self._slide.level_downsamples[level]
         lh, lw = max(1, round(h / ds)), max(1, round(w / ds))
+        if lh * lw > self.max_pixels:
+            raise ImageError(
+                f"{self.path}: one read would decode {lw}x{lh} pixels of pyramid level {level} (downsample {ds:g}; "
+                f"data.max_pixels is {self.max_pixels:,}); the slide lacks a coarse enough level: save it with a "
+                "pyramid (e.g. `vips tiffsave IN OUT.tif --tile --pyramid`) or raise data.max_pixels"
+            )
         region = np.asarray(self._slide.read_region((left, top), level, (lw, lh)), dtype=np.float32)  # RGBA
         self.pixels_decoded += lh * lw
         alpha = region[..., 3:4] / 255.0  # transparent outside the slide: the fill value
