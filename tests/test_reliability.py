@@ -329,6 +329,61 @@ def test_fuzz_image_readers(base, cut, flips, tmp_path):
         assert str(path) in str(exc)
 
 
+def _tiff_fields(blob: bytes) -> list[tuple[str, int, int]]:
+    """``(tag name, file offset, byte width)`` of every header field of every IFD worth
+    fuzzing: the tag's type and count, and each element of its value."""
+    import tifffile
+
+    sizes = {1: 1, 3: 2, 4: 4, 13: 4, 16: 8}
+    fields = []
+    with tifffile.TiffFile(io.BytesIO(blob)) as tf:
+        for page in [tf.pages[0], *[p for p in tf.series[0].levels[1:] for p in p.pages]]:
+            for tag in page.tags.values():
+                fields.append((f"{tag.name}.type", tag.offset + 2, 2))
+                fields.append((f"{tag.name}.count", tag.offset + 4, 4))
+                width = sizes.get(tag.dtype)
+                if width:
+                    for i in range(min(tag.count, 4)):
+                        fields.append((f"{tag.name}[{i}]", tag.valueoffset + i * width, width))
+    return fields
+
+
+TIFF_FIELDS = {name: _tiff_fields(blob) for name, blob in (("zlib", VALID_TIFF), ("jpeg", VALID_JPEG_TIFF))}
+
+
+@settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", 150)), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    base=st.sampled_from(["zlib", "jpeg"]),
+    edits=st.lists(st.tuples(st.floats(0.0, 1.0, exclude_max=True), st.one_of(
+        st.sampled_from([0, 1, 2, 3, 4, 5, 7, 8, 15, 16, 17, 32, 255, 256, 4096, 65535, 2**16, 2**31 - 1, 2**32 - 1]),
+        st.integers(0, 2**32 - 1))), min_size=1, max_size=3),
+)
+def test_fuzz_tiff_header_fields(base, edits, tmp_path):
+    """Rewrite header fields of a valid tiled pyramid (sizes, tile sizes, samples, bits,
+    compression, photometric, planar, offsets, byte counts, SubIFDs; each tag's type and
+    count) with edge values: opening and reading a view succeeds or raises ImageError naming
+    the file, within seconds and within the pixel budget."""
+    from zoomnet.core.geometry import Box
+    from zoomnet.sources import open_image
+
+    blob = bytearray(VALID_TIFF if base == "zlib" else VALID_JPEG_TIFF)
+    fields = TIFF_FIELDS[base]
+    for where, value in edits:
+        _, offset, width = fields[int(where * len(fields))]
+        blob[offset : offset + width] = (value % (1 << (8 * width))).to_bytes(width, "little")
+    path = tmp_path / "fuzz.tif"
+    path.write_bytes(bytes(blob))
+    start = time.perf_counter()
+    try:
+        src = open_image(path, max_pixels=1_000_000)
+        view = src.read(Box(0, 0, src.height, src.width), (8, 8))
+        assert view.shape == (3, 8, 8) and torch.isfinite(view).all()
+        src.read(Box(0, 0, 16, 16))
+    except ImageError as exc:
+        assert str(path) in str(exc) and "\n" not in str(exc).strip()
+    assert time.perf_counter() - start < 10
+
+
 def test_softmax_and_pooling_stable_for_large_logits():
     from zoomnet.core.geometry import pool_to_grid, pooling_matrix
     from zoomnet.core.sampling import smoothed_log_softmax

@@ -76,7 +76,11 @@ def sample_rule(tif, series, planar: bool, name: str):
     elif dtype != np.uint8:
         raise ImageError(f"{name}: {dtype} samples are not supported{hint}")
     if photometric == 3:  # palette: indices into a 16-bit colour map
-        cmap = np.asarray(page.colormap, dtype=np.float32).T / 257.0  # (entries, 3)
+        colormap = page.colormap
+        if samples != 1 or colormap is None or np.asarray(colormap).ndim != 2 or np.asarray(colormap).shape[0] != 3:
+            raise ImageError(f"{name}: a palette image needs one sample per pixel and a colour map "
+                             f"({samples} samples, {'no' if colormap is None else 'a malformed'} colour map){hint}")
+        cmap = np.asarray(colormap, dtype=np.float32).T / 257.0  # (entries, 3)
         return lambda block: cmap[np.clip(block.reshape(block.shape[:2]).astype(np.int64), 0, len(cmap) - 1)]
     if photometric == 5:  # separated: CMYK
         if samples != 4 or dtype != np.uint8:
@@ -176,9 +180,15 @@ class TiffSource:
             arrays = [group[str(i)] for i in range(len(series.levels))] if hasattr(group, "keys") else [group]
             yx = slice(1, 3) if self._planar else slice(0, 2)
             self.height, self.width = series.levels[0].shape[yx]
+            if self.height < 1 or self.width < 1:
+                raise ImageError(f"{path}: the image is empty ({self.width}x{self.height} pixels); re-export it")
             self._levels = []
-            for lv, arr in zip(series.levels, arrays):
+            for i, (lv, arr) in enumerate(zip(series.levels, arrays)):
                 h, w = lv.shape[yx]
+                # a reduced level must keep the image's shape (sizes round either way); a damaged
+                # one is left out rather than read with the wrong geometry
+                if i and (h < 1 or w < 1 or abs(self.width * h / self.height - w) > 2):
+                    continue
                 self._levels.append(_Level(arr, lv.keyframe, h, w, self.height / h))
             self.mpp = _mpp(self._tif, series.levels[0].keyframe)
             self._dtype = series.dtype
