@@ -19,6 +19,7 @@ no display range: they are refused.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -32,6 +33,11 @@ from zoomnet.core.geometry import Box
 from zoomnet.errors import ImageError
 from zoomnet.sources.array import resize
 
+
+# tifffile reports damage it works around through logging; without a handler Python would
+# print each report to stderr, around our one-line error. What matters reaches the user as
+# an ImageError; an application that configures logging still receives the reports.
+logging.getLogger("tifffile").addHandler(logging.NullHandler())
 
 MAX_TILES_PER_READ = 65_536  # tiles of 16 px on an 8192^2 level: 262,144 decoder calls for one view
 
