@@ -27,24 +27,33 @@ def tiny_enumerable_model() -> tuple[ZoomIn, ArraySource]:
     return model, ArraySource(image)
 
 
-def test_model_estimator_is_exactly_unbiased(monkeypatch):
+@pytest.mark.parametrize("path", ["training", "contrastive", "inference"])
+def test_model_estimator_is_exactly_unbiased(monkeypatch, path):
     """Enumerate every outcome of the real model's draws (N = 4 over 2 tiles of 3 cells:
     parents drawn less often, as often and more often than they have cells) and compare
-    E[w.z] and E[grad] over all parameters with the exact aggregate."""
+    E[w.z] and E[grad] over all parameters with the exact aggregate; for the contrastive
+    pass, with the complementary maps at every level; at inference (no gradients, f in
+    chunks of 2 sub-tiles), the value."""
+    contrastive = path == "contrastive"
     model, src = tiny_enumerable_model()
+    model.config.chunk = 2
+    model.classifier = torch.nn.Identity()  # logits = z: the contrastive pass's z is its logits
     N, w = 4, torch.tensor([0.3, -1.0, 0.7], dtype=torch.float64)
     params = [p for n, p in model.named_parameters() if not n.startswith("classifier.")]
+    maps = sampling.complement_log_probs if contrastive else (lambda lp: lp)
 
     # exact: sum_c alpha_c sum_c' beta_c' f(c, c'), through the model's own pieces
     view = model.read_views([src])
     log_alpha, _ = model._attention_maps(0, view, (8, 16))  # (1, 2)
-    *_, rel1 = model._level_grid(0, (8, 16))
-    *_, rel2 = model._level_grid(1, (8, 8))
+    log_alpha = maps(log_alpha)
+    rel1 = model._level_grid(0, (8, 16)).rel
+    rel2 = model._level_grid(1, (8, 8)).rel
     exact = 0.0
     log_betas = []
     for c in range(2):
         tile = Box(*rel1[c].tolist())
         lb, _ = model._attention_maps(1, src.read(tile, (4, 4))[None], (8, 8))  # (1, 3)
+        lb = maps(lb)
         log_betas.append(lb[0])
         for c2 in range(3):
             t, l, h, ww = rel2[c2].tolist()
@@ -81,12 +90,18 @@ def test_model_estimator_is_exactly_unbiased(monkeypatch):
             rows = [list(d) + [x for x in range(3) if x not in d] for d, _ in combo]
             state["counts"], state["order"] = counts, torch.tensor(rows)
             p = p_counts * math.prod(q for _, q in combo)
-            out = model([src], samples=N)
-            expected = expected + p * (w @ out.z[0])
+            if path == "inference":
+                out = model.predict([src], samples=N)
+            else:
+                out = model([src], samples=N, contrastive=contrastive)
+            z = out.contrastive_logits[0] if contrastive else out.z[0]
+            expected = expected + p * (w @ z)
             total_p += p
     assert total_p == pytest.approx(1.0, abs=1e-12)
-    expected_grads = torch.autograd.grad(expected, params)
     assert abs(float((expected - exact).detach())) < 1e-10
+    if path == "inference":
+        return
+    expected_grads = torch.autograd.grad(expected, params)
     for e, x in zip(expected_grads, exact_grads):
         assert torch.allclose(e, x, atol=1e-10, rtol=0)
 
