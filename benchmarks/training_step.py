@@ -10,6 +10,12 @@ per preset to ``docs/benchmarks/training_step.csv`` (``--csv``).
 
     python benchmarks/training_step.py                      # megapixel-mnist, colon-cancer
     python benchmarks/training_step.py tiny-objects --threads 2
+    python benchmarks/training_step.py --dispatch           # ops dispatched against N and B
+
+``--dispatch`` counts the tensor operations dispatched (a ``TorchDispatchMode``: what reaches
+the kernels, views included) by one training step, forward and backward, of the
+``needle-camelyon`` preset at N = 10, 50, 200 draws and batches of 1 and 8
+(``docs/benchmarks/dispatch.csv``).
 """
 
 from __future__ import annotations
@@ -89,14 +95,56 @@ def step_cost(preset: str, repeats: int) -> dict:
     }
 
 
+def dispatched_ops(preset: str, n: int, batch_size: int) -> int:
+    """Tensor operations dispatched by one training step (forward, loss, backward)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    config = load_config(preset, [f"model.train_samples={n}"])
+    h, w = SIZES[preset]
+    rng = np.random.default_rng(0)
+    batch = [Example(ArraySource(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)), i % 2, None, f"img{i}")
+             for i in range(batch_size)]
+    labels = torch.tensor([e.label for e in batch])
+    torch.manual_seed(0)
+    model = build_model(config.model).train()
+    generator = torch.Generator().manual_seed(0)
+    counter = Count()
+    with counter:
+        out = model([e.source for e in batch], generator=generator)
+        loss, _ = training_loss(model, out, batch, labels, config.train, False)
+        loss.backward()
+    return counter.n
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("presets", nargs="*", default=["megapixel-mnist", "colon-cancer"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--csv", default=str(ROOT / "docs/benchmarks/training_step.csv"))
+    parser.add_argument("--csv", default=None)
+    parser.add_argument("--dispatch", action="store_true", help="ops dispatched against N and B (needle-camelyon)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.dispatch:
+        rows = [{"preset": "needle-camelyon", "draws": n, "batch": b, "ops": (ops := dispatched_ops("needle-camelyon", n, b)),
+                 "ops_per_image": round(ops / b)} for n in (10, 50, 200) for b in (1, 8)]
+        for row in rows:
+            print(", ".join(f"{k} {v}" for k, v in row.items()), flush=True)
+        with open(args.csv or ROOT / "docs/benchmarks/dispatch.csv", "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        return
+    args.csv = args.csv or str(ROOT / "docs/benchmarks/training_step.csv")
     rows = []
     for preset in args.presets:
         row = step_cost(preset, args.repeats)

@@ -71,27 +71,22 @@ class ArraySource:
         return pixels if out_size is None else resize(pixels, tuple(out_size))
 
     def read_many(self, boxes, out_size: tuple[int, int] | None = None) -> torch.Tensor:
-        """``(M, C, h, w)`` of boxes of one size: the boxes inside the image are sliced from
-        the stored pixels and converted together, the others filled one by one, and all are
-        resampled in one pass."""
+        """``(M, C, h, w)`` of boxes of one size, gathered from the stored pixels by one
+        indexing operation (rows and columns of every box at once; outside the image: the
+        fill value) and resampled in one pass."""
         boxes = [Box(*(int(v) for v in box)) for box in boxes]
         sizes = {(b.height, b.width) for b in boxes}
         if len(sizes) != 1:
             return torch.stack([self.read(box, out_size) for box in boxes])
         (h, w), = sizes
-        inside = [b.top >= 0 and b.left >= 0 and b.top + h <= self.height and b.left + w <= self.width for b in boxes]
-        if all(inside):
-            pixels = torch.stack([self.image[:, b.top : b.top + h, b.left : b.left + w] for b in boxes]).float()
-        else:
-            pixels = torch.empty(len(boxes), self.channels, h, w)
-            idx = [i for i, ok in enumerate(inside) if ok]
-            if idx:
-                pixels[torch.tensor(idx)] = torch.stack(
-                    [self.image[:, boxes[i].top : boxes[i].top + h, boxes[i].left : boxes[i].left + w] for i in idx]
-                ).float()
-            for i, ok in enumerate(inside):
-                if not ok:
-                    pixels[i] = crop_with_fill(self.image, boxes[i], self.fill)
+        ys = torch.tensor([b.top for b in boxes])[:, None] + torch.arange(h)  # (M, h)
+        xs = torch.tensor([b.left for b in boxes])[:, None] + torch.arange(w)  # (M, w)
+        rows, cols = ys.clamp(0, self.height - 1), xs.clamp(0, self.width - 1)
+        pixels = self.image[:, rows[:, :, None], cols[:, None, :]].transpose(0, 1).float()  # (M, C, h, w)
+        inside_y, inside_x = (ys >= 0) & (ys < self.height), (xs >= 0) & (xs < self.width)
+        if not (bool(inside_y.all()) and bool(inside_x.all())):
+            inside = (inside_y[:, :, None] & inside_x[:, None, :])[:, None]  # (M, 1, h, w)
+            pixels = pixels.masked_fill(~inside, self.fill)
         return pixels if out_size is None else resize(pixels, tuple(out_size))
 
     def __repr__(self) -> str:
