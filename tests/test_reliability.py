@@ -188,8 +188,9 @@ class _Crash(BaseException):
 @pytest.mark.slow  # eight short trainings: `make test-slow`, run by .ci/run
 def test_a_crash_at_any_instant_of_saving_resumes_to_the_same_end(data, tmp_path, monkeypatch):
     """Kill the run before each rename of the end of one epoch (optimiser state, best and
-    last checkpoints, their readable copies, metrics), resume, and get bitwise the weights,
-    best weights, description and metrics of a run never interrupted."""
+    last checkpoints, their readable copies, metrics): the folder predicts, and resuming it
+    gives bitwise the weights, best weights, description and metrics of a run never
+    interrupted, with no temporary file left."""
     from zoomnet.checkpoint import load_checkpoint, read_description
 
     # no validation set: the best epoch is by training accuracy, which rises, so later epochs write best weights
@@ -239,8 +240,13 @@ def test_a_crash_at_any_instant_of_saving_resumes_to_the_same_end(data, tmp_path
         with pytest.raises(_Crash):
             main([*argv, "--out", str(out)])
         monkeypatch.setattr(os, "replace", real_replace)
+        (out / ".last.safetensors.x1y2.tmp").write_bytes(b"half")  # what SIGKILL leaves: no cleanup runs
+        # the folder as the crash left it predicts (best weights of an earlier epoch) ...
+        assert main(["predict", str(out), str(data / "set/images/tiny_00000.png"), "--quiet"]) == 0
+        # ... and resumes to the end of the uninterrupted run, leaving no temporary file
         assert main([*argv, "--out", str(out), "--resume"]) == 0, epochs[chosen][k]
         same(tmp_path / "whole", out)
+        assert not list(out.glob(".*.tmp"))
 
 
 @pytest.mark.slow  # an end-to-end training: `make test-slow`, run by .ci/run

@@ -326,6 +326,8 @@ def train_run(
         best = state.get("best", -math.inf)
         log(f"resuming {out} after epoch {state['epoch']}")
         if rank == 0:  # a crash may have come between a checkpoint and its copy, or the metrics
+            for stray in out.glob(".*.tmp"):  # what a killed process was writing
+                stray.unlink(missing_ok=True)
             _write_metrics(out / "metrics.csv", history)
             for name in ("last.safetensors", "best.safetensors"):
                 refresh_readable_copy(out / name)
