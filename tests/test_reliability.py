@@ -292,6 +292,22 @@ def test_resume_refuses_a_pickled_optimizer_state(data, run, tmp_path, capsys):
     assert code == 2 and "refused" in capsys.readouterr().err
 
 
+def test_resume_refuses_an_optimizer_state_of_another_epoch(data, run, tmp_path, capsys):
+    """The resume state is matched to the checkpoint's epoch; one of another epoch is refused."""
+    copy = tmp_path / "run"
+    copy.mkdir()
+    for f in run.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    state = torch.load(copy / "last.optim.pt", weights_only=True)
+    torch.save({**state, "epoch": 7}, copy / "last.optim.pt")
+    (copy / "prev.optim.pt").unlink(missing_ok=True)
+    code = main(["train", "--config", str(data / "tiny.json"), "--train", str(data / "set/train.csv"),
+                 "--out", str(copy), "--resume", "--epochs", "2", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "no optimiser state of epoch 1" in err and "last.optim.pt: epoch 7" in err
+
+
 VALID_PNG = png_bytes(RGB[:64, :64])
 VALID_TIFF = tiff_bytes(RGB[:64, :64])
 
