@@ -323,3 +323,16 @@ def test_read_many_equals_one_read_per_box():
     counting = CountingSource(src)
     read_many(counting, boxes[:2], (10, 10))
     assert counting.reads == [(boxes[0], (10, 10)), (boxes[1], (10, 10))]
+
+
+def test_array_source_views_in_strips_equal_the_whole_resampled():
+    """A large view of an in-memory image is resampled band by band from its 8-bit pixels
+    (no float copy of the whole image) to the values of area resampling of the whole box,
+    across the border too."""
+    from zoomnet.sources.array import crop_with_fill, resize
+
+    src = ArraySource(np.random.default_rng(0).integers(0, 256, (600, 700, 3), dtype=np.uint8), fill=255)
+    src.strip_pixels = 20_000  # boxes above 80,000 pixels go in strips of a few rows
+    for box, size in ((Box(0, 0, 600, 700), (60, 70)), (Box(-40, 25, 600, 700), (77, 91)), (Box(3, 7, 590, 690), (84, 76))):
+        whole = resize(crop_with_fill(src.image, box, 255.0), size)
+        torch.testing.assert_close(src.read(box, size), whole, rtol=0, atol=1e-3)

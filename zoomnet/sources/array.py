@@ -66,9 +66,37 @@ class ArraySource:
         self.channels, self.height, self.width = tensor.shape
         self.fill = float(fill)
 
+    strip_pixels = 250_000  # full-resolution pixels converted to float at a time for a view (3 MB for RGB)
+
     def read(self, box: Box, out_size: tuple[int, int] | None = None) -> torch.Tensor:
-        pixels = crop_with_fill(self.image, Box(*box), self.fill)  # (C, h, w)
+        box = Box(*(int(v) for v in box))
+        if (out_size is not None and box.height * box.width > 4 * self.strip_pixels
+                and out_size[0] <= box.height and out_size[1] <= box.width):
+            return self._area_in_strips(box, tuple(out_size))
+        pixels = crop_with_fill(self.image, box, self.fill)  # (C, h, w)
         return pixels if out_size is None else resize(pixels, tuple(out_size))
+
+    def _area_in_strips(self, box: Box, out_size: tuple[int, int]) -> torch.Tensor:
+        """Area resampling of a large box (a level-1 view) without a float copy of it: bands
+        of input rows are converted and averaged over columns, then over the rows of each
+        output row; the same output rows and columns as ``resize`` (adaptive pooling's
+        ``[floor(i h / oh), ceil((i + 1) h / oh))``), so the same values."""
+        top, left, h, w = box
+        oh, ow = out_size
+        i = torch.arange(oh + 1, dtype=torch.float64)
+        starts = torch.floor(i[:-1] * h / oh).long()
+        ends = torch.ceil(i[1:] * h / oh).long()
+        per_strip = max(1, int(self.strip_pixels / w / (h / oh)))  # output rows a band serves
+        out = torch.empty(self.channels, oh, ow)
+        for r0 in range(0, oh, per_strip):
+            r1 = min(oh, r0 + per_strip)
+            a, b = int(starts[r0]), int(ends[r1 - 1])
+            band = crop_with_fill(self.image, Box(top + a, left, b - a, w), self.fill)  # (C, b-a, w)
+            cols = F.adaptive_avg_pool2d(band[None], (b - a, ow))[0].double()  # (C, b-a, ow)
+            sums = torch.cat([cols.new_zeros(self.channels, 1, ow), cols.cumsum(1)], dim=1)
+            s, e = starts[r0:r1] - a, ends[r0:r1] - a
+            out[:, r0:r1] = ((sums[:, e] - sums[:, s]) / (e - s).double()[None, :, None]).float()
+        return out
 
     def read_many(self, boxes, out_size: tuple[int, int] | None = None) -> torch.Tensor:
         """``(M, C, h, w)`` of boxes of one size, gathered from the stored pixels by one
