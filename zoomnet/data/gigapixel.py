@@ -29,7 +29,7 @@ WHITE = np.array([242.0, 240.0, 244.0])
 class SlideModel:
     """The synthetic slide as functions of full-resolution coordinates."""
 
-    def __init__(self, size: int, seed: int = 0, lesions: int = 3, lesion_radius: float = 40.0):
+    def __init__(self, size: int, seed: int = 0, lesions: int = 3, lesion_radius: float | tuple[float, float] = 40.0):
         rng = np.random.default_rng(seed)
         self.size = size
         tex = histology_texture().astype(np.float32)  # (512, 512, 3)
@@ -42,15 +42,17 @@ class SlideModel:
         self.field_step = size / cells
         self.lesions = []
         for _ in range(lesions):
+            radius = float(rng.uniform(*lesion_radius)) if isinstance(lesion_radius, tuple) else float(lesion_radius)
             for _ in range(100):
-                cy, cx = rng.uniform(lesion_radius * 2, size - lesion_radius * 2, 2)
+                cy, cx = rng.uniform(radius * 2, size - radius * 2, 2)
                 if self._tissue(np.array([[cy]]), np.array([[cx]]))[0, 0] > 0.3:
                     break
             nuclei = []
-            for _ in range(int(6 * lesion_radius)):
-                a, d = rng.uniform(0, 2 * np.pi), lesion_radius * math.sqrt(rng.uniform())
+            # 240 nuclei in a lesion of radius 40 (the default), the same density in larger ones
+            for _ in range(int(240 * max(1.0, (radius / 40.0) ** 2))):
+                a, d = rng.uniform(0, 2 * np.pi), radius * math.sqrt(rng.uniform())
                 nuclei.append((cy + d * math.sin(a), cx + d * math.cos(a), rng.uniform(2.0, 4.0)))
-            self.lesions.append({"y": float(cy), "x": float(cx), "radius": lesion_radius, "nuclei": nuclei})
+            self.lesions.append({"y": float(cy), "x": float(cx), "radius": radius, "nuclei": nuclei})
 
     def _texture(self, downsample: int) -> np.ndarray:
         if downsample not in self._textures:
@@ -119,7 +121,8 @@ class SlideModel:
 
 
 def write_gigapixel(out: str | Path, size: int = 50_000, seed: int = 0, quality: int = 85, progress: bool = True,
-                    lesions: int = 3, mask: str | Path | None = None) -> Path:
+                    lesions: int = 3, mask: str | Path | None = None,
+                    lesion_radius: float | tuple[float, float] = 40.0) -> Path:
     """Write the synthetic slide to ``out`` (a ``.tif``); returns its path. ``lesions``:
     how many (0: a negative slide); ``mask``: also write the lesions as a PNG mask at 1/16
     of level 0 (masks map to their image by the ratio of sizes)."""
@@ -129,7 +132,7 @@ def write_gigapixel(out: str | Path, size: int = 50_000, seed: int = 0, quality:
     if out.suffix.lower() not in (".tif", ".tiff"):
         out = out / f"slide_{size}.tif" if out.suffix == "" else out.with_suffix(".tif")
     out.parent.mkdir(parents=True, exist_ok=True)
-    slide = SlideModel(size, seed, lesions=lesions)
+    slide = SlideModel(size, seed, lesions=lesions, lesion_radius=lesion_radius)
     levels = []
     s = size
     while True:

@@ -8,7 +8,8 @@
 - ``colon-cancer``, ``traffic-signs``, ``fmow``: stand-ins with the geometry of the paper's
   data sets (:mod:`zoomnet.data.standins`).
 - ``camelyon16``: pyramidal TIFF slides of the gigapixel generator (8192^2 by default,
-  0.5 um/px), every other one with 1-3 lesions of 80 px (``tumor``), with masks at 1/16.
+  0.5 um/px), every other one with 1-3 lesions of 100-250 px radius (``tumor``: 100-250 um
+  across, micro-metastases), with masks at 1/16.
 - ``needles``: 1024 px real-histology background (the IHC image shipped in the
   ``scikit-image`` wheel, randomly cropped, flipped and rotated) with tiny lesions (dense
   clusters of dark nuclei) covering 0.1-1 % of the image; positive iff a lesion is present.
@@ -246,7 +247,8 @@ def write_dataset(kind: str, out: str | Path, num: int | None = None, size: int 
             positive = i % 2 == 1  # balanced: every other slide holds 1-3 lesions
             name = f"slide_{i:05d}"
             write_gigapixel(out / "images" / f"{name}.tif", size=side, seed=seed * 100003 + i, progress=False,
-                            lesions=int(rng.integers(1, 4)) if positive else 0, mask=out / "masks" / f"{name}.png")
+                            lesions=int(rng.integers(1, 4)) if positive else 0, mask=out / "masks" / f"{name}.png",
+                            lesion_radius=(100.0, 250.0))
             rows.append((f"images/{name}.tif", "tumor" if positive else "normal", f"masks/{name}.png"))
     else:
         raise UserError(f"make-data {kind}: unknown set; choose {', '.join(KINDS)}")
