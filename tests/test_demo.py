@@ -35,7 +35,7 @@ def test_cli_version(capsys):
 
 @pytest.mark.slow  # an end-to-end training: `make test-slow`, run by .ci/run
 def test_cli_demo_runs_every_step(tmp_path, capsys):
-    from zoomnet.demo import run_cli_demo
+    from zoomnet.cli import run_cli_demo
 
     assert run_cli_demo(tmp_path, num=20, epochs=1, heatmaps=2, extra=["--quiet"]) == 0
     out = capsys.readouterr()

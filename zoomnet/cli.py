@@ -45,8 +45,6 @@ def _doctor(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from zoomnet.demo import run_cli_demo
-
     return run_cli_demo(args.out, num=args.num, epochs=args.epochs, seed=args.seed)
 
 
@@ -261,3 +259,31 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def run_cli_demo(out_dir: str | Path = "demo-output", num: int = 534, epochs: int | None = None, seed: int = 0,
+                 heatmaps: int = 4, extra: list[str] | None = None) -> int:
+    """The demo through the command line, each step printed as the command a user would type:
+    make-data, train, evaluate, predict with heatmaps. Returns the first non-zero exit code."""
+    out = Path(out_dir)
+    data, run = out / "data", out / "run"
+    steps = [
+        ["make-data", "tiny-objects", str(data), "--num", str(num), "--seed", str(seed)],
+        ["train", "--config", "tiny-objects", "--train", str(data / "train.csv"), "--val", str(data / "val.csv"),
+         "--out", str(run), "--seed", str(seed), *(["--epochs", str(epochs)] if epochs else []),
+         "--force", *(extra or [])],  # the demo's own run: a second `make demo` starts it afresh
+        ["evaluate", str(run), str(data / "test.csv"), "--deterministic"],
+    ]
+    for argv in steps:
+        print(f"$ zoomnet {' '.join(argv)}", flush=True)
+        code = main(argv)
+        if code:
+            return code
+    rows = list(csv.DictReader(open(data / "test.csv")))
+    picks = [r for r in rows if r["label"] == "positive"][: (heatmaps + 1) // 2]
+    picks += [r for r in rows if r["label"] == "negative"][: heatmaps // 2]
+    picks += [r for r in rows if r not in picks][: heatmaps - len(picks)]  # a split short of one class
+    argv = ["predict", str(run), *[str(data / r["path"]) for r in picks], "--heatmaps", str(out / "heatmaps"),
+            "--deterministic"]
+    print(f"$ zoomnet {' '.join(argv)}", flush=True)
+    return main(argv)

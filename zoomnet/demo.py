@@ -4,7 +4,7 @@ the CPU, held-out accuracy, and pictures of where it looked.
 Images are 512x512 with 24-32 px objects; an image is positive iff it holds a ring, and
 every image holds filled discs of the same colour and size, so the label needs the
 full-resolution sub-tiles. ``demo_config`` says which settings and why. ``zoomnet demo`` (and
-``make demo``) runs :func:`run_cli_demo`, the same job through the command line;
+``make demo``) runs ``zoomnet.cli.run_cli_demo``, the same job through the command line;
 :func:`run_demo` does it in memory through the Python API.
 """
 
@@ -82,35 +82,3 @@ def run_demo(out_dir: str | Path = "demo-output", train_size: int = 320, epochs:
         log(f"heatmap: {p}")
     log(f"done in {time.perf_counter() - start:.0f} s")
     return {"accuracy": det["accuracy"], "sampling_accuracy": sampled["accuracy"], "hit_rate": sampled["hit_rate"]}
-
-
-def run_cli_demo(out_dir: str | Path = "demo-output", num: int = 534, epochs: int | None = None, seed: int = 0,
-                 heatmaps: int = 4, extra: list[str] | None = None) -> int:
-    """The demo through the command line, each step printed as the command a user would type:
-    make-data, train, evaluate, predict with heatmaps. Returns the first non-zero exit code."""
-    import csv
-
-    from zoomnet.cli import main
-
-    out = Path(out_dir)
-    data, run = out / "data", out / "run"
-    steps = [
-        ["make-data", "tiny-objects", str(data), "--num", str(num), "--seed", str(seed)],
-        ["train", "--config", "tiny-objects", "--train", str(data / "train.csv"), "--val", str(data / "val.csv"),
-         "--out", str(run), "--seed", str(seed), *(["--epochs", str(epochs)] if epochs else []),
-         "--force", *(extra or [])],  # the demo's own run: a second `make demo` starts it afresh
-        ["evaluate", str(run), str(data / "test.csv"), "--deterministic"],
-    ]
-    for argv in steps:
-        print(f"$ zoomnet {' '.join(argv)}", flush=True)
-        code = main(argv)
-        if code:
-            return code
-    rows = list(csv.DictReader(open(data / "test.csv")))
-    picks = [r for r in rows if r["label"] == "positive"][: (heatmaps + 1) // 2]
-    picks += [r for r in rows if r["label"] == "negative"][: heatmaps // 2]
-    picks += [r for r in rows if r not in picks][: heatmaps - len(picks)]  # a split short of one class
-    argv = ["predict", str(run), *[str(data / r["path"]) for r in picks], "--heatmaps", str(out / "heatmaps"),
-            "--deterministic"]
-    print(f"$ zoomnet {' '.join(argv)}", flush=True)
-    return main(argv)
