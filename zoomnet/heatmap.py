@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from zoomnet.core.geometry import Box
 from zoomnet.model import ZoomInOutput
-from zoomnet.sources.base import ImageSource
+from zoomnet.core.source import ImageSource
 
 # Anchors of a perceptually ordered dark-to-bright colour map (black, purple, orange, yellow).
 _ANCHORS = np.array(

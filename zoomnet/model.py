@@ -32,7 +32,7 @@ from zoomnet.core.tissue import tissue_map
 from zoomnet.nets import available, build
 from zoomnet.nets.registry import resolve
 from zoomnet.nets.features import PreActBlock
-from zoomnet.sources.base import ImageSource, read_many
+from zoomnet.core.source import ImageSource, read_many
 
 
 @dataclass

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from zoomnet.core.geometry import Box
-from zoomnet.sources.base import ImageSource
+from zoomnet.core.source import ImageSource
 
 
 class JitteredSource:
@@ -35,7 +35,7 @@ class JitteredSource:
         return x.clamp(0.0, 255.0)
 
     def read_many(self, boxes, out_size: tuple[int, int] | None = None) -> torch.Tensor:
-        from zoomnet.sources.base import read_many
+        from zoomnet.core.source import read_many
 
         x = read_many(self.inner, boxes, out_size)  # (M, C, h, w)
         x = ((x - 127.5) * self.contrast + 127.5 + self.brightness) * self.gain

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from zoomnet.core.geometry import Box
-from zoomnet.sources.base import ImageSource
+from zoomnet.core.source import ImageSource
 
 
 @dataclass

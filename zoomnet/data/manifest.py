@@ -21,7 +21,7 @@ import torch
 from zoomnet.core.geometry import Box
 from zoomnet.data.examples import Example
 from zoomnet.errors import ImageError, UserError
-from zoomnet.sources.base import ImageSource, read_many
+from zoomnet.core.source import ImageSource, read_many
 from zoomnet.sources.open import PLAIN, image_size, open_image
 from zoomnet.sources.rescaled import RescaledSource
 

@@ -1,54 +1,16 @@
-"""The source interface the model reads pixels through."""
+"""The source interface the model reads pixels through (defined in :mod:`zoomnet.core.source`)
+and a source that records what is read."""
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Sequence
 
 import torch
 
 from zoomnet.core.geometry import Box
+from zoomnet.core.source import ImageSource, read_many
 
-
-@runtime_checkable
-class ImageSource(Protocol):
-    """A lazily read image.
-
-    Attributes:
-        height: full-resolution height in pixels.
-        width: full-resolution width in pixels.
-        channels: channels returned by :meth:`read`.
-        fill: raw pixel value returned outside the image.
-    """
-
-    height: int
-    width: int
-    channels: int
-    fill: float
-
-    def read(self, box: Box, out_size: tuple[int, int] | None = None) -> torch.Tensor:
-        """Read ``box`` (full-resolution pixels, may extend past the image).
-
-        Args:
-            box: the region to read.
-            out_size: ``(h, w)`` to resample to (area / antialiased); None for full
-                resolution.
-
-        Returns:
-            ``(C, h, w)`` float32 tensor of raw pixel values (0..255 for 8-bit images);
-            pixels outside the image hold ``fill``.
-        """
-        ...
-
-
-def read_many(source: ImageSource, boxes: Sequence[Box], out_size: tuple[int, int] | None = None) -> torch.Tensor:
-    """Read several boxes of one source as ``(M, C, h, w)``: the source's own ``read_many``
-    where it has one (one crop-and-resample pass for a whole level), else one
-    :meth:`ImageSource.read` per box. Boxes must give one output size (one ``out_size``, or
-    boxes of one size)."""
-    many = getattr(source, "read_many", None)
-    if many is not None:
-        return many(boxes, out_size)
-    return torch.stack([source.read(box, out_size) for box in boxes])
+__all__ = ["CountingSource", "ImageSource", "read_many"]
 
 
 class CountingSource:
