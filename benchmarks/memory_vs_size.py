@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from zoomnet.bench import NumpySource, PeakTensorMemory, setting_config
+from zoomnet.bench import PeakTensorMemory, setting_config
+from zoomnet.sources.held import NumpySource
 from zoomnet.model import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
