@@ -320,6 +320,12 @@ def test_read_many_equals_one_read_per_box():
         many = read_many(src, boxes, size)
         one = torch.stack([src.read(b, size) for b in boxes])
         torch.testing.assert_close(many, one, rtol=0, atol=1e-4)
+    for strip in (300, 50):  # groups of 3 boxes of 20x20 (1,200 pixels); boxes above 200 pixels one at a time
+        src.strip_pixels = strip
+        for size in (None, (10, 10)):
+            torch.testing.assert_close(read_many(src, boxes, size), torch.stack([src.read(b, size) for b in boxes]),
+                                       rtol=0, atol=1e-4)
+    src.strip_pixels = 250_000
     counting = CountingSource(src)
     read_many(counting, boxes[:2], (10, 10))
     assert counting.reads == [(boxes[0], (10, 10)), (boxes[1], (10, 10))]

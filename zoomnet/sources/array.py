@@ -100,13 +100,22 @@ class ArraySource:
 
     def read_many(self, boxes, out_size: tuple[int, int] | None = None) -> torch.Tensor:
         """``(M, C, h, w)`` of boxes of one size, gathered from the stored pixels by one
-        indexing operation (rows and columns of every box at once; outside the image: the
-        fill value) and resampled in one pass."""
+        indexing operation per group of boxes (rows and columns of every box at once;
+        outside the image: the fill value) and resampled group by group. A group holds at
+        most ``4 * strip_pixels`` full-resolution pixels, so large tiles cost no more memory
+        than reading them one by one."""
         boxes = [Box(*(int(v) for v in box)) for box in boxes]
         sizes = {(b.height, b.width) for b in boxes}
         if len(sizes) != 1:
             return torch.stack([self.read(box, out_size) for box in boxes])
         (h, w), = sizes
+        if h * w > 4 * self.strip_pixels:  # one box is already a large read: one at a time, in strips
+            return torch.stack([self.read(box, out_size) for box in boxes])
+        group = max(1, (4 * self.strip_pixels) // (h * w))
+        parts = [self._gather(boxes[i : i + group], h, w, out_size) for i in range(0, len(boxes), group)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _gather(self, boxes: list[Box], h: int, w: int, out_size: tuple[int, int] | None) -> torch.Tensor:
         ys = torch.tensor([b.top for b in boxes])[:, None] + torch.arange(h)  # (M, h)
         xs = torch.tensor([b.left for b in boxes])[:, None] + torch.arange(w)  # (M, w)
         rows, cols = ys.clamp(0, self.height - 1), xs.clamp(0, self.width - 1)
