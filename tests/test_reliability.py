@@ -428,6 +428,27 @@ def test_estimator_stays_float32_under_autocast():
     assert out.z.dtype == torch.float32 and torch.isfinite(out.logits).all()
 
 
+def test_a_training_step_under_autocast_takes_its_loss_outside_it():
+    # as train_epoch does on CUDA: the forward under bfloat16 autocast, the loss (which runs
+    # the classifier on the sub-tiles' features for the instance term) after it
+    from zoomnet import ArraySource, LevelConfig, ModelConfig, ZoomIn
+    from zoomnet.config import TrainConfig
+    from zoomnet.data.examples import Example
+    from zoomnet.train import training_loss
+
+    model = ZoomIn(ModelConfig(levels=[LevelConfig(0.25, (32, 32)), LevelConfig(0.5, (16, 16), (8, 8))], samples=4))
+    rng = np.random.default_rng(0)
+    batch = [Example(ArraySource(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)), y, None, f"i{y}") for y in (0, 1)]
+    cfg = TrainConfig(instance_weight=1.0, distill_weight=1.0, reference_class=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model([e.source for e in batch], contrastive=True, generator=torch.Generator().manual_seed(0))
+    assert out.leaf_features.dtype == torch.float32
+    loss, terms = training_loss(model, out, batch, torch.tensor([0, 1]), cfg, True)
+    loss.backward()
+    assert torch.isfinite(loss) and terms["instance"] > 0
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.feature.parameters())
+
+
 
 def test_zero_epochs_on_the_command_line_is_refused(data, tmp_path, capsys):
     argv = ["train", "--config", str(data / "tiny.json"), "--train", str(data / "set/train.csv"),

@@ -619,8 +619,9 @@ class ZoomIn(nn.Module):
         z = torch.zeros(batch, D, device=self.mean.device, dtype=weights.dtype)
         if keep:  # training: one pass, features kept for the graph and the instance loss
             pixels = read_boxes(sources, keys)  # (L, C, h, w)
-            feats = self.feature(self.normalize(pixels))  # (L, D)
-            z = z.index_add(0, image, weights[:, None] * feats.to(weights.dtype))
+            # float32 under autocast too: the classifier and the instance loss take them outside it
+            feats = self.feature(self.normalize(pixels)).to(weights.dtype)  # (L, D)
+            z = z.index_add(0, image, weights[:, None] * feats)
             return z, feats, image, [box for _, box in keys], leaf_paths
         for start in range(0, len(keys), self.config.chunk):  # inference: memory of one chunk
             part = keys[start : start + self.config.chunk]

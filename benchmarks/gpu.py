@@ -1,0 +1,237 @@
+"""GPU figures: inference, training steps and a gigapixel slide on CUDA, in one run.
+
+Nothing in zoomnet depends on a GPU; this script measures what one gives. On the machine it
+runs on, for float32 and for bfloat16 autocast (the nets only; the estimator stays float32):
+
+- ``inference``: each bench setting (``zoomnet.bench.SETTINGS``: colon-cancer, needles,
+  megapixel-mnist) and model (``zoomin``, ``ats``), untrained weights (seed 0), the bench
+  image through the lazy source: milliseconds per image (median of ``--repeats`` runs after
+  two warm-ups, ``torch.cuda.synchronize`` around each) and the peak of CUDA memory above
+  what was allocated before the run (``torch.cuda.max_memory_allocated`` after
+  ``reset_peak_memory_stats``); also images/s for a batch of 8.
+- ``train``: one training step (forward, loss, backward, optimiser) of a preset at a batch
+  size and draw count, on random pixels: seconds per step and images/s, median of
+  ``--repeats`` steps. The same steps on the machine's CPU (all its cores) give the ratio.
+- ``gigapixel``: ``predict_images`` of an untrained ``camelyon16`` run (Zoom-In and ATS) on a
+  slide written by ``zoomnet make-data gigapixel`` (``--slide-size``), on CUDA: seconds
+  (second call) and peak CUDA memory.
+
+    python benchmarks/gpu.py --out docs/benchmarks/gpu.csv --slide-size 25000
+
+Every row is printed as it is measured; a row that fails prints its error and the run goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from zoomnet.bench import SETTINGS, bench_image, setting_config  # noqa: E402
+from zoomnet.config import load_config  # noqa: E402
+from zoomnet.data.examples import Example  # noqa: E402
+from zoomnet.model import build_model  # noqa: E402
+from zoomnet.sources import ArraySource  # noqa: E402
+from zoomnet.sources.held import NumpySource  # noqa: E402
+from zoomnet.train import make_optimizer, training_loss  # noqa: E402
+
+CUDA = torch.device("cuda")  # replaced by --device (cpu: a dry run of the script, no memory figures)
+TRAIN_SIZES = {"needle-camelyon": (1024, 1024), "megapixel-mnist": (1500, 1500), "colon-cancer": (500, 500)}
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def reset_peak(device: torch.device) -> int:
+    """Start a peak-memory window; the bytes allocated now."""
+    if device.type != "cuda":
+        return 0
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated()
+
+
+def peak_mb(device: torch.device, base: int = 0):
+    if device.type != "cuda":
+        return ""
+    torch.cuda.synchronize()
+    return round((torch.cuda.max_memory_allocated() - base) / 2**20, 2)
+
+
+def timed(fn, device: torch.device, repeats: int, warmups: int = 2) -> float:
+    """Median seconds of ``fn`` after warm-ups."""
+    for _ in range(warmups):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        tick = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - tick)
+    return statistics.median(times)
+
+
+def inference_row(name: str, kind: str, precision: str, repeats: int) -> dict:
+    config = setting_config(name, kind)
+    torch.manual_seed(0)
+    model = build_model(config.model).to(CUDA).eval()
+    image = bench_image(name)
+    source = NumpySource(image, scales=tuple(level.scale for level in config.model.levels))
+    seed = iter(range(10**6))
+
+    def run(batch: int = 1):
+        with autocast(CUDA, precision):
+            return model.predict([source] * batch, generator=torch.Generator().manual_seed(next(seed)))
+
+    run()
+    base = reset_peak(CUDA)
+    run()
+    peak = peak_mb(CUDA, base)
+    ms = timed(run, CUDA, repeats) * 1000
+    batch_s = timed(lambda: run(8), CUDA, max(repeats // 2, 2), warmups=1)
+    return {"part": "inference", "setting": name, "model": kind, "precision": precision, "device": CUDA.type,
+            "ms_per_image": round(ms, 2), "images_per_s": round(8 / batch_s, 1), "peak_cuda_mb": peak}
+
+
+def train_row(preset: str, draws: int | None, batch: int, precision: str, device: torch.device, repeats: int) -> dict:
+    overrides = [f"model.train_samples={draws}"] if draws else []
+    config = load_config(preset, overrides)
+    config.train.reference_class = None if config.model.num_classes > 2 else 0
+    h, w = TRAIN_SIZES[preset]
+    rng = np.random.default_rng(0)
+    examples = [Example(ArraySource(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)), i % config.model.num_classes,
+                        None, f"img{i}") for i in range(batch)]
+    labels = torch.tensor([e.label for e in examples], device=device)
+    torch.manual_seed(0)
+    model = build_model(config.model).to(device).train()
+    optimizer = make_optimizer(model, config.train)
+    generator = torch.Generator().manual_seed(0)
+
+    def step():
+        with autocast(device, precision):
+            out = model([e.source for e in examples], generator=generator, contrastive=True)
+        loss, _ = training_loss(model, out, examples, labels, config.train, True)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    reset_peak(device)
+    seconds = timed(step, device, repeats, warmups=1)
+    row = {"part": "train", "setting": preset, "model": f"zoomin N={config.model.train_samples} B={batch}",
+           "precision": precision, "device": device.type, "ms_per_image": round(seconds * 1000 / batch, 1),
+           "images_per_s": round(batch / seconds, 2), "peak_cuda_mb": peak_mb(device)}
+    return row
+
+
+def gigapixel_rows(slide: Path, work: Path) -> list[dict]:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gigapixel import make_run
+
+    from zoomnet.runs import predict_images
+    from zoomnet.sources.open import image_size
+
+    h, w = image_size(str(slide))
+    rows = []
+    for kind in ("zoomin", "ats"):
+        run = make_run(kind, work / f"run_{kind}")
+        predict_images(run, [str(slide)], deterministic=True, device=CUDA.type)  # warm-up: CUDA, cuDNN, file cache
+        base = reset_peak(CUDA)
+        tick = time.perf_counter()
+        result = predict_images(run, [str(slide)], deterministic=True, device=CUDA.type)[0]
+        sync(CUDA)
+        seconds = time.perf_counter() - tick
+        rows.append({"part": "gigapixel", "setting": f"camelyon16 slide {w}x{h}", "model": kind, "precision": "fp32",
+                     "device": CUDA.type, "ms_per_image": round(seconds * 1000, 1), "peak_cuda_mb": peak_mb(CUDA, base),
+                     "decoded_frac": round(result["pixels_read"] / (h * w), 5)})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(ROOT / "docs/benchmarks/gpu.csv"))
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--slide-size", type=int, default=25000, help="0: no gigapixel rows")
+    parser.add_argument("--work", default="/tmp/zoomnet-gpu")
+    parser.add_argument("--device", default="cuda", help="cpu: a quick dry run of the script (no memory figures)")
+    parser.add_argument("--quick", action="store_true", help="one setting, one training row (a dry run)")
+    args = parser.parse_args()
+    global CUDA
+    CUDA = torch.device(args.device)
+    if CUDA.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("benchmarks/gpu.py: no CUDA device; run it on a machine with one")
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    slide = work / f"slide_{args.slide_size}.tif"
+    writer = None
+    if args.slide_size and not slide.exists():  # written on the CPU while the GPU rows run
+        writer = subprocess.Popen([sys.executable, "-m", "zoomnet", "make-data", "gigapixel", str(slide), "--size",
+                                   str(args.slide_size)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
+    rows: list[dict] = []
+
+    def attempt(fn, *a):
+        try:
+            out = fn(*a)
+        except Exception as exc:  # one failing row must not lose the others
+            traceback.print_exc()
+            out = {"part": fn.__name__, "setting": str(a[:3]), "status": f"failed: {type(exc).__name__}: {exc}"[:200]}
+        for row in out if isinstance(out, list) else [out]:
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+
+    for precision in ("fp32", "bf16"):
+        for name in list(SETTINGS)[: 1 if args.quick else None]:
+            for kind in ("zoomin", "ats"):
+                attempt(inference_row, name, kind, precision, args.repeats)
+    steps = [("needle-camelyon", 200, 8), ("needle-camelyon", 200, 1), ("needle-camelyon", 10, 8), ("megapixel-mnist", None, 8)]
+    for preset, draws, batch in steps[: 1 if args.quick else None]:
+        for precision in ("fp32", "bf16"):
+            attempt(train_row, preset, draws, batch, precision, CUDA, max(args.repeats // 2, 3))
+        if CUDA.type == "cuda":
+            attempt(train_row, preset, draws, batch, "fp32", torch.device("cpu"), 2)
+    if writer is not None:
+        _, err = writer.communicate()
+        if writer.returncode:
+            print(err.decode()[-2000:], flush=True)
+    if args.slide_size and slide.exists():
+        attempt(gigapixel_rows, slide, work)
+    keys = ["part", "setting", "model", "precision", "device", "ms_per_image", "images_per_s", "peak_cuda_mb",
+            "decoded_frac", "status"]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="") as fh:
+        name = torch.cuda.get_device_name(0) if CUDA.type == "cuda" else platform.processor() or "cpu"
+        fh.write(f"# {name}, {os.cpu_count()} CPU cores, torch {torch.__version__}, Python {platform.python_version()}, "
+                 f"{time.strftime('%Y-%m-%d')}; CPU rows: torch threads {torch.get_num_threads()}\n")
+        w = csv.DictWriter(fh, fieldnames=keys)
+        w.writeheader()
+        for row in rows:
+            w.writerow({k: row.get(k, "") for k in keys})
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
