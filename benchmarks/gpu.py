@@ -12,6 +12,9 @@ runs on, for float32 and for bfloat16 autocast (the nets only; the estimator sta
 - ``train``: one training step (forward, loss, backward, optimiser) of a preset at a batch
   size and draw count, on random pixels: seconds per step and images/s, median of
   ``--repeats`` steps. The same steps on the machine's CPU (all its cores) give the ratio.
+- ``diagnose``: where the time of a ``needle-camelyon`` training step (N = 200, B = 8) goes:
+  the step with draws that repeat (the same shapes every step) and with cuDNN off, and the
+  profiler's self time on the host and on the device (the tables go to the log).
 - ``gigapixel``: ``predict_images`` of an untrained ``camelyon16`` run (Zoom-In and ATS) on a
   slide written by ``zoomnet make-data gigapixel`` (``--slide-size``), on CUDA: seconds
   (second call) and peak CUDA memory.
@@ -147,6 +150,60 @@ def train_row(preset: str, draws: int | None, batch: int, precision: str, device
     return row
 
 
+def diagnose(preset: str, draws: int, batch: int, repeats: int) -> list[dict]:
+    """Where a training step's time goes on the device: the profiler's top operations, and
+    the step timed with draws that repeat (same shapes every step), with cuDNN off."""
+    from torch.profiler import ProfilerActivity, profile
+
+    rows = []
+    for precision in ("fp32", "bf16"):
+        config = load_config(preset, [f"model.train_samples={draws}"])
+        config.train.reference_class = 0
+        h, w = TRAIN_SIZES[preset]
+        rng = np.random.default_rng(0)
+        examples = [Example(ArraySource(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)), i % 2, None, f"img{i}")
+                    for i in range(batch)]
+        labels = torch.tensor([e.label for e in examples], device=CUDA)
+        torch.manual_seed(0)
+        model = build_model(config.model).to(CUDA).train()
+        optimizer = make_optimizer(model, config.train)
+        state = {"g": torch.Generator().manual_seed(0)}
+
+        def step(same: bool = False):
+            if same:
+                state["g"] = torch.Generator().manual_seed(0)
+            with autocast(CUDA, precision):
+                out = model([e.source for e in examples], generator=state["g"], contrastive=True)
+            loss, _ = training_loss(model, out, examples, labels, config.train, True)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+        for name, fn in (("varying draws", step), ("same draws", lambda: step(True))):
+            rows.append({"part": "diagnose", "setting": preset, "model": f"{name} N={draws} B={batch}",
+                         "precision": precision, "device": CUDA.type,
+                         "ms_per_image": round(timed(fn, CUDA, repeats, 1) * 1000 / batch, 1)})
+        torch.backends.cudnn.enabled = False
+        rows.append({"part": "diagnose", "setting": preset, "model": f"cudnn off N={draws} B={batch}",
+                     "precision": precision, "device": CUDA.type,
+                     "ms_per_image": round(timed(step, CUDA, repeats, 1) * 1000 / batch, 1)})
+        torch.backends.cudnn.enabled = True
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if CUDA.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            step()
+            sync(CUDA)
+        table = prof.key_averages()
+        rows.append({"part": "diagnose", "setting": preset, "model": f"profiled step N={draws} B={batch}",
+                     "precision": precision, "device": CUDA.type,
+                     "host_ms": round(sum(e.self_cpu_time_total for e in table) / 1000, 1),
+                     "device_ms": round(sum(getattr(e, "self_device_time_total", 0) for e in table) / 1000, 1)})
+        print(f"== {precision}: top operations by self CPU time", flush=True)
+        print(table.table(sort_by="self_cpu_time_total", row_limit=22, max_name_column_width=48), flush=True)
+        print(f"== {precision}: top operations by device time", flush=True)
+        print(table.table(sort_by="self_device_time_total", row_limit=10, max_name_column_width=48), flush=True)
+    return rows
+
+
 def gigapixel_rows(slide: Path, work: Path) -> list[dict]:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from gigapixel import make_run
@@ -156,17 +213,19 @@ def gigapixel_rows(slide: Path, work: Path) -> list[dict]:
 
     h, w = image_size(str(slide))
     rows = []
-    for kind in ("zoomin", "ats"):
-        run = make_run(kind, work / f"run_{kind}")
-        predict_images(run, [str(slide)], deterministic=True, device=CUDA.type)  # warm-up: CUDA, cuDNN, file cache
-        base = reset_peak(CUDA)
-        tick = time.perf_counter()
-        result = predict_images(run, [str(slide)], deterministic=True, device=CUDA.type)[0]
-        sync(CUDA)
-        seconds = time.perf_counter() - tick
-        rows.append({"part": "gigapixel", "setting": f"camelyon16 slide {w}x{h}", "model": kind, "precision": "fp32",
-                     "device": CUDA.type, "ms_per_image": round(seconds * 1000, 1), "peak_cuda_mb": peak_mb(CUDA, base),
-                     "decoded_frac": round(result["pixels_read"] / (h * w), 5)})
+    devices = [CUDA] + ([torch.device("cpu")] if CUDA.type == "cuda" else [])  # the same machine's CPU
+    for device in devices:
+        for kind in ("zoomin", "ats"):
+            run = make_run(kind, work / f"run_{kind}")
+            predict_images(run, [str(slide)], deterministic=True, device=device.type)  # warm-up: CUDA, file cache
+            base = reset_peak(device)
+            tick = time.perf_counter()
+            result = predict_images(run, [str(slide)], deterministic=True, device=device.type)[0]
+            sync(device)
+            seconds = time.perf_counter() - tick
+            rows.append({"part": "gigapixel", "setting": f"camelyon16 slide {w}x{h}", "model": kind,
+                         "precision": "fp32", "device": device.type, "ms_per_image": round(seconds * 1000, 1),
+                         "peak_cuda_mb": peak_mb(device, base), "decoded_frac": round(result["pixels_read"] / (h * w), 5)})
     return rows
 
 
@@ -178,18 +237,17 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/zoomnet-gpu")
     parser.add_argument("--device", default="cuda", help="cpu: a quick dry run of the script (no memory figures)")
     parser.add_argument("--quick", action="store_true", help="one setting, one training row (a dry run)")
+    parser.add_argument("--diagnose", action="store_true", help="only where a needle-camelyon training step's time goes")
     args = parser.parse_args()
     global CUDA
     CUDA = torch.device(args.device)
     if CUDA.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("benchmarks/gpu.py: no CUDA device; run it on a machine with one")
+    if args.diagnose:
+        args.slide_size = 0
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     slide = work / f"slide_{args.slide_size}.tif"
-    writer = None
-    if args.slide_size and not slide.exists():  # written on the CPU while the GPU rows run
-        writer = subprocess.Popen([sys.executable, "-m", "zoomnet", "make-data", "gigapixel", str(slide), "--size",
-                                   str(args.slide_size)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
     rows: list[dict] = []
 
     def attempt(fn, *a):
@@ -202,24 +260,24 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             rows.append(row)
 
-    for precision in ("fp32", "bf16"):
+    attempt(diagnose, "needle-camelyon", *((10, 2) if args.quick else (200, 8)), 3)
+    for precision in ("fp32", "bf16") if not args.diagnose else ():
         for name in list(SETTINGS)[: 1 if args.quick else None]:
             for kind in ("zoomin", "ats"):
                 attempt(inference_row, name, kind, precision, args.repeats)
     steps = [("needle-camelyon", 200, 8), ("needle-camelyon", 200, 1), ("needle-camelyon", 10, 8), ("megapixel-mnist", None, 8)]
-    for preset, draws, batch in steps[: 1 if args.quick else None]:
+    for preset, draws, batch in steps[: 0 if args.diagnose else 1 if args.quick else None]:
         for precision in ("fp32", "bf16"):
             attempt(train_row, preset, draws, batch, precision, CUDA, max(args.repeats // 2, 3))
         if CUDA.type == "cuda":
             attempt(train_row, preset, draws, batch, "fp32", torch.device("cpu"), 2)
-    if writer is not None:
-        _, err = writer.communicate()
-        if writer.returncode:
-            print(err.decode()[-2000:], flush=True)
+    if args.slide_size and not slide.exists():  # after the timed rows: a busy core slows every CPU-side op
+        subprocess.run([sys.executable, "-m", "zoomnet", "make-data", "gigapixel", str(slide), "--size",
+                        str(args.slide_size)], stdout=subprocess.DEVNULL, cwd=ROOT, check=False)
     if args.slide_size and slide.exists():
         attempt(gigapixel_rows, slide, work)
     keys = ["part", "setting", "model", "precision", "device", "ms_per_image", "images_per_s", "peak_cuda_mb",
-            "decoded_frac", "status"]
+            "decoded_frac", "host_ms", "device_ms", "status"]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", newline="") as fh:
