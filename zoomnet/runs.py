@@ -355,7 +355,7 @@ def train_run(
             row = {"epoch": epoch, **train_epoch(
                 wrapped, train, config.train, optimizer, epoch, generator, progress and rank == 0,
                 class_weight=class_weight, augment=config.data.augment_strength if config.data.augment else 0.0,
-                rank=rank, world=world, autocast=dev.type == "cuda",
+                rank=rank, world=world, autocast=dev.type == "cuda" and config.train.bf16,
                 contrastive=contrastive_active(config.train, epoch, history, len(classes)),
             )}
         except NonFiniteLoss as exc:

@@ -52,6 +52,10 @@ class TrainConfig:
         reference_class: index of the negative class of the contrastive, instance and
             distillation terms (None: no class is "empty"; their multi-class forms).
         seed: seed of shuffling and sampling.
+        bf16: bfloat16 autocast of the nets when training on CUDA (the estimator and losses
+            stay float32). It halves activation memory; for the shipped nets it is no
+            faster than float32, and several times slower at one image per batch
+            (docs/benchmarks.md, "On a GPU"), so it is off unless memory is short.
     """
 
     epochs: int = 10
@@ -70,6 +74,7 @@ class TrainConfig:
     distill_weight: float = 0.0
     reference_class: int | None = 0
     seed: int = 0
+    bf16: bool = False
 
 
     def __post_init__(self) -> None:
