@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from zoomnet.core.geometry import Box, cell_boxes, cell_of_point, grid_shape, pool_to_grid, pooling_matrix
@@ -74,3 +75,36 @@ def test_dense_form_is_identity():
 def test_no_cell_is_empty_when_the_stride_is_below_a_view_pixel():
     rows, cols = pooling_matrix((4, 4), (40, 40), (5.0, 5.0))  # 8 cells, 4 view pixels
     assert (rows.sum(dim=1) >= 1).all() and (cols.sum(dim=1) >= 1).all()
+
+
+@pytest.mark.parametrize("view, parent, stride", [
+    ((8, 12), (80, 120), (40.0, 40.0)),      # blocks of 4x4 pixels
+    ((50, 37), (500, 371), (27.0, 13.5)),    # uneven cells, a partial last cell
+    ((4, 4), (40, 40), (5.0, 5.0)),          # cells narrower than a pixel: one pixel each
+    ((64, 48), (1000, 750), (250.0, 250.0)),
+    ((30, 30), (100, 100), (3.0, 7.0)),      # mixed: rows one pixel a cell, columns blocks
+])
+def test_linear_pooling_sums_the_members_of_the_matrix(view, parent, stride):
+    from zoomnet.core.geometry import pooling_plan, sum_to_grid
+
+    rows, cols = pooling_matrix(view, parent, stride)
+    plan_rows, plan_cols = pooling_plan(view, parent, stride)
+    assert all(ax.segment is not None or ax.pick is not None for ax in (plan_rows, plan_cols))  # no matrix product
+    x = torch.rand(3, *view, dtype=torch.float64)
+    assert torch.allclose(sum_to_grid(x, plan_rows, plan_cols), rows.double() @ x @ cols.double().T)
+    logits = (torch.randn(3, *view, dtype=torch.float64) * 4).requires_grad_()
+    a = pool_to_grid(logits, plan_rows, plan_cols)
+    (ga,) = torch.autograd.grad((a * torch.arange(a.shape[1])).sum(), logits)
+    b = pool_to_grid(logits, rows, cols)  # the matrices, as the API took them
+    (gb,) = torch.autograd.grad((b * torch.arange(b.shape[1])).sum(), logits)
+    assert torch.allclose(a, b) and torch.allclose(ga, gb)
+
+
+def test_pooling_flops_are_counted_by_formula():
+    from zoomnet.core.geometry import count_pooling_flops, pooling_plan
+
+    rows, cols = pooling_plan((64, 48), (1024, 768), (64.0, 64.0))  # 4x4 pixels a cell
+    with count_pooling_flops() as outer:
+        with count_pooling_flops() as inner:
+            pool_to_grid(torch.zeros(2, 64, 48), rows, cols)
+    assert inner[0] == outer[0] == 2 * 64 * 48 + 2 * 16 * 48

@@ -10,8 +10,10 @@ visits. Otherwise the setting's synthetic set is written, ``zoomin``, ``ats`` an
 images. Results and commands: ``docs/benchmarks.md``.
 
 Methods:
-- FLOPs: ``torch.utils.flop_counter.FlopCounterMode`` over one inference;
-  ``attention_flops`` is everything except the feature net ``f`` and the classifier ``g``.
+- FLOPs: ``torch.utils.flop_counter.FlopCounterMode`` over one inference, plus the additions
+  of cell pooling by formula (``count_pooling_flops``: pooling is linear-time ``index_add``,
+  which the counter does not see); ``attention_flops`` is everything except the feature net
+  ``f`` and the classifier ``g``.
 - Peak memory: :class:`PeakTensorMemory`, the peak of the bytes held by live tensor storages
   created during the inference (weights excluded: they exist before). Every input tensor a
   method holds counts: ``ats-fullres`` and the CNNs hold the image as a tensor; Zoom-In and
@@ -43,6 +45,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
+from zoomnet.core.geometry import count_pooling_flops
 from zoomnet.errors import UserError
 from zoomnet.sources.held import HeldSource, NumpySource
 
@@ -202,10 +205,10 @@ def measure(name: str, kind: str, repeats: int = 5, model: torch.nn.Module | Non
             src = HeldSource(image) if held else lazy
             return model.predict([src], generator=torch.Generator().manual_seed(i))
 
-        with FlopCounterMode(display=False) as fc:
+        with FlopCounterMode(display=False) as fc, count_pooling_flops() as pooling:
             run()
         counts = {k: sum(v.values()) for k, v in fc.get_flop_counts().items()}
-        flops.append(fc.get_total_flops())
+        flops.append(fc.get_total_flops() + pooling[0])  # the counter sees no index_add: pooling by formula
         attention.append(flops[-1] - counts.get("ZoomIn.feature", 0) - counts.get("ZoomIn.classifier", 0))
         with PeakTensorMemory() as mem:
             run()

@@ -27,7 +27,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from zoomnet.core import expectation, sampling
-from zoomnet.core.geometry import Box, cell_boxes, grid_shape, pool_to_grid, pooling_matrix
+from zoomnet.core.geometry import AxisPool, Box, cell_boxes, grid_shape, pool_to_grid, pooling_plan, sum_to_grid
 from zoomnet.core.tissue import tissue_map
 from zoomnet.nets import available, build
 from zoomnet.nets.registry import resolve
@@ -302,14 +302,14 @@ class LevelGrid(NamedTuple):
     Attributes:
         view: ``(h, w)`` of a parent's view.
         grid: ``(g_h, g_w)`` cells.
-        rows, cols: the pooling matrices from view pixels to cells (None: one pixel a cell).
+        rows, cols: how view pixels pool into cells, per axis (None: one pixel a cell).
         rel: ``(G, 4)`` cell boxes relative to the parent's top-left corner.
     """
 
     view: tuple[int, int]
     grid: tuple[int, int]
-    rows: torch.Tensor | None
-    cols: torch.Tensor | None
+    rows: AxisPool | None
+    cols: AxisPool | None
     rel: torch.Tensor
 
 
@@ -415,7 +415,7 @@ class ZoomIn(nn.Module):
             lv = self.config.levels[level]
             stride = lv.cell_stride()
             vs = view_size(lv.scale, *parent_hw)
-            rows, cols = pooling_matrix(vs, parent_hw, stride)
+            rows, cols = pooling_plan(vs, parent_hw, stride)
             rel = cell_boxes(Box(0, 0, *parent_hw), stride, lv.region)  # (G, 4)
             self._grids[key] = LevelGrid(vs, grid_shape(*parent_hw, stride), rows, cols, rel)
         return self._grids[key]
@@ -500,7 +500,7 @@ class ZoomIn(nn.Module):
         g = self._level_grid(0, (height, width))
         rows, cols = g.rows, g.cols
         t = tissue.float()
-        cells = (t.flatten(1) if rows is None else (rows @ t @ cols.T).flatten(1)) > 0  # (B, G1)
+        cells = (t.flatten(1) if rows is None else sum_to_grid(t, rows, cols).flatten(1)) > 0  # (B, G1)
         cells[~cells.any(dim=1)] = True  # never hide a whole image
         return cells.to(self.mean.device)
 

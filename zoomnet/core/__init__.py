@@ -8,7 +8,7 @@ from zoomnet.core.expectation import (
     with_replacement_weights,
     without_replacement_weights,
 )
-from zoomnet.core.geometry import Box, cell_boxes, grid_shape, pool_to_grid, pooling_matrix
+from zoomnet.core.geometry import AxisPool, Box, cell_boxes, grid_shape, pool_to_grid, pooling_matrix, pooling_plan
 from zoomnet.core.sampling import (
     complement_log_probs,
     largest_remainder_counts,
@@ -19,6 +19,7 @@ from zoomnet.core.sampling import (
 )
 
 __all__ = [
+    "AxisPool",
     "Box",
     "cell_boxes",
     "complement_log_probs",
@@ -27,6 +28,7 @@ __all__ = [
     "largest_remainder_counts",
     "pool_to_grid",
     "pooling_matrix",
+    "pooling_plan",
     "sample_with_replacement",
     "sample_without_replacement",
     "smoothed_log_softmax",

@@ -14,7 +14,8 @@ pixels (paper, eq. 1; averaging would wash out a small object).
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from contextlib import contextmanager
+from typing import Iterator, NamedTuple
 
 import torch
 
@@ -116,26 +117,107 @@ def pooling_matrix(
     return rows, cols
 
 
+class AxisPool(NamedTuple):
+    """How the view pixels of one axis pool into its grid cells, in time linear in the view.
+
+    ``matrix`` is the ``(g, v)`` membership of :func:`pooling_matrix` (the definition);
+    ``segment`` (``(v,)``, the cell of each pixel) is set when the cells partition the pixels,
+    ``pick`` (``(g,)``, the one pixel of each cell) when every cell holds one pixel. Either
+    sums the same members as the matrix product; the product is the fallback.
+
+    >>> ax = AxisPool.of(pooling_matrix((4, 4), (8, 8), (4.0, 4.0))[0])
+    >>> ax.segment.tolist(), ax.pick
+    ([0, 0, 1, 1], None)
+    """
+
+    matrix: torch.Tensor
+    segment: torch.Tensor | None
+    pick: torch.Tensor | None
+
+    @classmethod
+    def of(cls, member: torch.Tensor) -> "AxisPool":
+        per_pixel, per_cell = member.sum(dim=0), member.sum(dim=1)
+        segment = member.argmax(dim=0) if bool((per_pixel == 1).all() and (per_cell >= 1).all()) else None
+        pick = member.argmax(dim=1) if bool((per_cell == 1).all()) else None
+        return cls(member, segment, pick)
+
+    def apply(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """Sum the pixels of each cell along ``dim`` of ``x``."""
+        if self.segment is not None:
+            shape = list(x.shape)
+            shape[dim] = self.matrix.shape[0]
+            _tally(x.numel())  # one addition per pixel
+            return x.new_zeros(shape).index_add(dim, self.segment.to(x.device), x)
+        if self.pick is not None:
+            return x.index_select(dim, self.pick.to(x.device))
+        return torch.movedim(torch.movedim(x, dim, -1) @ self.matrix.to(x).T, -1, dim)  # counted as a matmul
+
+
+_POOL_TALLY: list[int] = []  # additions of the pooling, while count_pooling_flops is open
+
+
+def _tally(adds: int) -> None:
+    if _POOL_TALLY:
+        _POOL_TALLY[-1] += adds
+
+
+@contextmanager
+def count_pooling_flops() -> Iterator[list[int]]:
+    """Count the additions of cell pooling done inside the block (``torch.utils.flop_counter``
+    sees matrix products, not ``index_add``): the count is ``tally[0]`` after the block.
+
+    >>> logits = torch.zeros(1, 4, 4)
+    >>> rows, cols = pooling_plan((4, 4), (8, 8), (4.0, 4.0))
+    >>> with count_pooling_flops() as tally:
+    ...     _ = pool_to_grid(logits, rows, cols)
+    >>> tally[0]  # 16 pixels into 2 rows of cells, then 8 into 2 x 2 cells
+    24
+    """
+    _POOL_TALLY.append(0)
+    out = [0]
+    try:
+        yield out
+    finally:
+        out[0] = _POOL_TALLY.pop()
+        _tally(out[0])  # an enclosing count sees it too
+
+
+def pooling_plan(
+    view_hw: tuple[int, int], parent_hw: tuple[int, int], stride: tuple[float, float]
+) -> tuple[AxisPool | None, AxisPool | None]:
+    """:func:`pooling_matrix` as :class:`AxisPool` per axis (``(None, None)``: the dense form)."""
+    rows, cols = pooling_matrix(view_hw, parent_hw, stride)
+    if rows is None:
+        return None, None
+    return AxisPool.of(rows), AxisPool.of(cols)
+
+
+def sum_to_grid(x: torch.Tensor, rows: AxisPool | torch.Tensor, cols: AxisPool | torch.Tensor) -> torch.Tensor:
+    """``(M, v_h, v_w)`` -> ``(M, g_h, g_w)``: the sum of each cell's view pixels."""
+    rows = rows if isinstance(rows, AxisPool) else AxisPool.of(rows)
+    cols = cols if isinstance(cols, AxisPool) else AxisPool.of(cols)
+    return cols.apply(rows.apply(x, 1), 2)
+
+
 def pool_to_grid(
-    logits: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor | None
+    logits: torch.Tensor, rows: AxisPool | torch.Tensor | None, cols: AxisPool | torch.Tensor | None
 ) -> torch.Tensor:
     """Logsumexp-pool per-pixel logits into grid cells.
 
     Args:
         logits: ``(M, v_h, v_w)`` attention logits, one per view pixel.
-        rows: ``(g_h, v_h)`` membership from :func:`pooling_matrix` (None with ``cols``
-            None: the dense form, one cell per view pixel).
-        cols: ``(g_w, v_w)`` membership.
+        rows: ``(g_h, v_h)`` membership from :func:`pooling_matrix`, or its
+            :class:`AxisPool` from :func:`pooling_plan` (None with ``cols`` None: the dense
+            form, one cell per view pixel).
+        cols: ``(g_w, v_w)`` membership, or its :class:`AxisPool`.
 
     Returns:
         ``(M, g_h * g_w)`` cell logits (``log sum exp`` of the member pixels).
     """
     if rows is None and cols is None:
         return logits.flatten(1)  # dense form: one cell per view pixel
-    rows = rows.to(logits)
-    cols = cols.to(logits)
     peak = logits.detach().amax(dim=(1, 2), keepdim=True)  # (M, 1, 1) for a stable exp
     mass = torch.exp(logits - peak)  # (M, v_h, v_w)
-    cell_mass = rows @ mass @ cols.T  # (M, g_h, g_w)
+    cell_mass = sum_to_grid(mass, rows, cols)  # (M, g_h, g_w)
     tiny = torch.finfo(logits.dtype).tiny
     return (torch.log(cell_mass.clamp_min(tiny)) + peak).flatten(1)  # (M, G)
