@@ -106,6 +106,80 @@ def test_model_estimator_is_exactly_unbiased(monkeypatch, path):
         assert torch.allclose(e, x, atol=1e-10, rtol=0)
 
 
+@pytest.mark.parametrize("path", ["training", "inference"])
+def test_overlapping_tiles_add_the_weights_of_a_shared_sub_tile(monkeypatch, path):
+    """Exact enumeration where two parents reach the same sub-tile, with the exact answer
+    built from this test's own statement of the geometry and pooling (only the nets and
+    the source's reads are the model's).
+
+    An 8x12 image; level 1: 8x8 tiles at stride (8, 4), so 3 tiles with lefts -2, 2, 6
+    (cell centre x = 2 + 4j, left = floor(centre) - 4); at scale 1/2 the 4x6 view's pixel
+    columns (centres 1, 3, ..., 11) pool in pairs into the 3 cells. Level 2: 8x4 sub-tiles at
+    stride (8, 2) in a tile, 4 cells with lefts -1, 1, 3, 5 relative to the tile; the tile's
+    4x4 view pools column by column. Sub-tiles at lefts 1, 3 (tiles 1 and 2) and 5, 7
+    (tiles 2 and 3) are reached by two parents, so their weights must add."""
+    cfg = ModelConfig(
+        levels=[LevelConfig(0.5, (8, 8), (8.0, 4.0)), LevelConfig(0.5, (8, 4), (8.0, 2.0))],
+        attention_width=4, feature_kwargs={"width": 4, "out_dim": 3}, smooth=0.1,
+    )
+    torch.manual_seed(1)
+    model = ZoomIn(cfg).double()
+    model.config.chunk = 3
+    src = ArraySource(np.random.default_rng(1).integers(0, 255, (8, 12, 3), dtype=np.uint8))
+    from zoomnet.model import _attend
+
+    def log_probs(view: torch.Tensor, level: int, groups: list[list[int]]) -> torch.Tensor:
+        # the test's pooling: a cell's logit is the logsumexp of its view columns (all rows)
+        logits, _ = _attend(model.attention[level], model.normalize(view[None]))  # (1, h, w)
+        cells = torch.stack([torch.logsumexp(logits[0][:, cols].flatten(), 0) for cols in groups])
+        return torch.log(0.9 * torch.softmax(cells, 0) + 0.1 / len(groups))
+
+    tiles = [Box(0, left, 8, 8) for left in (-2, 2, 6)]
+    sub_lefts = (-1, 1, 3, 5)
+    log_alpha = log_probs(src.read(Box(0, 0, 8, 12), (4, 6)), 0, [[0, 1], [2, 3], [4, 5]])
+    log_betas = [log_probs(src.read(t, (4, 4)), 1, [[0], [1], [2], [3]]) for t in tiles]
+    boxes = [[Box(0, t.left + dl, 8, 4) for dl in sub_lefts] for t in tiles]
+    assert boxes[0][2] == boxes[1][0] and boxes[1][3] == boxes[2][1]  # shared sub-tiles
+    w = torch.tensor([0.3, -1.0, 0.7], dtype=torch.float64)
+    feat = {b: model.feature(model.normalize(src.read(b)[None]))[0] for row in boxes for b in row}
+    exact = sum(log_alpha[c].exp() * log_betas[c][j].exp() * (w @ feat[boxes[c][j]]) for c in range(3) for j in range(4))
+    params = [p for n, p in model.named_parameters() if not n.startswith("classifier.")]
+    exact_grads = torch.autograd.grad(exact, params)
+    alpha = log_alpha.detach().exp()
+    betas = [lb.detach().exp() for lb in log_betas]
+
+    state: dict = {}
+    monkeypatch.setattr(sampling, "sample_with_replacement", lambda lp, n, g=None: state["counts"].clone())
+    monkeypatch.setattr(sampling, "sample_without_replacement", lambda lp, k, g=None: state["order"][:, :k])
+    N, expected, total_p = 2, 0.0, 0.0
+    for counts in [c for c in itertools.product(range(N + 1), repeat=3) if sum(c) == N]:
+        p_counts = math.factorial(N) * math.prod(float(alpha[c]) ** k / math.factorial(k) for c, k in enumerate(counts))
+        options = []
+        for c, k in enumerate(counts):
+            if k == 0:
+                continue
+            opts = []
+            for draws in itertools.permutations(range(4), k):
+                prob, left = 1.0, 1.0
+                for d in draws:
+                    prob *= float(betas[c][d]) / left
+                    left -= float(betas[c][d])
+                opts.append((draws, prob))
+            options.append(opts)
+        for combo in itertools.product(*options):
+            state["counts"] = torch.tensor([counts])
+            state["order"] = torch.tensor([list(d) + [x for x in range(4) if x not in d] for d, _ in combo])
+            p = p_counts * math.prod(q for _, q in combo)
+            out = model.predict([src], samples=N) if path == "inference" else model([src], samples=N)
+            expected = expected + p * (w @ out.z[0])
+            total_p += p
+    assert total_p == pytest.approx(1.0, abs=1e-12)
+    assert abs(float((expected - exact).detach())) < 1e-10
+    if path == "training":
+        for e, x in zip(torch.autograd.grad(expected, params), exact_grads):
+            assert torch.allclose(e, x, atol=1e-10, rtol=0)
+
+
 def sequential_z(model: ZoomIn, sources, n: int) -> torch.Tensor:
     """The deterministic aggregate ``z`` computed the slow, plain way: image by image,
     parent by parent, one sub-tile at a time, with the per-parent estimator formulas."""
