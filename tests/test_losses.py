@@ -101,3 +101,49 @@ def test_multiclass_contrastive_loss_takes_every_image():
     value = losses.contrastive_loss(logits, torch.tensor([1, 0]), reference=None)
     value.backward()
     assert logits.grad[0, 1] > 0 and logits.grad[1, 0] > 0  # both true classes pushed down
+
+
+def _instance_loss_bag_by_bag(leaf_logits, leaf_image, labels, reference):
+    """The instance loss written bag by bag, as its docstring states it."""
+    import torch.nn.functional as F
+
+    terms = []
+    for b, y in enumerate(labels.tolist()):
+        rows = leaf_logits[leaf_image == b]
+        if rows.numel() == 0:
+            continue
+        if reference is None:
+            bag = torch.logsumexp(rows[:, y], dim=0) - math.log(rows.shape[0])
+            others = torch.cat([rows[:, :y], rows[:, y + 1 :]], dim=1)
+            terms.append(F.softplus(-bag) + F.softplus(others).mean())
+        elif y == reference:
+            terms.append(F.cross_entropy(rows, torch.full((rows.shape[0],), y)))
+        else:
+            margin = rows[:, y] - rows[:, reference]
+            terms.append(F.softplus(-(torch.logsumexp(margin, dim=0) - math.log(margin.numel()))))
+    return torch.stack(terms).mean()
+
+
+@pytest.mark.parametrize("reference", [None, 0])
+def test_instance_loss_of_all_bags_at_once_equals_bag_by_bag(reference):
+    g = torch.Generator().manual_seed(0)
+    leaf_logits = (torch.randn(23, 4, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    image = torch.tensor([0] * 5 + [1] * 1 + [3] * 9 + [4] * 8)  # image 2 has no sub-tile
+    labels = torch.tensor([1, 0, 2, 3, 0])
+    a = losses.instance_loss(leaf_logits, image, labels, reference)
+    (ga,) = torch.autograd.grad(a, leaf_logits)
+    b = _instance_loss_bag_by_bag(leaf_logits, image, labels, reference)
+    (gb,) = torch.autograd.grad(b, leaf_logits)
+    assert torch.allclose(a, b) and torch.allclose(ga, gb)
+    assert torch.isfinite(ga).all()
+
+
+def test_entropy_regularizer_skips_images_without_maps_at_a_level():
+    uniform4 = torch.full((1, 4), math.log(0.25), requires_grad=True)
+    two_maps = torch.log(torch.tensor([[0.5, 0.5], [0.9, 0.1]])).requires_grad_()
+    value = losses.entropy_regularizer([[uniform4, uniform4], [two_maps, torch.zeros(0, 1)]])
+    h = -(0.9 * math.log(0.9) + 0.1 * math.log(0.1))
+    expected = ((math.log(4) + (math.log(2) + h) / 2) + math.log(4)) / 2
+    assert float(value.detach()) == pytest.approx(expected, abs=1e-6)
+    value.backward()
+    assert torch.isfinite(two_maps.grad).all() and two_maps.grad.abs().sum() > 0

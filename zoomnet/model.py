@@ -90,7 +90,9 @@ class ModelConfig:
         pixel_std: raw pixel standard deviation divided out before every net (ImageNet:
             ``[58.4, 57.1, 57.4]``).
         chunk: sub-tiles per chunk of ``f`` at inference (memory of one chunk).
-        view_chunk: parent views per batch of a deeper level's attention net.
+        view_chunk: parent views per batch of a deeper level's attention net at inference
+            (training runs a level's views in one batch: their activations are kept for the
+            backward pass anyway).
         tissue_mask: level-1 cells without tissue (Otsu on the saturation of the level-1
             view; bright-field slides) get no attention mass, in the ordinary and the
             contrastive sample alike.
@@ -553,8 +555,11 @@ class ZoomIn(nn.Module):
             vs, rel = geometry.view, geometry.rel
             keys = list(zip(nodes.image, nodes.box))
             missing = list(dict.fromkeys(k for k in keys if k not in cache[level]))
-            for start in range(0, len(missing), self.config.view_chunk):  # memory of one chunk
-                part = missing[start : start + self.config.view_chunk]
+            # inference: the memory of one chunk; training keeps every chunk's activations for
+            # the backward pass anyway, so its views go through the net in one call
+            step = self.config.view_chunk if not torch.is_grad_enabled() else max(len(missing), 1)
+            for start in range(0, len(missing), step):
+                part = missing[start : start + step]
                 views = read_boxes(sources, part, vs)  # (M, C, h, w)
                 maps, raw = self._attention_maps(level, views, parent_hw)  # (M, G) each
                 cache[level].add(part, maps)
@@ -689,12 +694,13 @@ class ZoomIn(nn.Module):
         parents: list[list[list[Box]]] = [[[whole] for _ in range(B)]]
         for level in range(1, len(cfg.levels)):
             per_image_maps, per_image_parents = [], []
-            probs = cache[level].table().detach().exp()
             for b in range(B):
                 keys = [key for key in cache[level] if key[0] == b]
                 per_image_parents.append([box for _, box in keys])
-                per_image_maps.append(cache[level].rows(keys) if keys else log_alpha.new_zeros(0, 1))
-                traces[level].maps[b] = {box: probs[cache[level].index[(b, box)]] for _, box in keys}
+                rows = cache[level].rows(keys) if keys else log_alpha.new_zeros(0, 1)
+                per_image_maps.append(rows)
+                # one operation per image, not one per parent
+                traces[level].maps[b] = dict(zip([box for _, box in keys], rows.detach().exp().unbind(0)))
             log_maps.append(per_image_maps)
             parents.append(per_image_parents)
 

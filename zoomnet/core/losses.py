@@ -32,15 +32,24 @@ def entropy_regularizer(log_maps: list[list[torch.Tensor]]) -> torch.Tensor:
     Returns:
         A scalar to *subtract*, times lambda, from the loss.
     """
-    per_image = []
-    for b in range(len(log_maps[0])):
-        total = log_maps[0][b].new_zeros(())
-        for level in log_maps:
-            lp = level[b]
-            if lp.numel():
-                total = total + (-(lp.exp() * lp).sum(dim=-1)).mean()
-        per_image.append(total)
-    return torch.stack(per_image).mean()
+    B = len(log_maps[0])
+    total = log_maps[0][0].new_zeros(B)
+    for level in log_maps:  # each level's maps at once: operations do not grow with the batch
+        maps = [lp for lp in level if lp.numel()]
+        if not maps:
+            continue
+        if len({lp.shape[1] for lp in maps}) > 1:  # grids of different sizes: image by image
+            for b, lp in enumerate(level):
+                if lp.numel():
+                    total = total + F.one_hot(torch.tensor(b), B).to(total) * (-(lp.exp() * lp).sum(-1)).mean()
+            continue
+        lp = torch.cat(maps)  # (R, G)
+        entropy = -(lp.exp() * lp).sum(dim=-1)  # (R,)
+        counts = [lp.shape[0] if lp.numel() else 0 for lp in level]
+        image = torch.tensor([b for b, c in enumerate(counts) for _ in range(c)], device=lp.device)
+        n = torch.tensor(counts, dtype=lp.dtype, device=lp.device).clamp_min(1)
+        total = total + torch.zeros_like(total).index_add(0, image, entropy) / n
+    return total.mean()
 
 
 def contrastive_loss(logits: torch.Tensor, labels: torch.Tensor, reference: int | None) -> torch.Tensor:
@@ -64,7 +73,18 @@ def contrastive_loss(logits: torch.Tensor, labels: torch.Tensor, reference: int 
 def instance_loss(
     leaf_logits: torch.Tensor, leaf_image: torch.Tensor, labels: torch.Tensor, reference: int | None
 ) -> torch.Tensor:
-    """Multiple-instance loss on the sampled sub-tiles.
+    """Multiple-instance loss on the sampled sub-tiles: each image is a bag of its sub-tiles,
+    the mean over bags (computed for all bags at once: a fixed number of operations
+    whatever the batch).
+
+    Without a reference class (one class against the rest): the log-sum-exp pool of class
+    ``y``'s logits is positive (a mean while no sub-tile stands out, a max once one does);
+    for every other class each sub-tile is a negative instance, which gives the background
+    the place the reference class holds in a binary task. With one: a reference image's
+    sub-tiles are all of the reference class (cross-entropy), and another image's bag is
+    the log-sum-exp pool of its sub-tiles' margins ``logit y - logit reference`` (every
+    sub-tile of a positive bag shares the push, so an object seen only in positive bags
+    rises from the first hit).
 
     Args:
         leaf_logits: ``(L, classes)``, the classifier applied to each sub-tile's feature.
@@ -73,29 +93,39 @@ def instance_loss(
         reference: the class whose images hold no object (None: no such class; every image
             is a bag of its own class, pooled class by class).
     """
-    terms = []
-    for b, y in enumerate(labels.tolist()):
-        rows = leaf_logits[leaf_image == b]  # (L_b, classes)
-        if rows.numel() == 0:
-            continue
-        if reference is None:
-            # one class against the rest: the log-sum-exp pool of class y's logits is
-            # positive (a mean while no sub-tile stands out, a max once one does); for every
-            # other class each sub-tile is a negative instance, which gives the background
-            # the place the reference class holds in a binary task
-            bag = torch.logsumexp(rows[:, y], dim=0) - math.log(rows.shape[0])
-            others = torch.cat([rows[:, :y], rows[:, y + 1 :]], dim=1)  # (L_b, classes - 1)
-            terms.append(F.softplus(-bag) + F.softplus(others).mean())
-        elif y == reference:
-            terms.append(F.cross_entropy(rows, torch.full((rows.shape[0],), y, device=rows.device)))
-        else:
-            # log-sum-exp pooling of the margins: a mean while no sub-tile stands out (every
-            # sub-tile of a positive bag shares the push, so an object seen only in positive
-            # bags rises from the first hit), a max once one does
-            margin = rows[:, y] - rows[:, reference]  # (L_b,)
-            bag = torch.logsumexp(margin, dim=0) - math.log(margin.numel())
-            terms.append(F.softplus(-bag))  # -log sigmoid(bag)
-    return torch.stack(terms).mean() if terms else leaf_logits.new_zeros(())
+    if leaf_logits.shape[0] == 0:
+        return leaf_logits.new_zeros(())
+    B, C = labels.shape[0], leaf_logits.shape[1]
+    image = leaf_image.to(leaf_logits.device)
+    y = labels.to(leaf_logits.device)[image]  # (L,) the label of each sub-tile's image
+    n = torch.zeros(B, device=leaf_logits.device, dtype=leaf_logits.dtype).index_add(
+        0, image, torch.ones_like(image, dtype=leaf_logits.dtype))  # (B,) sub-tiles per bag
+    own = leaf_logits.gather(1, y[:, None]).squeeze(1)  # (L,)
+    if reference is None:
+        bag = _bag_logsumexp(own, image, B) - torch.log(n.clamp_min(1))
+        label_column = F.one_hot(y, C).bool()  # (L, C)
+        others = F.softplus(leaf_logits).masked_fill(label_column, 0.0).sum(1) / max(C - 1, 1)  # (L,)
+        per_bag = F.softplus(-bag) + _bag_mean(others, image, n)
+    else:
+        margin = own - leaf_logits[:, reference]  # (L,)
+        bag = _bag_logsumexp(margin, image, B) - torch.log(n.clamp_min(1))
+        ce = F.cross_entropy(leaf_logits, torch.full_like(y, reference), reduction="none")  # (L,)
+        per_bag = torch.where(labels.to(n.device) == reference, _bag_mean(ce, image, n), F.softplus(-bag))
+    return per_bag[n > 0].mean()
+
+
+def _bag_logsumexp(values: torch.Tensor, image: torch.Tensor, bags: int) -> torch.Tensor:
+    """``(B,)``: log-sum-exp of ``values`` ``(L,)`` over each bag (very negative for an empty one)."""
+    peak = torch.full((bags,), -torch.inf, device=values.device, dtype=values.dtype).scatter_reduce(
+        0, image, values.detach(), reduce="amax")
+    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+    sums = torch.zeros_like(peak).index_add(0, image, torch.exp(values - peak[image]))
+    return torch.log(sums.clamp_min(torch.finfo(sums.dtype).tiny)) + peak  # finite gradients for empty bags
+
+
+def _bag_mean(values: torch.Tensor, image: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """``(B,)``: the mean of ``values`` ``(L,)`` over each bag."""
+    return torch.zeros_like(n).index_add(0, image, values) / n.clamp_min(1)
 
 
 def leaf_scores(

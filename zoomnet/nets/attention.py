@@ -66,11 +66,26 @@ def local_contrast(view: torch.Tensor, radius: int = 3, cap: float = 3.0) -> tor
     # than avg_pool2d), divided by how many pixels of each neighbourhood lie inside
     ones = view.new_ones(c, 1, k, k)
     sums = torch.nn.functional.conv2d(view, ones, padding=radius, groups=c)
-    def inside(n: int) -> torch.Tensor:
-        i = torch.arange(n, device=view.device)
-        return ((i + radius).clamp(max=n - 1) - (i - radius).clamp(min=0) + 1).to(view.dtype)
-    local = sums / (inside(h)[:, None] * inside(w)[None, :])
+    local = sums / _inside_counts(h, w, radius, view.device, view.dtype)
     return (view - local).abs().mean(dim=1).clamp(max=cap)  # (M, h, w)
+
+
+_COUNTS: dict[tuple, torch.Tensor] = {}
+
+
+def _inside_counts(h: int, w: int, radius: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``(h, w)``: how many pixels of each neighbourhood lie inside the view (cached: the
+    same view sizes recur every step)."""
+    key = (h, w, radius, str(device), dtype)
+    if key not in _COUNTS:
+        if len(_COUNTS) > 256:
+            _COUNTS.clear()
+        with torch.no_grad():
+            def inside(n: int) -> torch.Tensor:
+                i = torch.arange(n, device=device)
+                return ((i + radius).clamp(max=n - 1) - (i - radius).clamp(min=0) + 1).to(dtype)
+            _COUNTS[key] = inside(h)[:, None] * inside(w)[None, :]
+    return _COUNTS[key]
 
 
 @register("attention", "conv")

@@ -66,11 +66,11 @@ class ArraySource:
         self.channels, self.height, self.width = tensor.shape
         self.fill = float(fill)
 
-    strip_pixels = 250_000  # full-resolution pixels converted to float at a time for a view (3 MB for RGB)
+    band_pixels = 1_000_000  # full-resolution pixels converted to float at a time (12 MB for RGB)
 
     def read(self, box: Box, out_size: tuple[int, int] | None = None) -> torch.Tensor:
         box = Box(*(int(v) for v in box))
-        if (out_size is not None and box.height * box.width > 4 * self.strip_pixels
+        if (out_size is not None and box.height * box.width > self.band_pixels
                 and out_size[0] <= box.height and out_size[1] <= box.width):
             return self._area_in_strips(box, tuple(out_size))
         pixels = crop_with_fill(self.image, box, self.fill)  # (C, h, w)
@@ -83,10 +83,19 @@ class ArraySource:
         ``[floor(i h / oh), ceil((i + 1) h / oh))``), so the same values."""
         top, left, h, w = box
         oh, ow = out_size
+        if h % oh == 0 and w % ow == 0:  # whole blocks of pixels: plain average pooling, band by band
+            kh, kw = h // oh, w // ow
+            per_band = max(1, self.band_pixels // (w * kh))  # output rows a band serves
+            out = torch.empty(self.channels, oh, ow)
+            for r0 in range(0, oh, per_band):
+                r1 = min(oh, r0 + per_band)
+                band = crop_with_fill(self.image, Box(top + r0 * kh, left, (r1 - r0) * kh, w), self.fill)
+                out[:, r0:r1] = F.avg_pool2d(band[None].float(), (kh, kw))[0]
+            return out
         i = torch.arange(oh + 1, dtype=torch.float64)
         starts = torch.floor(i[:-1] * h / oh).long()
         ends = torch.ceil(i[1:] * h / oh).long()
-        per_strip = max(1, int(self.strip_pixels / w / (h / oh)))  # output rows a band serves
+        per_strip = max(1, int(self.band_pixels / w / (h / oh)))  # output rows a band serves
         out = torch.empty(self.channels, oh, ow)
         for r0 in range(0, oh, per_strip):
             r1 = min(oh, r0 + per_strip)
@@ -102,26 +111,27 @@ class ArraySource:
         """``(M, C, h, w)`` of boxes of one size, gathered from the stored pixels by one
         indexing operation per group of boxes (rows and columns of every box at once;
         outside the image: the fill value) and resampled group by group. A group holds at
-        most ``4 * strip_pixels`` full-resolution pixels, so large tiles cost no more memory
+        most ``band_pixels`` full-resolution pixels, so large tiles cost no more memory
         than reading them one by one."""
         boxes = [Box(*(int(v) for v in box)) for box in boxes]
         sizes = {(b.height, b.width) for b in boxes}
         if len(sizes) != 1:
             return torch.stack([self.read(box, out_size) for box in boxes])
         (h, w), = sizes
-        if h * w > 4 * self.strip_pixels:  # one box is already a large read: one at a time, in strips
+        if h * w > self.band_pixels:  # one box is already a large read: one at a time, in strips
             return torch.stack([self.read(box, out_size) for box in boxes])
-        group = max(1, (4 * self.strip_pixels) // (h * w))
+        group = max(1, self.band_pixels // (h * w))
         parts = [self._gather(boxes[i : i + group], h, w, out_size) for i in range(0, len(boxes), group)]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _gather(self, boxes: list[Box], h: int, w: int, out_size: tuple[int, int] | None) -> torch.Tensor:
         ys = torch.tensor([b.top for b in boxes])[:, None] + torch.arange(h)  # (M, h)
         xs = torch.tensor([b.left for b in boxes])[:, None] + torch.arange(w)  # (M, w)
-        rows, cols = ys.clamp(0, self.height - 1), xs.clamp(0, self.width - 1)
+        outside = any(b.top < 0 or b.left < 0 or b.top + h > self.height or b.left + w > self.width for b in boxes)
+        rows, cols = (ys.clamp(0, self.height - 1), xs.clamp(0, self.width - 1)) if outside else (ys, xs)
         pixels = self.image[:, rows[:, :, None], cols[:, None, :]].transpose(0, 1).float()  # (M, C, h, w)
-        inside_y, inside_x = (ys >= 0) & (ys < self.height), (xs >= 0) & (xs < self.width)
-        if not (bool(inside_y.all()) and bool(inside_x.all())):
+        if outside:
+            inside_y, inside_x = (ys >= 0) & (ys < self.height), (xs >= 0) & (xs < self.width)
             inside = (inside_y[:, :, None] & inside_x[:, None, :])[:, None]  # (M, 1, h, w)
             pixels = pixels.masked_fill(~inside, self.fill)
         return pixels if out_size is None else resize(pixels, tuple(out_size))
