@@ -394,12 +394,12 @@ def test_read_many_equals_one_read_per_box():
         many = read_many(src, boxes, size)
         one = torch.stack([src.read(b, size) for b in boxes])
         torch.testing.assert_close(many, one, rtol=0, atol=1e-4)
-    for band in (1200, 200):  # groups of 3 boxes of 20x20 (1,200 pixels); boxes above 200 pixels one at a time
-        src.band_pixels = band
+    for strip in (300, 50):  # groups of 3 boxes of 20x20 (1,200 pixels); boxes above 200 pixels one at a time
+        src.strip_pixels = strip
         for size in (None, (10, 10)):
             torch.testing.assert_close(read_many(src, boxes, size), torch.stack([src.read(b, size) for b in boxes]),
                                        rtol=0, atol=1e-4)
-    src.band_pixels = 1_000_000
+    src.strip_pixels = 250_000
     counting = CountingSource(src)
     read_many(counting, boxes[:2], (10, 10))
     assert counting.reads == [(boxes[0], (10, 10)), (boxes[1], (10, 10))]
@@ -412,7 +412,7 @@ def test_array_source_views_in_strips_equal_the_whole_resampled():
     from zoomnet.sources.array import crop_with_fill, resize
 
     src = ArraySource(np.random.default_rng(0).integers(0, 256, (600, 700, 3), dtype=np.uint8), fill=255)
-    src.band_pixels = 80_000  # boxes above 80,000 pixels go in bands of a few rows
+    src.strip_pixels = 20_000  # boxes above 80,000 pixels go in strips of a few rows
     cases = ((Box(0, 0, 600, 700), (60, 70)), (Box(-40, 25, 600, 700), (120, 140)),  # whole blocks of pixels
              (Box(-40, 25, 600, 700), (77, 91)), (Box(3, 7, 590, 690), (84, 76)))
     for box, size in cases:

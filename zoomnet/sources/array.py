@@ -66,11 +66,11 @@ class ArraySource:
         self.channels, self.height, self.width = tensor.shape
         self.fill = float(fill)
 
-    band_pixels = 1_000_000  # full-resolution pixels converted to float at a time (12 MB for RGB)
+    strip_pixels = 250_000  # full-resolution pixels converted to float at a time for a view (3 MB for RGB)
 
     def read(self, box: Box, out_size: tuple[int, int] | None = None) -> torch.Tensor:
         box = Box(*(int(v) for v in box))
-        if (out_size is not None and box.height * box.width > self.band_pixels
+        if (out_size is not None and box.height * box.width > 4 * self.strip_pixels
                 and out_size[0] <= box.height and out_size[1] <= box.width):
             return self._area_in_strips(box, tuple(out_size))
         pixels = crop_with_fill(self.image, box, self.fill)  # (C, h, w)
@@ -85,17 +85,17 @@ class ArraySource:
         oh, ow = out_size
         if h % oh == 0 and w % ow == 0:  # whole blocks of pixels: plain average pooling, band by band
             kh, kw = h // oh, w // ow
-            per_band = max(1, self.band_pixels // (w * kh))  # output rows a band serves
+            per_band = max(1, self.strip_pixels // (w * kh))  # output rows a band serves
             out = torch.empty(self.channels, oh, ow)
             for r0 in range(0, oh, per_band):
                 r1 = min(oh, r0 + per_band)
                 band = crop_with_fill(self.image, Box(top + r0 * kh, left, (r1 - r0) * kh, w), self.fill)
-                out[:, r0:r1] = F.avg_pool2d(band[None].float(), (kh, kw))[0]
+                out[:, r0:r1] = band.view(self.channels, r1 - r0, kh, ow, kw).mean(dim=(2, 4))
             return out
         i = torch.arange(oh + 1, dtype=torch.float64)
         starts = torch.floor(i[:-1] * h / oh).long()
         ends = torch.ceil(i[1:] * h / oh).long()
-        per_strip = max(1, int(self.band_pixels / w / (h / oh)))  # output rows a band serves
+        per_strip = max(1, int(self.strip_pixels / w / (h / oh)))  # output rows a band serves
         out = torch.empty(self.channels, oh, ow)
         for r0 in range(0, oh, per_strip):
             r1 = min(oh, r0 + per_strip)
@@ -111,16 +111,16 @@ class ArraySource:
         """``(M, C, h, w)`` of boxes of one size, gathered from the stored pixels by one
         indexing operation per group of boxes (rows and columns of every box at once;
         outside the image: the fill value) and resampled group by group. A group holds at
-        most ``band_pixels`` full-resolution pixels, so large tiles cost no more memory
+        most ``4 * strip_pixels`` full-resolution pixels, so large tiles cost no more memory
         than reading them one by one."""
         boxes = [Box(*(int(v) for v in box)) for box in boxes]
         sizes = {(b.height, b.width) for b in boxes}
         if len(sizes) != 1:
             return torch.stack([self.read(box, out_size) for box in boxes])
         (h, w), = sizes
-        if h * w > self.band_pixels:  # one box is already a large read: one at a time, in strips
+        if h * w > 4 * self.strip_pixels:  # one box is already a large read: one at a time, in strips
             return torch.stack([self.read(box, out_size) for box in boxes])
-        group = max(1, self.band_pixels // (h * w))
+        group = max(1, (4 * self.strip_pixels) // (h * w))
         parts = [self._gather(boxes[i : i + group], h, w, out_size) for i in range(0, len(boxes), group)]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
