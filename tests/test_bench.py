@@ -13,7 +13,8 @@ import math
 
 import numpy as np
 
-from zoomnet.bench import COLUMNS, MODELS, PeakTensorMemory, leaf_probabilities, spearman
+from zoomnet.bench import COLUMNS, MODELS, PeakTensorMemory
+from zoomnet.metrics import leaf_probabilities, spearman
 from zoomnet.sources.held import NumpySource
 from zoomnet.core.geometry import Box
 from zoomnet.cli import main

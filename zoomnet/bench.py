@@ -227,68 +227,16 @@ def measure(name: str, kind: str, repeats: int = 5, model: torch.nn.Module | Non
     return row
 
 
-def spearman(x, y) -> float:
-    """Spearman's rank correlation, ties given their average rank (nan if either is constant).
-
-    >>> spearman([1, 2, 3, 4], [10, 20, 30, 40]), spearman([1, 2, 3], [3, 2, 1])
-    (1.0, -1.0)
-    """
-    def ranks(v):
-        v = np.asarray(v, dtype=np.float64)
-        order = np.argsort(v, kind="stable")
-        r = np.empty(len(v))
-        r[order] = np.arange(len(v))
-        _, inverse, counts = np.unique(v, return_inverse=True, return_counts=True)
-        sums = np.bincount(inverse, weights=r)
-        return sums[inverse] / counts[inverse]  # average rank of each tie group
-
-    rx, ry = ranks(x), ranks(y)
-    if len(rx) < 2 or rx.std() == 0 or ry.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(rx, ry)[0, 1])
-
-
-def leaf_probabilities(out) -> list[float]:
-    """Per distinct sampled sub-tile (``out.leaf_paths``), its probability under the
-    attention: the product of the cells' probabilities along its path."""
-    probs = []
-    for path in out.leaf_paths:
-        logp = 0.0
-        for level, (b, parent, cell) in enumerate(path):
-            m = out.parents[level][b].index(parent)
-            logp += float(out.log_maps[level][b][m].reshape(-1)[cell])
-        probs.append(float(np.exp(logp)))
-    return probs
-
-
 def evaluate_trained(model: torch.nn.Module, examples, batch_size: int = 8, seed: int = 0) -> dict:
-    """Accuracy, and where masks are known: the share of images with objects where a sampled
-    sub-tile overlaps one (``images_hit``) and Spearman's rho between each sampled
-    sub-tile's attention probability and the fraction of it that objects cover."""
-    from zoomnet.data.examples import batches_by_size
-    from zoomnet.train import object_hits
+    """Accuracy, and where masks are known, the share of images with objects where a sampled
+    sub-tile overlaps one (``images_hit``) and Spearman's rho between sampled sub-tiles'
+    attention probability and object coverage (``zoomnet.train.evaluate``)."""
+    from zoomnet.train import evaluate
 
-    generator = torch.Generator().manual_seed(seed)
-    correct, hit, with_objects, probs, covers = 0, 0, 0, [], []
-    for idx in batches_by_size(examples, batch_size, shuffle=False):
-        batch = [examples[i] for i in idx]
-        out = model.predict([ex.source for ex in batch], generator=generator)
-        pred = out.logits.argmax(1).cpu()
-        correct += sum(int(p) == ex.label for p, ex in zip(pred, batch))
-        if not out.leaf_paths:
-            continue
-        leaf_p = leaf_probabilities(out)
-        for path, box, p in zip(out.leaf_paths, out.leaf_boxes, leaf_p):
-            ex = batch[path[0][0]]
-            if ex.mask is None or not ex.has_objects():
-                continue
-            probs.append(p)
-            covers.append(float(ex.mask.read(box).mean()))
-        *_, images_hit, images = object_hits(out, batch)
-        hit, with_objects = hit + images_hit, with_objects + images
-    row = {"accuracy": correct / max(len(examples), 1)}
-    if with_objects:
-        row.update(images_hit=hit / with_objects, spearman=spearman(probs, covers))
+    res = evaluate(model, examples, batch_size, seed=seed, localization=True)
+    row = {"accuracy": res["accuracy"]}
+    if res["images_with_objects"]:
+        row.update(images_hit=res["images_hit"], spearman=res["spearman"])
     return row
 
 

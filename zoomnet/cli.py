@@ -84,7 +84,8 @@ def _emit_prediction(result: dict) -> None:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from zoomnet.runs import cohort_metrics, classification_metrics, predict_images
+    from zoomnet.metrics import classification_metrics
+    from zoomnet.runs import cohort_metrics, predict_images
 
     inputs = list(args.images) + ([args.manifest] if args.manifest else [])
     if not inputs:

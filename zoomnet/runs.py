@@ -29,6 +29,7 @@ from typing import Callable
 
 import torch
 
+from zoomnet.metrics import classification_metrics
 from zoomnet.checkpoint import (
     atomic_write_bytes, load_checkpoint, load_tensors_only, refresh_readable_copy, save_checkpoint,
 )
@@ -37,10 +38,7 @@ from zoomnet.data.manifest import class_list, load_examples, read_manifest, reso
 from zoomnet.data.examples import Example
 from zoomnet.errors import ImageError, UserError
 from zoomnet.model import build_model
-from zoomnet.train import (
-    NonFiniteLoss, attention_started, contrastive_active, evaluate, flat_learning_warning, make_optimizer,
-    train_epoch,
-)
+from zoomnet.train import NonFiniteLoss, evaluate, fit, make_optimizer
 
 
 def resolve_device(name: str) -> torch.device:
@@ -52,37 +50,6 @@ def resolve_device(name: str) -> torch.device:
     if name not in ("cpu", "cuda"):
         raise UserError(f"--device {name}: choose cpu, cuda or auto")
     return torch.device(name)
-
-
-def binary_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
-    """Area under the ROC curve (Mann-Whitney statistic, ties counted half).
-
-    >>> binary_auc(torch.tensor([0.1, 0.4, 0.35, 0.8]), torch.tensor([0, 0, 1, 1]))
-    0.75
-    """
-    pos, neg = scores[labels == 1], scores[labels == 0]
-    if len(pos) == 0 or len(neg) == 0:
-        return float("nan")
-    diff = pos[:, None] - neg[None, :]
-    return float(((diff > 0).float() + 0.5 * (diff == 0).float()).mean())
-
-
-def classification_metrics(probs: torch.Tensor, labels: torch.Tensor) -> dict:
-    """Accuracy, balanced accuracy, confusion matrix (rows: truth) and AUC when binary."""
-    k = probs.shape[1]
-    pred = probs.argmax(1)
-    confusion = torch.zeros(k, k, dtype=torch.long)
-    for t, p in zip(labels.tolist(), pred.tolist()):
-        confusion[t, p] += 1
-    per_class = [confusion[c, c].item() / confusion[c].sum().item() for c in range(k) if confusion[c].sum() > 0]
-    out = {
-        "accuracy": float((pred == labels).float().mean()) if len(labels) else float("nan"),
-        "balanced_accuracy": sum(per_class) / len(per_class) if per_class else float("nan"),
-        "confusion": confusion.tolist(),
-    }
-    if k == 2:
-        out["auc"] = binary_auc(probs[:, 1], labels)
-    return out
 
 
 def _write_metrics(path: Path, history: list[dict]) -> None:
@@ -336,76 +303,43 @@ def train_run(
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(out / "config.json", json.dumps(config.to_dict(), indent=2).encode())
 
-    majority = max(torch.bincount(torch.tensor([e.label for e in train])).tolist()) / max(len(train), 1)
     class_weight = None
     if config.data.class_weights:
         counts = torch.bincount(torch.tensor([e.label for e in train]), minlength=len(classes)).float()
         class_weight = (counts.sum() / (len(classes) * counts.clamp_min(1))).to(dev)
 
     board = _tensorboard(out) if tensorboard and rank == 0 else None
-    wrapped = model
+    wrapped = None
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
         wrapped = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
 
-    for epoch in range(start_epoch, config.train.epochs + 1):
-        tick = time.perf_counter()
-        try:
-            row = {"epoch": epoch, **train_epoch(
-                wrapped, train, config.train, optimizer, epoch, generator, progress and rank == 0,
-                class_weight=class_weight, augment=config.data.augment_strength if config.data.augment else 0.0,
-                rank=rank, world=world, autocast=dev.type == "cuda" and config.train.bf16,
-                contrastive=contrastive_active(config.train, epoch, history, len(classes)),
-            )}
-        except NonFiniteLoss as exc:
-            kept = f"the last good checkpoint is {out / 'last.safetensors'}" if (out / "last.safetensors").exists() else "no checkpoint was written yet"
-            raise UserError(f"{exc}; training stopped ({kept}); lower train.lr or check the images") from None
-        if scheduler:
-            scheduler.step()
-        if val and rank == 0:
-            res = evaluate(model, val, config.train.batch_size, seed=config.train.seed, progress=progress,
-                           desc=f"validate {epoch}")
-            m = classification_metrics(res["probabilities"], res["labels"])
-            row.update(val_accuracy=m["accuracy"], val_balanced_accuracy=m["balanced_accuracy"],
-                       val_hit_rate=res["hit_rate"])
-            if "auc" in m:
-                row["val_auc"] = m["auc"]
-        row["seconds"] = time.perf_counter() - tick
-        history.append(row)
-        if rank == 0:
-            score = row.get("val_accuracy", row["train_accuracy"])
-            improved = score > best
-            best = max(best, score)
-            state = {"epoch": epoch, "history": history, "best": best, "classes": classes}
-            # in this order, a crash at any instant resumes to the same end (tests/test_reliability.py):
-            # the optimiser state first (the previous one kept), the best weights before the last ones
-            # (a resumed epoch that improves rewrites them), the metrics last (rewritten on resume)
-            _save_resume_state(out, optimizer, scheduler, generator, epoch)
-            if improved:
-                save_checkpoint(model, out / "best.safetensors", state)
-            save_checkpoint(model, out / "last.safetensors", state)
-            _write_metrics(out / "metrics.csv", history)
-            terms = "  ".join(f"{k[5:]} {v:.3f}" for k, v in row.items() if k.startswith("loss_"))
-            val_txt = f"  val acc {row['val_accuracy']:.3f}" if "val_accuracy" in row else ""
-            if "train_images_hit" in row and any(e.mask is not None for e in train[:1]):
-                val_txt += f"  sub-tiles on objects {row['train_hit_rate']:.1%}"
-            entropy = [f"{v:.2f}" for k, v in row.items() if k.startswith("attention_entropy_")]
-            if entropy:
-                val_txt += f"  attention entropy {'/'.join(entropy)}"
-            if "subtile_signal" in row:
-                val_txt += f"  sub-tile signal {row['subtile_signal']:.2f}"
-            log(f"epoch {epoch}/{config.train.epochs}  {terms}  train acc {row['train_accuracy']:.3f}{val_txt}"
-                f"  {row['images_per_s']:.1f} img/s")
-            if config.train.contrastive_from == "auto" and attention_started(row, len(classes)) and not any(
-                attention_started(r, len(classes)) for r in history[:-1]
-            ):
-                log(f"epoch {epoch}: the attention has started (entropy and sub-tile signal); "
-                    "the contrastive term joins from the next epoch")
-            if epoch in (2, 5) and (warning := flat_learning_warning(row, len(classes), majority)):
-                log(f"warning: {warning}")
-            if board is not None:
-                _log_board(board, model, row, val[:2], epoch)
+    def save(epoch: int, row: dict) -> None:  # rank 0, after each epoch
+        nonlocal best
+        score = row.get("val_accuracy", row["train_accuracy"])
+        improved = score > best
+        best = max(best, score)
+        state = {"epoch": epoch, "history": history, "best": best, "classes": classes}
+        # in this order, a crash at any instant resumes to the same end (tests/test_reliability.py):
+        # the optimiser state first (the previous one kept), the best weights before the last ones
+        # (a resumed epoch that improves rewrites them), the metrics last (rewritten on resume)
+        _save_resume_state(out, optimizer, scheduler, generator, epoch)
+        if improved:
+            save_checkpoint(model, out / "best.safetensors", state)
+        save_checkpoint(model, out / "last.safetensors", state)
+        _write_metrics(out / "metrics.csv", history)
+        if board is not None:
+            _log_board(board, model, row, val[:2], epoch)
+
+    try:
+        fit(model, train, val, config.train, log=log, progress=progress, on_epoch=save, optimizer=optimizer,
+            scheduler=scheduler, generator=generator, history=history, start_epoch=start_epoch, wrapped=wrapped,
+            class_weight=class_weight, augment=config.data.augment_strength if config.data.augment else 0.0,
+            rank=rank, world=world, autocast=dev.type == "cuda" and config.train.bf16)
+    except NonFiniteLoss as exc:
+        kept = f"the last good checkpoint is {out / 'last.safetensors'}" if (out / "last.safetensors").exists() else "no checkpoint was written yet"
+        raise UserError(f"{exc}; training stopped ({kept}); lower train.lr or check the images") from None
     if board is not None:
         board.close()
     if rank == 0 and history:
@@ -511,7 +445,7 @@ def evaluate_run(
     check_image_sizes(examples, config.model, f"the model in {run_dir}")
     res = evaluate(model, examples, batch_size, deterministic=deterministic, samples=samples, seed=seed,
                    progress=progress)
-    metrics = classification_metrics(res["probabilities"], res["labels"])
+    metrics = {k: res[k] for k in ("accuracy", "balanced_accuracy", "confusion", "auc") if k in res}
     metrics.update(images=len(examples), classes=classes, hit_rate=res["hit_rate"], images_hit=res["images_hit"])
     return metrics
 

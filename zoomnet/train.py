@@ -21,6 +21,7 @@ from zoomnet.core import losses
 from zoomnet.core.geometry import Box
 from zoomnet.data.augment import JitteredSource
 from zoomnet.data.examples import Example, batches_by_size
+from zoomnet.metrics import classification_metrics, leaf_probabilities, spearman
 from zoomnet.model import ZoomIn, ZoomInOutput
 
 
@@ -364,18 +365,24 @@ def train_epoch(
 def evaluate(
     model: torch.nn.Module, examples: list[Example], batch_size: int = 16, deterministic: bool = False,
     samples: int | None = None, seed: int = 0, progress: bool = False, desc: str = "evaluate",
+    localization: bool = False,
 ) -> dict:
-    """Accuracy, class probabilities and object hit rates on ``examples``.
+    """The one evaluation loop (validation in :func:`fit`, ``zoomnet evaluate``, the bench).
 
     Returns:
-        ``accuracy``, ``hit_rate`` (share of sampled sub-tiles on an object, images with
-        objects), ``images_hit`` (share of those images with at least one such sub-tile),
-        ``probabilities`` (``(n, classes)`` in the order of ``examples``), ``labels``.
+        :func:`zoomnet.metrics.classification_metrics` (``accuracy``, ``balanced_accuracy``,
+        ``confusion``, ``auc`` when binary), ``hit_rate`` (share of sampled sub-tiles on an
+        object, images with objects), ``images_hit`` (share of those images with at least
+        one such sub-tile), ``images_with_objects``, ``probabilities`` (``(n, classes)`` in
+        the order of ``examples``) and ``labels``; with ``localization``, ``spearman``:
+        Spearman's rho between each sampled sub-tile's attention probability and the
+        fraction of it that objects cover, over images with objects.
     """
     generator = torch.Generator().manual_seed(seed)
     model = getattr(model, "module", model)
     probs = torch.zeros(len(examples), model.config.num_classes)
     hits = [0, 0, 0, 0]
+    leaf_p, covers = [], []
     batches = batches_by_size(examples, batch_size, shuffle=False)
     bar = tqdm(total=len(examples), desc=desc, unit="image", disable=not progress, leave=False)
     for idx in batches:
@@ -384,56 +391,100 @@ def evaluate(
         out = model.predict([ex.source for ex in batch], deterministic=deterministic, samples=samples, generator=generator)
         probs[idx] = torch.softmax(out.logits.float(), dim=1).cpu()
         hits = [a + b for a, b in zip(hits, object_hits(out, batch))]
+        if localization and out.leaf_paths:
+            for path, box, p in zip(out.leaf_paths, out.leaf_boxes, leaf_probabilities(out)):
+                ex = batch[path[0][0]]
+                if ex.mask is not None and ex.has_objects():
+                    leaf_p.append(p)
+                    covers.append(float(ex.mask.read(box).mean()))
     bar.close()
-    labels = torch.tensor([ex.label for ex in examples])
-    return {
-        "accuracy": float((probs.argmax(1) == labels).float().mean()) if len(examples) else float("nan"),
+    labels = torch.tensor([ex.label for ex in examples], dtype=torch.long)
+    result = {
+        **classification_metrics(probs, labels),
         "hit_rate": hits[0] / max(hits[1], 1),
         "images_hit": hits[2] / max(hits[3], 1),
+        "images_with_objects": hits[3],
         "probabilities": probs,
         "labels": labels,
     }
+    if localization:
+        result["spearman"] = spearman(leaf_p, covers) if leaf_p else float("nan")
+    return result
+
+
+def epoch_line(row: dict, epochs: int, masks: bool) -> str:
+    """The log line of one epoch's row."""
+    terms = "  ".join(f"{k[5:]} {v:.3f}" for k, v in row.items() if k.startswith("loss_"))
+    text = f"  val acc {row['val_accuracy']:.3f}" if "val_accuracy" in row else ""
+    if "train_images_hit" in row and masks:
+        text += f"  sub-tiles on objects {row['train_hit_rate']:.1%}"
+    entropy = [f"{v:.2f}" for k, v in row.items() if k.startswith("attention_entropy_")]
+    if entropy:
+        text += f"  attention entropy {'/'.join(entropy)}"
+    if "subtile_signal" in row:
+        text += f"  sub-tile signal {row['subtile_signal']:.2f}"
+    return f"epoch {row['epoch']}/{epochs}  {terms}  train acc {row['train_accuracy']:.3f}{text}  {row['images_per_s']:.1f} img/s"
 
 
 def fit(
     model: torch.nn.Module, train: list[Example], val: list[Example], cfg: TrainConfig,
     log: Callable[[str], None] = print, progress: bool = True,
-    on_epoch: Callable[[int, dict], None] | None = None,
+    on_epoch: Callable[[int, dict], None] | None = None, *,
+    optimizer: torch.optim.Optimizer | None = None, scheduler=None, generator: torch.Generator | None = None,
+    history: list[dict] | None = None, start_epoch: int = 1, wrapped: torch.nn.Module | None = None,
+    class_weight: torch.Tensor | None = None, augment: float = 0.0, rank: int = 0, world: int = 1,
+    autocast: bool = False,
 ) -> list[dict]:
-    """Train ``model``; after each epoch evaluate on ``val`` and call ``on_epoch``.
+    """The one epoch loop: train, step the schedule, validate on ``val``, call ``on_epoch``
+    (``zoomnet train`` writes its checkpoints there), log the epoch's line, the start of the
+    attention and the flat-accuracy warnings.
+
+    The keyword arguments let a caller resume (``optimizer``, ``scheduler``, ``generator``
+    and ``history`` restored, ``start_epoch``) and train a DistributedDataParallel
+    ``wrapped`` copy on rank ``rank`` of ``world`` (validation, ``on_epoch`` and the log on
+    rank 0). Without them the run starts from ``cfg.seed``.
 
     Returns:
-        One row of statistics per epoch.
+        One row of statistics per epoch (``history`` with the new rows).
     """
-    torch.manual_seed(cfg.seed)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    optimizer = make_optimizer(model, cfg)
-    scheduler = (
-        torch.optim.lr_scheduler.StepLR(optimizer, cfg.lr_step, cfg.lr_gamma) if cfg.lr_step else None
-    )
-    history = []
+    if generator is None:
+        torch.manual_seed(cfg.seed)
+        generator = torch.Generator().manual_seed(cfg.seed)
+    optimizer = optimizer if optimizer is not None else make_optimizer(model, cfg)
+    if scheduler is None and cfg.lr_step:
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg.lr_step, cfg.lr_gamma)
+    history = history if history is not None else []
     num_classes = getattr(model, "module", model).config.num_classes
-    for epoch in range(1, cfg.epochs + 1):
-        on = contrastive_active(cfg, epoch, history, num_classes)
-        row = {"epoch": epoch, **train_epoch(model, train, cfg, optimizer, epoch, generator, progress, contrastive=on)}
-        if val:
-            sampled = evaluate(model, val, cfg.batch_size, deterministic=False, seed=cfg.seed)
-            det = evaluate(model, val, cfg.batch_size, deterministic=True)
-            row.update(
-                val_accuracy=sampled["accuracy"], val_hit_rate=sampled["hit_rate"],
-                val_images_hit=sampled["images_hit"], val_accuracy_det=det["accuracy"],
-                val_hit_rate_det=det["hit_rate"],
-            )
+    labels = [e.label for e in train]
+    majority = max(labels.count(c) for c in set(labels)) / len(labels) if labels else 0.0
+    masks = any(e.mask is not None for e in train[:1])
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        tick = time.perf_counter()
+        row = {"epoch": epoch, **train_epoch(
+            wrapped or model, train, cfg, optimizer, epoch, generator, progress and rank == 0,
+            class_weight=class_weight, augment=augment, rank=rank, world=world, autocast=autocast,
+            contrastive=contrastive_active(cfg, epoch, history, num_classes),
+        )}
         if scheduler:
             scheduler.step()
+        if val and rank == 0:
+            res = evaluate(model, val, cfg.batch_size, seed=cfg.seed, progress=progress, desc=f"validate {epoch}")
+            row.update(val_accuracy=res["accuracy"], val_balanced_accuracy=res["balanced_accuracy"],
+                       val_hit_rate=res["hit_rate"])
+            if "auc" in res:
+                row["val_auc"] = res["auc"]
+        row["seconds"] = time.perf_counter() - tick
         history.append(row)
-        log(
-            f"epoch {epoch:3d}  loss {sum(v for k, v in row.items() if k.startswith('loss_')):.3f}"
-            f"  train acc {row['train_accuracy']:.3f}  hit {row['train_hit_rate']:.3f}"
-            + (f"  val acc {row['val_accuracy']:.3f} (det {row['val_accuracy_det']:.3f})"
-               f"  val hit {row['val_hit_rate']:.3f} (det {row['val_hit_rate_det']:.3f})" if val else "")
-            + f"  {row['images_per_s']:.1f} img/s"
-        )
+        if rank != 0:
+            continue
         if on_epoch:
             on_epoch(epoch, row)
+        log(epoch_line(row, cfg.epochs, masks))
+        if cfg.contrastive_from == "auto" and attention_started(row, num_classes) and not any(
+            attention_started(r, num_classes) for r in history[:-1]
+        ):
+            log(f"epoch {epoch}: the attention has started (entropy and sub-tile signal); "
+                "the contrastive term joins from the next epoch")
+        if epoch in (2, 5) and (warning := flat_learning_warning(row, num_classes, majority)):
+            log(f"warning: {warning}")
     return history
