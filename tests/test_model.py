@@ -418,3 +418,24 @@ def test_array_source_views_in_strips_equal_the_whole_resampled():
     for box, size in cases:
         whole = resize(crop_with_fill(src.image, box, 255.0), size)
         torch.testing.assert_close(src.read(box, size), whole, rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("augment", [0.0, 0.2])
+def test_views_read_ahead_train_the_same_weights(augment):
+    """Reading the next batch's level-1 views in a thread changes nothing: the same pixels
+    (colour jitter included) and the same draws give bit-identical weights."""
+    from zoomnet.data.examples import Example
+    from zoomnet.train import TrainConfig, make_optimizer, train_epoch
+
+    rng = np.random.default_rng(0)
+    examples = [Example(ArraySource(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)), i % 2, None, f"i{i}")
+                for i in range(6)]
+    cfg = TrainConfig(epochs=1, batch_size=2, instance_weight=1.0, distill_weight=1.0, contrastive_from=1)
+    states = []
+    for prefetch in (False, True):
+        torch.manual_seed(0)
+        model = ZoomIn(ModelConfig(levels=[LevelConfig(0.25, (32, 32)), LevelConfig(0.5, (16, 16), (8, 8))], samples=4))
+        train_epoch(model, examples, cfg, make_optimizer(model, cfg), 1, torch.Generator().manual_seed(0),
+                    progress=False, augment=augment, prefetch=prefetch)
+        states.append(model.state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])

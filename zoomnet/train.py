@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
@@ -22,7 +23,7 @@ from zoomnet.core.geometry import Box
 from zoomnet.data.augment import JitteredSource
 from zoomnet.data.examples import Example, batches_by_size
 from zoomnet.metrics import classification_metrics, leaf_probabilities, spearman
-from zoomnet.model import ZoomIn, ZoomInOutput
+from zoomnet.model import ZoomIn, ZoomInOutput, view_size
 
 
 @dataclass
@@ -278,11 +279,22 @@ def training_loss(
     return total, {k: float(v.detach()) for k, v in terms.items()}
 
 
+def whole_views(model: torch.nn.Module, sources: list) -> torch.Tensor | None:
+    """The level-1 views the model's forward would read whole (None where it reads them in
+    strips: a gigapixel view is never held at once)."""
+    if isinstance(model, ZoomIn):
+        cfg = model.config
+        h, w = sources[0].height, sources[0].width
+        if cfg.strip_rows and view_size(cfg.levels[0].scale, h, w)[0] > cfg.strip_rows:
+            return None
+    return model.read_views(sources)
+
+
 def train_epoch(
     model: torch.nn.Module, examples: list[Example], cfg: TrainConfig, optimizer: torch.optim.Optimizer,
     epoch: int, generator: torch.Generator, progress: bool = True,
     class_weight: torch.Tensor | None = None, augment: float = 0.0, rank: int = 0, world: int = 1,
-    autocast: bool = False, contrastive: bool | None = None,
+    autocast: bool = False, contrastive: bool | None = None, prefetch: bool = True,
 ) -> dict[str, float]:
     """One pass over ``examples``; returns mean loss terms, accuracy and hit rates.
 
@@ -295,6 +307,7 @@ def train_epoch(
         autocast: bfloat16 autocast of the nets on CUDA (estimator and losses in float32).
         contrastive: with the contrastive term (None: by ``cfg.contrastive_from`` as an
             epoch; see :func:`contrastive_active`).
+        prefetch: read the next batch's level-1 views in a thread while a batch trains.
     """
     core = getattr(model, "module", model)
     device = next(core.parameters()).device
@@ -312,35 +325,48 @@ def train_epoch(
         per_rank = len(batches) // world
         batches = batches[rank::world][:per_rank]
     bar = tqdm(batches, desc=f"epoch {epoch}", unit="batch", disable=not progress, leave=False)
-    for idx in bar:
-        batch = [examples[i] for i in idx]
-        labels = torch.tensor([ex.label for ex in batch], device=device)
-        sources = [ex.source for ex in batch]
-        if augment:
-            sources = [JitteredSource(s, augment, generator) for s in sources]
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast and device.type == "cuda"):
-            out = model(sources, contrastive=contrastive, generator=generator)
-        loss, terms = training_loss(core, out, batch, labels, cfg, contrastive, class_weight)
-        if not math.isfinite(float(loss.detach())):
-            raise NonFiniteLoss(f"loss is {float(loss.detach())} at epoch {epoch} ({terms})")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        # the norm also tells whether a gradient blew up (clip 0: measured, not clipped)
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip or float("inf"))
-        if not math.isfinite(float(norm)):
-            raise NonFiniteLoss(f"the gradients are not finite (norm {float(norm)}) at epoch {epoch}, loss {terms}")
-        optimizer.step()
-        for k, v in terms.items():
-            sums[k] = sums.get(k, 0.0) + v * len(batch)
-        correct += int((out.logits.argmax(1) == labels).sum())  # this rank's share
-        seen += len(batch)
-        hits = [a + b for a, b in zip(hits, object_hits(out, batch))]
-        if isinstance(core, ZoomIn):
-            entropy.append(attention_entropy(out))
-            if out.leaf_features is not None:
-                with torch.no_grad():
-                    signal.append(subtile_signal(core.classifier(out.leaf_features), out.leaf_image, labels))
-        bar.set_postfix(loss=f"{float(loss.detach()):.3f}", acc=f"{correct / seen:.2f}")
+    # the level-1 views do not depend on the weights: a thread reads (decodes, resamples) the
+    # next batch's while this one trains; the same pixels, the same draws
+    reader = ThreadPoolExecutor(1, thread_name_prefix="zoomnet-views") if prefetch and batches else None
+    ahead = reader.submit(whole_views, core, [examples[i].source for i in batches[0]]) if reader else None
+    try:
+        for step, idx in enumerate(bar):
+            batch = [examples[i] for i in idx]
+            views = ahead.result() if ahead is not None else None
+            if reader is not None and step + 1 < len(batches):
+                ahead = reader.submit(whole_views, core, [examples[i].source for i in batches[step + 1]])
+            labels = torch.tensor([ex.label for ex in batch], device=device)
+            sources = [ex.source for ex in batch]
+            if augment:
+                sources = [JitteredSource(s, augment, generator) for s in sources]
+                if views is not None:  # the image's jitter draw, as a read through its JitteredSource
+                    views = torch.stack([s.jitter(v) for s, v in zip(sources, views)])
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast and device.type == "cuda"):
+                out = model(sources, views=views, contrastive=contrastive, generator=generator)
+            loss, terms = training_loss(core, out, batch, labels, cfg, contrastive, class_weight)
+            if not math.isfinite(float(loss.detach())):
+                raise NonFiniteLoss(f"loss is {float(loss.detach())} at epoch {epoch} ({terms})")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            # the norm also tells whether a gradient blew up (clip 0: measured, not clipped)
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip or float("inf"))
+            if not math.isfinite(float(norm)):
+                raise NonFiniteLoss(f"the gradients are not finite (norm {float(norm)}) at epoch {epoch}, loss {terms}")
+            optimizer.step()
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v * len(batch)
+            correct += int((out.logits.argmax(1) == labels).sum())  # this rank's share
+            seen += len(batch)
+            hits = [a + b for a, b in zip(hits, object_hits(out, batch))]
+            if isinstance(core, ZoomIn):
+                entropy.append(attention_entropy(out))
+                if out.leaf_features is not None:
+                    with torch.no_grad():
+                        signal.append(subtile_signal(core.classifier(out.leaf_features), out.leaf_image, labels))
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", acc=f"{correct / seen:.2f}")
+    finally:
+        if reader is not None:
+            reader.shutdown(wait=True, cancel_futures=True)
     seconds = time.perf_counter() - start
     # once an epoch, not every step: finite gradients and a sane learning rate keep the weights
     # finite, and this is what stands between a diverged epoch and its checkpoint

@@ -29,14 +29,14 @@ class JitteredSource:
         self.contrast = 1.0 + float(u[1]) * strength
         self.gain = (1.0 + u[2:] * strength).view(-1, 1, 1)
 
-    def _jitter(self, x: torch.Tensor) -> torch.Tensor:
+    def jitter(self, x: torch.Tensor) -> torch.Tensor:
         """The image's draw applied to ``(..., C, h, w)`` raw pixels."""
         return (((x - 127.5) * self.contrast + 127.5 + self.brightness) * self.gain).clamp(0.0, 255.0)
 
     def read(self, box: Box, out_size: tuple[int, int] | None = None) -> torch.Tensor:
-        return self._jitter(self.inner.read(box, out_size))  # (C, h, w)
+        return self.jitter(self.inner.read(box, out_size))  # (C, h, w)
 
     def read_many(self, boxes, out_size: tuple[int, int] | None = None) -> torch.Tensor:
         from zoomnet.core.source import read_many
 
-        return self._jitter(read_many(self.inner, boxes, out_size))  # (M, C, h, w)
+        return self.jitter(read_many(self.inner, boxes, out_size))  # (M, C, h, w)
