@@ -21,7 +21,6 @@ comment lines; a run that exceeds `--timeout` seconds is reported as such.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
@@ -31,6 +30,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _results import write_rows  # noqa: E402
 
 
 def rss_mb(field: str) -> float:
@@ -135,13 +136,9 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     keys = ["size", "model", "wall_s", "rss_after_load_mb", "peak_rss_mb", "peak_above_load_mb",
             "bytes_read_frac", "decoded_frac", "file_mb", "status"]
-    with open(out, "w", newline="") as fh:
-        fh.write(f"# machine: {platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}\n")
-        fh.write(f"# date: {time.strftime('%Y-%m-%d')}; torch threads: {os.environ.get('ZOOMNET_THREADS', '2')}\n")
-        w = csv.DictWriter(fh, fieldnames=keys)
-        w.writeheader()
-        for row in rows:
-            w.writerow({k: row.get(k, "") for k in keys})
+    write_rows(out, [f"machine: {platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+                     f"date: {time.strftime('%Y-%m-%d')}; torch threads: {os.environ.get('ZOOMNET_THREADS', '2')}"],
+               rows, keys)
     print(f"wrote {out}")
 
 

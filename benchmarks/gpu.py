@@ -27,7 +27,6 @@ Every row is printed as it is measured; a row that fails prints its error and th
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
@@ -44,7 +43,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from _results import write_rows  # noqa: E402
 from zoomnet.bench import SETTINGS, bench_image, setting_config  # noqa: E402
 from zoomnet.config import load_config  # noqa: E402
 from zoomnet.data.examples import Example  # noqa: E402
@@ -278,16 +279,11 @@ def main() -> None:
         attempt(gigapixel_rows, slide, work)
     keys = ["part", "setting", "model", "precision", "device", "ms_per_image", "images_per_s", "peak_cuda_mb",
             "decoded_frac", "host_ms", "device_ms", "status"]
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", newline="") as fh:
-        name = torch.cuda.get_device_name(0) if CUDA.type == "cuda" else platform.processor() or "cpu"
-        fh.write(f"# {name}, {os.cpu_count()} CPU cores, torch {torch.__version__}, Python {platform.python_version()}, "
-                 f"{time.strftime('%Y-%m-%d')}; CPU rows: torch threads {torch.get_num_threads()}\n")
-        w = csv.DictWriter(fh, fieldnames=keys)
-        w.writeheader()
-        for row in rows:
-            w.writerow({k: row.get(k, "") for k in keys})
+    name = torch.cuda.get_device_name(0) if CUDA.type == "cuda" else platform.processor() or "cpu"
+    write_rows(args.out, [f"{name}, {os.cpu_count()} CPU cores, torch {torch.__version__}, Python "
+                          f"{platform.python_version()}, {time.strftime('%Y-%m-%d')}; CPU rows: torch threads "
+                          f"{torch.get_num_threads()}"], rows, keys)
+    out = args.out
     print(f"wrote {out}")
 
 

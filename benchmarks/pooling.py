@@ -16,7 +16,6 @@ matrix products forced and with the linear pooling; rows go to
 from __future__ import annotations
 
 import argparse
-import csv
 import platform
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from _results import write_rows
 from zoomnet.bench import setting_config
 from zoomnet.core.geometry import AxisPool, count_pooling_flops
 from zoomnet.model import build_model
@@ -68,11 +68,7 @@ def main() -> None:
                 print(row, flush=True)
                 rows.append(row)
     AxisPool.of = classmethod(linear)
-    with open(args.out, "w", newline="") as fh:
-        fh.write(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread\n")
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_rows(args.out, [f"{platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread"], rows)
 
 
 if __name__ == "__main__":

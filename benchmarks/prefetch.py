@@ -12,13 +12,13 @@ rows go to ``docs/benchmarks/prefetch.csv``.
 from __future__ import annotations
 
 import argparse
-import csv
 import platform
 import statistics
 from pathlib import Path
 
 import torch
 
+from _results import write_rows
 from zoomnet.config import load_config
 from zoomnet.data.manifest import class_list, load_examples, read_manifest
 from zoomnet.model import build_model
@@ -55,12 +55,8 @@ def main() -> None:
             for p, r in rates.items()]
     rows.append({"preset": args.preset, "images": len(examples), "prefetch": "ratio",
                  "images_per_s": round(statistics.median(rates[True]) / statistics.median(rates[False]), 3)})
-    with open(args.out, "w", newline="") as fh:
-        fh.write(f"# {args.manifest}; {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-                 f"{args.threads} torch threads\n")
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_rows(args.out, [f"{args.manifest}; {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+                          f"{args.threads} torch threads"], rows)
     for row in rows:
         print(row)
 

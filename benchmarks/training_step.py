@@ -21,7 +21,6 @@ the kernels, views included) by one training step, forward and backward, of the
 from __future__ import annotations
 
 import argparse
-import csv
 import platform
 import statistics
 import subprocess
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from _results import write_rows
 from zoomnet.config import load_config
 from zoomnet.data.examples import Example
 from zoomnet.model import build_model
@@ -139,10 +139,7 @@ def main() -> None:
                  "ops_per_image": round(ops / b)} for n in (10, 50, 200) for b in (1, 8)]
         for row in rows:
             print(", ".join(f"{k} {v}" for k, v in row.items()), flush=True)
-        with open(args.csv or ROOT / "docs/benchmarks/dispatch.csv", "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        write_rows(args.csv or ROOT / "docs/benchmarks/dispatch.csv", [], rows)
         return
     args.csv = args.csv or str(ROOT / "docs/benchmarks/training_step.csv")
     rows = []
@@ -154,12 +151,8 @@ def main() -> None:
         commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:
         commit = ""
-    with open(args.csv, "w", newline="") as fh:
-        fh.write(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads, commit {commit}\n")
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
+    write_rows(args.csv, [f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
+                          f"{args.threads} threads, commit {commit}"], rows)
 
 if __name__ == "__main__":
     main()

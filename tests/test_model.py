@@ -27,6 +27,19 @@ def tiny_enumerable_model() -> tuple[ZoomIn, ArraySource]:
     return model, ArraySource(image)
 
 
+def draw_orders(beta: torch.Tensor, k: int) -> list[tuple[tuple[int, ...], float]]:
+    """Every ordered draw of ``k`` distinct cells by successive sampling from ``beta``, with
+    its probability (the law Gumbel-top-k draws from)."""
+    options = []
+    for draws in itertools.permutations(range(len(beta)), k):
+        prob, left = 1.0, 1.0
+        for d in draws:
+            prob *= float(beta[d]) / left
+            left -= float(beta[d])
+        options.append((draws, prob))
+    return options
+
+
 @pytest.mark.parametrize("path", ["training", "contrastive", "inference"])
 def test_model_estimator_is_exactly_unbiased(monkeypatch, path):
     """Enumerate every outcome of the real model's draws (N = 4 over 2 tiles of 3 cells:
@@ -75,17 +88,7 @@ def test_model_estimator_is_exactly_unbiased(monkeypatch, path):
         options = []
         for c in parents:
             k = int(counts[0, c])
-            if k >= 3:
-                options.append([((0, 1, 2), 1.0)])
-            else:
-                opts = []
-                for draws in itertools.permutations(range(3), k):
-                    prob, left = 1.0, 1.0
-                    for s in draws:
-                        prob *= float(betas[c][s]) / left
-                        left -= float(betas[c][s])
-                    opts.append((draws, prob))
-                options.append(opts)
+            options.append([((0, 1, 2), 1.0)] if k >= 3 else draw_orders(betas[c], k))
         for combo in itertools.product(*options):
             rows = [list(d) + [x for x in range(3) if x not in d] for d, _ in combo]
             state["counts"], state["order"] = counts, torch.tensor(rows)
@@ -154,18 +157,7 @@ def test_overlapping_tiles_add_the_weights_of_a_shared_sub_tile(monkeypatch, pat
     N, expected, total_p = 2, 0.0, 0.0
     for counts in [c for c in itertools.product(range(N + 1), repeat=3) if sum(c) == N]:
         p_counts = math.factorial(N) * math.prod(float(alpha[c]) ** k / math.factorial(k) for c, k in enumerate(counts))
-        options = []
-        for c, k in enumerate(counts):
-            if k == 0:
-                continue
-            opts = []
-            for draws in itertools.permutations(range(4), k):
-                prob, left = 1.0, 1.0
-                for d in draws:
-                    prob *= float(betas[c][d]) / left
-                    left -= float(betas[c][d])
-                opts.append((draws, prob))
-            options.append(opts)
+        options = [draw_orders(betas[c], k) for c, k in enumerate(counts) if k > 0]
         for combo in itertools.product(*options):
             state["counts"] = torch.tensor([counts])
             state["order"] = torch.tensor([list(d) + [x for x in range(4) if x not in d] for d, _ in combo])
