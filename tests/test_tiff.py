@@ -291,3 +291,19 @@ def test_size_bombs_and_tiny_tiles_get_the_pixel_budget_not_the_memory(tmp_path,
         assert main(["predict", str(run), str(tmp_path / name)]) == 2, name
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and needle in err and "raise data.max_pixels" in err, (name, err)
+
+
+def test_tiles_decoded_in_a_thread_pool_equal_one_at_a_time(tmp_path):
+    """A read's tiles are decoded together in threads: the same pixels, and the I/O
+    accounting (tiles decoded, compressed bytes) as one at a time."""
+    path = write_pyramid(tmp_path / "jpeg.tif", IMG, "pages", compression="jpeg")
+    boxes = [(Box(0, 0, 512, 640), None), (Box(30, 70, 300, 400), None), (Box(-20, -20, 512, 640), (128, 160)),
+             (Box(100, 200, 37, 53), None)]
+    results = {}
+    for workers in (1, 4):
+        src = open_image(path)
+        src.tile_workers = workers
+        results[workers] = ([src.read(b, size) for b, size in boxes], src.pixels_decoded, src.bytes_read)
+    (one, px1, by1), (many, px4, by4) = results[1], results[4]
+    assert all(torch.equal(a, b) for a, b in zip(one, many))
+    assert (px1, by1) == (px4, by4) and px1 > 0

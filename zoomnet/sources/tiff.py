@@ -23,7 +23,9 @@ import logging
 import math
 import os
 import re
+import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +52,18 @@ class _Level:
         self.tile = (int(page.tilelength or page.rowsperstrip or height), int(page.tilewidth or width))
         self.bytecounts = np.asarray(page.databytecounts, dtype=np.int64)
         self.tiles_across = math.ceil(width / self.tile[1])
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _decoder_pool(workers: int) -> ThreadPoolExecutor:
+    """One pool of tile decoders per size, shared by every TIFF source of the process."""
+    with _POOLS_LOCK:
+        if workers not in _POOLS:
+            _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="zoomnet-tiles")
+        return _POOLS[workers]
 
 
 def sample_rule(tif, series, planar: bool, name: str):
@@ -163,6 +177,7 @@ class TiffSource:
     """
 
     cache_tiles = 64
+    tile_workers = 4  # tiles of one read decoded at once (1: one at a time)
 
     def __init__(self, path: str | os.PathLike, fill: float = 0.0, max_pixels: int = 256_000_000):
         import tifffile
@@ -216,30 +231,46 @@ class TiffSource:
                 best = i
         return best
 
-    def _tile(self, level: int, r: int, c: int) -> np.ndarray:
-        """One decoded tile, from a small LRU cache (neighbouring reads share tiles)."""
-        key = (level, r, c)
-        if key in self._cache:
-            self._cache.move_to_end(key)
-            return self._cache[key]
+    def _decode(self, level: int, r: int, c: int) -> np.ndarray:
+        """One tile, decoded (thread-safe: tifffile's store reads under its file lock, and the
+        codecs decode outside it)."""
         lv = self._levels[level]
         th, tw = lv.tile
         try:
             ys, xs = slice(r * th, min((r + 1) * th, lv.height)), slice(c * tw, min((c + 1) * tw, lv.width))
-            tile = np.moveaxis(np.asarray(lv.array[:, ys, xs]), 0, -1) if self._planar else np.asarray(lv.array[ys, xs])
+            return np.moveaxis(np.asarray(lv.array[:, ys, xs]), 0, -1) if self._planar else np.asarray(lv.array[ys, xs])
         except Exception as exc:  # a damaged tile
             raise ImageError(
                 f"{self.path}: cannot read the image, pyramid level {level} ({type(exc).__name__}: {exc}); the file "
                 "is corrupt or truncated: re-export it"
             ) from None
-        self.pixels_decoded += th * tw  # the codec decodes whole tiles
-        index = r * lv.tiles_across + c
-        if index < len(lv.bytecounts):
-            self.bytes_read += int(lv.bytecounts[index])
-        self._cache[key] = tile
-        while len(self._cache) > self.cache_tiles:
-            self._cache.popitem(last=False)
-        return tile
+
+    def _tiles(self, level: int, keys: list[tuple[int, int]]) -> dict[tuple[int, int], np.ndarray]:
+        """The decoded tiles ``(row, col)`` of one read: from a small LRU cache (neighbouring
+        reads share tiles), the others decoded together in a thread pool (the codecs release
+        the GIL; at most ``MAX_TILES_PER_READ`` tiles and ``max_pixels`` pixels, checked
+        before). The I/O accounting counts each decoded tile once, as one at a time would."""
+        lv = self._levels[level]
+        th, tw = lv.tile
+        found: dict[tuple[int, int], np.ndarray] = {}
+        for rc in keys:
+            if (level, *rc) in self._cache:
+                self._cache.move_to_end((level, *rc))
+                found[rc] = self._cache[(level, *rc)]
+        missing = [rc for rc in keys if rc not in found]
+        if len(missing) > 1 and self.tile_workers > 1:
+            decoded = list(_decoder_pool(self.tile_workers).map(lambda rc: self._decode(level, *rc), missing))
+        else:
+            decoded = [self._decode(level, *rc) for rc in missing]
+        for (r, c), tile in zip(missing, decoded):
+            self.pixels_decoded += th * tw  # the codec decodes whole tiles
+            index = r * lv.tiles_across + c
+            if index < len(lv.bytecounts):
+                self.bytes_read += int(lv.bytecounts[index])
+            found[(r, c)] = self._cache[(level, r, c)] = tile
+            while len(self._cache) > self.cache_tiles:
+                self._cache.popitem(last=False)
+        return found
 
     def _read_level(self, level: int, y0: int, x0: int, y1: int, x1: int) -> torch.Tensor:
         """Pixels ``[y0, y1) x [x0, x1)`` of a level as ``(C, h, w)`` float32, fill outside."""
@@ -260,11 +291,12 @@ class TiffSource:
         out = torch.full((3, y1 - y0, x1 - x0), self.fill, dtype=torch.float32)
         if yb <= ya or xb <= xa:
             return out
+        tiles = self._tiles(level, [(r, c) for r in rows for c in cols])
         parts = []
         for r in rows:
             row = []
             for c in cols:
-                tile = self._tile(level, r, c)  # (<=th, <=tw, ...)
+                tile = tiles[(r, c)]  # (<=th, <=tw, ...)
                 ty0, tx0 = r * th, c * tw
                 row.append(tile[max(ya - ty0, 0) : min(yb - ty0, th), max(xa - tx0, 0) : min(xb - tx0, tw)])
             parts.append(np.concatenate(row, axis=1))
