@@ -426,6 +426,12 @@ class ZoomIn(nn.Module):
         """Raw pixels ``(M, C, h, w)`` -> network input (in the model's dtype)."""
         return ((pixels.to(self.mean.device) - self.mean) / self.std).to(self.mean.dtype)
 
+    def views_in_strips(self, height: int, width: int) -> bool:
+        """Whether the level-1 view of an image of this size is read and run in strips
+        (``strip_rows``): such a view is never held whole, so nobody reads it ahead."""
+        rows = view_size(self.config.levels[0].scale, height, width)[0]
+        return bool(self.config.strip_rows) and rows > self.config.strip_rows
+
     def read_views(self, sources: Sequence[ImageSource]) -> torch.Tensor:
         """Level-1 views ``(B, C, h, w)`` of same-sized images, read through their sources."""
         sizes = {(s.height, s.width) for s in sources}
@@ -661,9 +667,8 @@ class ZoomIn(nn.Module):
         B = len(sources)
         n = samples or (cfg.train_samples if self.training and cfg.train_samples else cfg.samples)
         height, width = sources[0].height, sources[0].width
-        vs = view_size(cfg.levels[0].scale, height, width)
         tissue = None
-        if views is None and cfg.strip_rows and vs[0] > cfg.strip_rows:
+        if views is None and self.views_in_strips(height, width):
             log_alpha, raw_alpha, tissue = self._level1_in_strips(sources)  # (B, G1) each
         else:
             if views is None:

@@ -23,7 +23,7 @@ from zoomnet.core.geometry import Box
 from zoomnet.data.augment import JitteredSource
 from zoomnet.data.examples import Example, batches_by_size
 from zoomnet.metrics import classification_metrics, leaf_probabilities, spearman
-from zoomnet.model import ZoomIn, ZoomInOutput, view_size
+from zoomnet.model import ZoomIn, ZoomInOutput
 
 
 @dataclass
@@ -282,11 +282,8 @@ def training_loss(
 def whole_views(model: torch.nn.Module, sources: list) -> torch.Tensor | None:
     """The level-1 views the model's forward would read whole (None where it reads them in
     strips: a gigapixel view is never held at once)."""
-    if isinstance(model, ZoomIn):
-        cfg = model.config
-        h, w = sources[0].height, sources[0].width
-        if cfg.strip_rows and view_size(cfg.levels[0].scale, h, w)[0] > cfg.strip_rows:
-            return None
+    if isinstance(model, ZoomIn) and model.views_in_strips(sources[0].height, sources[0].width):
+        return None
     return model.read_views(sources)
 
 
@@ -439,12 +436,18 @@ def evaluate(
 
 
 def epoch_line(row: dict, epochs: int, masks: bool) -> str:
-    """The log line of one epoch's row."""
+    """The log line of one epoch's row.
+
+    >>> epoch_line({"epoch": 1, "loss_ce": 0.7, "train_accuracy": 0.5, "attention_entropy_1": float("nan"),
+    ...             "attention_entropy_2": 0.73, "images_per_s": 2.0}, 3, False)
+    'epoch 1/3  ce 0.700  train acc 0.500  attention entropy -/0.73  2.0 img/s'
+    """
     terms = "  ".join(f"{k[5:]} {v:.3f}" for k, v in row.items() if k.startswith("loss_"))
     text = f"  val acc {row['val_accuracy']:.3f}" if "val_accuracy" in row else ""
     if "train_images_hit" in row and masks:
         text += f"  sub-tiles on objects {row['train_hit_rate']:.1%}"
-    entropy = [f"{v:.2f}" for k, v in row.items() if k.startswith("attention_entropy_")]
+    # "-": a level whose maps all have one cell (an image no larger than a tile) has no entropy
+    entropy = [f"{v:.2f}" if math.isfinite(v) else "-" for k, v in row.items() if k.startswith("attention_entropy_")]
     if entropy:
         text += f"  attention entropy {'/'.join(entropy)}"
     if "subtile_signal" in row:
