@@ -19,7 +19,7 @@ def _rows(folder):
 
 @pytest.mark.parametrize("kind, num, size, classes, shape", [
     ("colon-cancer", 8, 500, set(standins.COLON_CLASSES), lambda h, w: (h, w) == (500, 500)),
-    ("traffic-signs", 6, 240, set(standins.SIGN_CLASSES), lambda h, w: (h, w) == (240, 320)),
+    ("traffic-signs", 10, 240, set(standins.SIGN_CLASSES), lambda h, w: (h, w) == (240, 320)),
     ("fmow", 12, 300, set(standins.FMOW_CLASSES), lambda h, w: 180 <= min(h, w) and max(h, w) <= 420),
 ])
 def test_make_data_writes_each_stand_in(tmp_path, kind, num, size, classes, shape):
@@ -32,7 +32,7 @@ def test_make_data_writes_each_stand_in(tmp_path, kind, num, size, classes, shap
         mask = np.asarray(Image.open(out / r["mask"])) > 0
         assert img.dtype == np.uint8 and img.shape[2] == 3 and shape(*img.shape[:2])
         assert mask.shape == img.shape[:2]
-        has_object = r["label"] != "normal"  # every class but colon's normal holds its object
+        has_object = r["label"] not in ("normal", standins.NO_SIGN)  # the classes without an object
         assert mask.any() == has_object, (r, mask.sum())
         if has_object:  # small objects (these test images are smaller than the defaults), where the pixels differ
             assert mask.mean() < 0.05
@@ -62,3 +62,23 @@ def test_camelyon16_stand_in_is_pyramidal_slides_with_masks(tmp_path):
         assert mask.shape == (64, 64) and mask.any() == (r["label"] == "tumor")
         slide = open_image(out / r["path"])
         assert (slide.height, slide.width) == (1024, 1024)
+
+
+def test_needles_hard_has_smaller_lesions_and_lone_nuclei_everywhere(monkeypatch):
+    """``needles-hard``: lesions smaller than ``needles``', and negatives hold lone nuclei of
+    the lesions' look, so that the presence of dark nuclei alone does not give the label away."""
+    from zoomnet.data import writers
+
+    texture = writers.histology_texture()
+    easy = [writers.needles_image(np.random.default_rng(s), texture, 512, True)[1].mean() for s in range(6)]
+    hard = [writers.needles_image(np.random.default_rng(s), texture, 512, True, hard=True)[1].mean() for s in range(6)]
+    assert all(0 < h for h in hard) and max(hard) < 0.0025 and min(easy) > 0.0009, (hard, easy)
+    painted = []
+    real = writers._nucleus
+    monkeypatch.setattr(writers, "_nucleus", lambda *a: painted.append(a[4:]) or real(*a))
+    for hard_set, expected in ((False, 0), (True, 7)):
+        painted.clear()
+        img, mask = writers.needles_image(np.random.default_rng(1), texture, 512, False, hard=hard_set)
+        assert not mask.any() and img.shape == (512, 512, 3)
+        assert len(painted) >= expected and (expected or not painted)
+        assert all(strength == (0.6 if hard_set else 1.0) for _, strength in painted)

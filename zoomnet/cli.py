@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(func=_predict)
 
     bn = sub.add_parser("bench", help="FLOPs, peak memory and time per image of Zoom-In, ATS and CNNs (CSV)")
-    bn.add_argument("setting", help="colon-cancer, needles or megapixel-mnist")
+    bn.add_argument("setting", help="colon-cancer, needles, needles-hard or megapixel-mnist")
     bn.add_argument("--skip-training", action="store_true",
                     help="untrained weights, one image: cost columns only, in seconds")
     bn.add_argument("--seeds", type=int, default=3, help="training seeds per model (default 3)")

