@@ -103,7 +103,7 @@ def test_multiclass_contrastive_loss_takes_every_image():
     assert logits.grad[0, 1] > 0 and logits.grad[1, 0] > 0  # both true classes pushed down
 
 
-def _instance_loss_bag_by_bag(leaf_logits, leaf_image, labels, reference):
+def _instance_loss_bag_by_bag(leaf_logits, leaf_image, labels, reference, share=None):
     """The instance loss written bag by bag, as its docstring states it."""
     import torch.nn.functional as F
 
@@ -117,10 +117,12 @@ def _instance_loss_bag_by_bag(leaf_logits, leaf_image, labels, reference):
             others = torch.cat([rows[:, :y], rows[:, y + 1 :]], dim=1)
             terms.append(F.softplus(-bag) + F.softplus(others).mean())
         elif y == reference:
-            terms.append(F.cross_entropy(rows, torch.full((rows.shape[0],), y)))
+            weight = 1.0 if share is None else 0.5 / share
+            terms.append(weight * F.cross_entropy(rows, torch.full((rows.shape[0],), y)))
         else:
+            weight = 1.0 if share is None else 0.5 / (1 - share)
             margin = rows[:, y] - rows[:, reference]
-            terms.append(F.softplus(-(torch.logsumexp(margin, dim=0) - math.log(margin.numel()))))
+            terms.append(weight * F.softplus(-(torch.logsumexp(margin, dim=0) - math.log(margin.numel()))))
     return torch.stack(terms).mean()
 
 
@@ -136,6 +138,44 @@ def test_instance_loss_of_all_bags_at_once_equals_bag_by_bag(reference):
     (gb,) = torch.autograd.grad(b, leaf_logits)
     assert torch.allclose(a, b) and torch.allclose(ga, gb)
     assert torch.isfinite(ga).all()
+
+
+@pytest.mark.parametrize("share", [0.25, 0.5, 0.8])
+def test_instance_loss_weighs_reference_and_object_bags_to_halves(share):
+    """With the reference class's share of the training set, reference bags weigh 0.5 / share
+    and the others 0.5 / (1 - share): a balanced set (0.5) is the unweighted loss."""
+    g = torch.Generator().manual_seed(1)
+    leaf_logits = (torch.randn(23, 4, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    image = torch.tensor([0] * 5 + [1] * 1 + [3] * 9 + [4] * 8)
+    labels = torch.tensor([1, 0, 2, 3, 0])
+    a = losses.instance_loss(leaf_logits, image, labels, 0, reference_share=share)
+    (ga,) = torch.autograd.grad(a, leaf_logits)
+    b = _instance_loss_bag_by_bag(leaf_logits, image, labels, 0, share)
+    (gb,) = torch.autograd.grad(b, leaf_logits)
+    assert torch.allclose(a, b) and torch.allclose(ga, gb)
+    plain = losses.instance_loss(leaf_logits, image, labels, 0)
+    assert torch.allclose(a, plain) == (share == 0.5)
+
+
+def test_balanced_instance_loss_keeps_background_below_half_when_objects_outnumber_reference():
+    """Three object bags to one reference bag, each holding the same background sub-tile
+    (and no object). Unweighted, the loss is lowest where the background is called an
+    object with p = 0.88 (exp(margin) = 1 + sqrt 2); weighted to halves, at 0.63 (exp(margin)
+    = 1 / sqrt 3), the pairwise "object against reference" probability below one half."""
+    import torch.nn.functional as F
+
+    labels = torch.tensor([1, 2, 3, 0])  # class 0: the reference ("no sign")
+    image = torch.arange(4)
+    best = {}
+    for share in (None, 0.25):
+        margin = torch.linspace(-6, 6, 1201)
+        values = []
+        for m in margin:  # the one background logit row: reference 0, every object class m
+            logits = torch.tensor([[0.0, m, m, m]]).repeat(4, 1)
+            values.append(float(losses.instance_loss(logits, image, labels, 0, reference_share=share)))
+        m = margin[int(torch.tensor(values).argmin())]
+        best[share] = float(1 - F.softmax(torch.tensor([0.0, m, m, m]), 0)[0])  # p(not reference)
+    assert abs(best[None] - 0.879) < 0.01 and abs(best[0.25] - 0.634) < 0.01, best
 
 
 def test_entropy_regularizer_skips_images_without_maps_at_a_level():

@@ -167,7 +167,8 @@ def first_difference(given: dict, saved: dict, where: str = "") -> str | None:
     >>> first_difference({"train": {"lr": 0.1, "epochs": 3}}, {"train": {"lr": 0.2, "epochs": 9}})
     'train.lr'
     """
-    derived = {"data.classes", "data.reference_class", "train.reference_class", "model.num_classes", "train.epochs"}
+    derived = {"data.classes", "data.reference_class", "train.reference_class", "train.reference_share",
+               "model.num_classes", "train.epochs"}
     for key in sorted(set(given) | set(saved)):
         name = f"{where}.{key}" if where else key
         if name in derived:
@@ -267,6 +268,8 @@ def train_run(
     train = load_examples(train_csv, classes, data.fill, "training", data.target_mpp, data.max_pixels)
     val = load_examples(val_csv, classes, data.fill, "training", data.target_mpp, data.max_pixels) if val_csv else []
     check_image_sizes(train + val, config.model, "the model")
+    if ref is not None and train:  # the instance loss weighs reference and object bags to halves
+        config.train.reference_share = round(sum(e.label == config.train.reference_class for e in train) / len(train), 6)
     torch.manual_seed(config.train.seed)  # the initial weights follow the run's seed
     if resume:
         model, state = load_checkpoint(out / "last.safetensors", device=str(dev))

@@ -53,6 +53,9 @@ class TrainConfig:
             scores (0: off; see ``losses.attention_distillation_loss``).
         reference_class: index of the negative class of the contrastive, instance and
             distillation terms (None: no class is "empty"; their multi-class forms).
+        reference_share: share of the training images in the reference class (a run sets
+            it from its training manifest): the instance loss gives the reference bags and
+            the others half the weight each (``losses.instance_loss``). None: unweighted.
         seed: seed of shuffling and sampling.
         bf16: bfloat16 autocast of the nets when training on CUDA (the estimator and losses
             stay float32). It halves activation memory; for the shipped nets it is no
@@ -75,6 +78,7 @@ class TrainConfig:
     mask_weight: float = 0.0
     distill_weight: float = 0.0
     reference_class: int | None = 0
+    reference_share: float | None = None
     seed: int = 0
     bf16: bool = False
 
@@ -105,6 +109,9 @@ class TrainConfig:
         for name in ("weight_decay", "clip", "entropy_weight", "contrastive_weight", "instance_weight",
                      "mask_weight", "distill_weight"):
             number(name, positive=False)
+        number("reference_share", positive=False, optional=True)
+        if self.reference_share is not None and self.reference_share > 1:
+            raise ValueError(f"train.reference_share={self.reference_share!r}: a share is at most 1")
         if self.lr > 10 or (self.attention_lr or 0) > 10:
             raise ValueError(f"train.lr={self.lr}, attention_lr={self.attention_lr}: a learning rate above 10 "
                              "diverges; Adam takes 1e-4 to 1e-2")
@@ -265,7 +272,7 @@ def training_loss(
             leaf_logits = model.classifier(out.leaf_features)  # (L, classes)
             if cfg.instance_weight:
                 terms["instance"] = cfg.instance_weight * losses.instance_loss(
-                    leaf_logits, out.leaf_image, labels, cfg.reference_class
+                    leaf_logits, out.leaf_image, labels, cfg.reference_class, cfg.reference_share
                 )
             if cfg.distill_weight:
                 scores = losses.leaf_scores(leaf_logits, out.leaf_image, labels, cfg.reference_class)

@@ -69,7 +69,8 @@ def contrastive_loss(logits: torch.Tensor, labels: torch.Tensor, reference: int 
 
 
 def instance_loss(
-    leaf_logits: torch.Tensor, leaf_image: torch.Tensor, labels: torch.Tensor, reference: int | None
+    leaf_logits: torch.Tensor, leaf_image: torch.Tensor, labels: torch.Tensor, reference: int | None,
+    reference_share: float | None = None,
 ) -> torch.Tensor:
     """Multiple-instance loss on the sampled sub-tiles: each image is a bag of its sub-tiles,
     the mean over bags (computed for all bags at once: a fixed number of operations
@@ -90,6 +91,14 @@ def instance_loss(
         labels: ``(B,)`` image labels.
         reference: the class whose images hold no object (None: no such class; every image
             is a bag of its own class, pooled class by class).
+        reference_share: the share of the training images that are of the reference class.
+            Given, reference bags are weighted ``0.5 / share`` and the others ``0.5 / (1 -
+            share)``, so that each side carries half the loss whatever the class balance
+            (1 for a balanced binary set). Without it, a set whose object classes
+            outnumber the reference class (three sign classes against "no sign") pushes
+            every sub-tile of the many positive bags that missed the object toward "object"
+            harder than the few reference bags push back: background scores rise, and the
+            distillation sends the attention to it.
     """
     if leaf_logits.shape[0] == 0:
         return leaf_logits.new_zeros(())
@@ -108,7 +117,11 @@ def instance_loss(
         margin = own - leaf_logits[:, reference]  # (L,)
         bag = _bag_logsumexp(margin, image, B) - torch.log(n.clamp_min(1))
         ce = F.cross_entropy(leaf_logits, torch.full_like(y, reference), reduction="none")  # (L,)
-        per_bag = torch.where(labels.to(n.device) == reference, _bag_mean(ce, image, n), F.softplus(-bag))
+        is_reference = labels.to(n.device) == reference
+        per_bag = torch.where(is_reference, _bag_mean(ce, image, n), F.softplus(-bag))
+        if reference_share is not None and 0.0 < reference_share < 1.0:
+            weight = torch.where(is_reference, 0.5 / reference_share, 0.5 / (1.0 - reference_share))
+            per_bag = per_bag * weight.to(per_bag.dtype)
     return per_bag[n > 0].mean()
 
 
