@@ -108,3 +108,32 @@ def test_local_contrast_matches_the_mean_of_pixels_inside_each_neighbourhood(sha
     mean = torch.nn.functional.avg_pool2d(view, 7, stride=1, padding=3, count_include_pad=False)
     expected = (view - mean).abs().mean(dim=1).clamp(max=3.0)
     torch.testing.assert_close(local_contrast(view), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("attention_from, frozen_epochs", [(3, 2), ("auto", None)])
+def test_attention_learns_only_from_its_epoch(attention_from, frozen_epochs):
+    """``train.attention_from``: the attention nets keep their built weights until their
+    epoch (a number, or the epoch after the sampled sub-tiles first carry the label), while
+    the feature net learns from the first step."""
+    from zoomnet.train import signal_started
+
+    torch.manual_seed(0)
+    train = make_shapes(8, classes=3, size=64, seed=0)
+    model = ZoomIn(_config())
+    cfg = TrainConfig(epochs=4, batch_size=4, lr=3e-3, attention_lr=1e-2, contrastive_from=None,
+                      instance_weight=4.0, distill_weight=1.0, reference_class=None, seed=0,
+                      attention_from=attention_from)
+    weights = []
+    fit(model, train, [], cfg, log=lambda _: None, progress=False,
+        on_epoch=lambda epoch, row: weights.append(({n: p.detach().clone() for n, p in model.named_parameters()}, row)))
+    if frozen_epochs is None:  # auto: frozen through the first epoch whose signal is halfway, learning after
+        started = [signal_started(row, 3) for _, row in weights]
+        assert any(started[:-1]), [row["subtile_signal"] for _, row in weights]
+        frozen_epochs = started.index(True) + 1
+    torch.manual_seed(0)  # the initial weights: the same seed, the same build
+    start = {n: p.detach() for n, p in ZoomIn(_config()).named_parameters()}
+    for epoch, (after, _) in enumerate(weights, 1):
+        moved = {n for n in after if not torch.equal(after[n], start[n])}
+        attention_moved = any(n.startswith("attention.") for n in moved)
+        assert any(n.startswith("feature.") for n in moved)
+        assert attention_moved == (epoch > frozen_epochs), (epoch, frozen_epochs)

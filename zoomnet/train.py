@@ -47,6 +47,14 @@ class TrainConfig:
             (:func:`attention_started`). Earlier, the complementary sample of an image looks
             like its ordinary one, and "not this class" fights the cross-entropy.
         contrastive_weight: weight of the contrastive term.
+        attention_from: first epoch (1-based) in which the attention nets learn (None or 1:
+            from the start), or ``"auto"``: from the epoch after the first one in which the
+            sampled sub-tiles carry the label (``subtile_signal`` halfway from chance to
+            certainty; :func:`signal_started`). Until then the attention stays as built
+            (its contrast prior) and ``f`` learns on what it samples. Where detail is
+            everywhere (street scenes), an attention that learns before ``f`` sees the
+            object is pulled by the early, noisy scores onto the wrong detail and stops
+            sampling the object (docs/design.md, "Training dynamics").
         instance_weight: weight of the instance (MIL) loss on sampled sub-tiles (0: off).
         mask_weight: weight of attention supervision by masks (0: off; masks needed).
         distill_weight: weight of attention distillation from the sub-tiles' own object
@@ -74,6 +82,7 @@ class TrainConfig:
     entropy_weight: float = 1e-5
     contrastive_from: int | str | None = 10
     contrastive_weight: float = 1.0
+    attention_from: int | str | None = None
     instance_weight: float = 0.0
     mask_weight: float = 0.0
     distill_weight: float = 0.0
@@ -118,6 +127,9 @@ class TrainConfig:
         c = self.contrastive_from
         if not (c is None or c == "auto" or (isinstance(c, int) and not isinstance(c, bool) and c >= 1)):
             raise ValueError(f"train.contrastive_from={c!r}: give an epoch (>= 1), \"auto\" or null")
+        a = self.attention_from
+        if not (a is None or a == "auto" or (isinstance(a, int) and not isinstance(a, bool) and a >= 1)):
+            raise ValueError(f"train.attention_from={a!r}: give an epoch (>= 1), \"auto\" or null")
 
 
 def attention_started(row: dict, num_classes: int) -> bool:
@@ -135,6 +147,31 @@ def attention_started(row: dict, num_classes: int) -> bool:
     if not levels or signal is None:
         return False
     return min(levels) <= 0.9 and signal >= (1 + 1 / num_classes) / 2
+
+
+def signal_started(row: dict, num_classes: int) -> bool:
+    """Whether an epoch's sampled sub-tiles carry the label: ``subtile_signal`` at least
+    halfway from chance to certainty.
+
+    >>> signal_started({"subtile_signal": 0.7}, 4), signal_started({"subtile_signal": 0.5}, 4)
+    (True, False)
+    """
+    signal = row.get("subtile_signal")
+    return signal is not None and signal >= (1 + 1 / num_classes) / 2
+
+
+def attention_active(cfg: TrainConfig, epoch: int, history: list[dict], num_classes: int) -> bool:
+    """Whether the attention nets learn in epoch ``epoch`` (``history``: earlier epochs).
+
+    >>> cfg = TrainConfig(attention_from="auto")
+    >>> attention_active(cfg, 2, [{"subtile_signal": 0.3}], 4), attention_active(cfg, 3, [{"subtile_signal": 0.7}], 4)
+    (False, True)
+    """
+    if cfg.attention_from is None:
+        return True
+    if cfg.attention_from == "auto":
+        return any(signal_started(row, num_classes) for row in history)
+    return epoch >= cfg.attention_from
 
 
 def contrastive_active(cfg: TrainConfig, epoch: int, history: list[dict], num_classes: int) -> bool:
@@ -298,7 +335,7 @@ def train_epoch(
     model: torch.nn.Module, examples: list[Example], cfg: TrainConfig, optimizer: torch.optim.Optimizer,
     epoch: int, generator: torch.Generator, progress: bool = True,
     class_weight: torch.Tensor | None = None, augment: float = 0.0, rank: int = 0, world: int = 1,
-    autocast: bool = False, contrastive: bool | None = None, prefetch: bool = True,
+    autocast: bool = False, contrastive: bool | None = None, prefetch: bool = True, attention: bool = True,
 ) -> dict[str, float]:
     """One pass over ``examples``; returns mean loss terms, accuracy and hit rates.
 
@@ -312,6 +349,8 @@ def train_epoch(
         contrastive: with the contrastive term (None: by ``cfg.contrastive_from`` as an
             epoch; see :func:`contrastive_active`).
         prefetch: read the next batch's level-1 views in a thread while a batch trains.
+        attention: whether the attention nets learn (False: their gradients are dropped
+            before the step; see ``TrainConfig.attention_from``).
     """
     core = getattr(model, "module", model)
     device = next(core.parameters()).device
@@ -329,6 +368,7 @@ def train_epoch(
         per_rank = len(batches) // world
         batches = batches[rank::world][:per_rank]
     bar = tqdm(batches, desc=f"epoch {epoch}", unit="batch", disable=not progress, leave=False)
+    frozen = [p for n, p in core.named_parameters() if n.startswith("attention.")]
     # the level-1 views do not depend on the weights: a thread reads (decodes, resamples) the
     # next batch's while this one trains; the same pixels, the same draws
     reader = ThreadPoolExecutor(1, thread_name_prefix="zoomnet-views") if prefetch and batches else None
@@ -352,6 +392,9 @@ def train_epoch(
                 raise NonFiniteLoss(f"loss is {float(loss.detach())} at epoch {epoch} ({terms})")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if not attention:  # a parameter without a gradient is left alone by Adam
+                for p in frozen:
+                    p.grad = None
             # the norm also tells whether a gradient blew up (clip 0: measured, not clipped)
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip or float("inf"))
             if not math.isfinite(float(norm)):
@@ -500,6 +543,7 @@ def fit(
             wrapped or model, train, cfg, optimizer, epoch, generator, progress and rank == 0,
             class_weight=class_weight, augment=augment, rank=rank, world=world, autocast=autocast,
             contrastive=contrastive_active(cfg, epoch, history, num_classes),
+            attention=attention_active(cfg, epoch, history, num_classes),
         )}
         if scheduler:
             scheduler.step()
@@ -521,6 +565,11 @@ def fit(
         ):
             log(f"epoch {epoch}: the attention has started (entropy and sub-tile signal); "
                 "the contrastive term joins from the next epoch")
+        if cfg.attention_from == "auto" and signal_started(row, num_classes) and not any(
+            signal_started(r, num_classes) for r in history[:-1]
+        ):
+            log(f"epoch {epoch}: the sampled sub-tiles carry the label (sub-tile signal "
+                f"{row['subtile_signal']:.2f}); the attention learns from the next epoch")
         if epoch in (2, 5) and (warning := flat_learning_warning(row, num_classes, majority)):
             log(f"warning: {warning}")
     return history
