@@ -54,7 +54,7 @@ class TrainConfig:
             (its contrast prior) and ``f`` learns on what it samples. Where detail is
             everywhere (street scenes), an attention that learns before ``f`` sees the
             object is pulled by the early, noisy scores onto the wrong detail and stops
-            sampling the object (docs/design.md, "Training dynamics").
+            sampling the object (docs/design.md, "Starting by itself").
         instance_weight: weight of the instance (MIL) loss on sampled sub-tiles (0: off).
         mask_weight: weight of attention supervision by masks (0: off; masks needed).
         distill_weight: weight of attention distillation from the sub-tiles' own object
