@@ -124,12 +124,10 @@ class TrainConfig:
         if self.lr > 10 or (self.attention_lr or 0) > 10:
             raise ValueError(f"train.lr={self.lr}, attention_lr={self.attention_lr}: a learning rate above 10 "
                              "diverges; Adam takes 1e-4 to 1e-2")
-        c = self.contrastive_from
-        if not (c is None or c == "auto" or (isinstance(c, int) and not isinstance(c, bool) and c >= 1)):
-            raise ValueError(f"train.contrastive_from={c!r}: give an epoch (>= 1), \"auto\" or null")
-        a = self.attention_from
-        if not (a is None or a == "auto" or (isinstance(a, int) and not isinstance(a, bool) and a >= 1)):
-            raise ValueError(f"train.attention_from={a!r}: give an epoch (>= 1), \"auto\" or null")
+        for name in ("contrastive_from", "attention_from"):
+            c = getattr(self, name)
+            if not (c is None or c == "auto" or (isinstance(c, int) and not isinstance(c, bool) and c >= 1)):
+                raise ValueError(f"train.{name}={c!r}: give an epoch (>= 1), \"auto\" or null")
 
 
 def attention_started(row: dict, num_classes: int) -> bool:
@@ -143,10 +141,7 @@ def attention_started(row: dict, num_classes: int) -> bool:
     False
     """
     levels = [v for k, v in row.items() if k.startswith("attention_entropy_") and math.isfinite(v)]
-    signal = row.get("subtile_signal")
-    if not levels or signal is None:
-        return False
-    return min(levels) <= 0.9 and signal >= (1 + 1 / num_classes) / 2
+    return bool(levels) and min(levels) <= 0.9 and signal_started(row, num_classes)
 
 
 def signal_started(row: dict, num_classes: int) -> bool:
@@ -560,14 +555,13 @@ def fit(
         if on_epoch:
             on_epoch(epoch, row)
         log(epoch_line(row, cfg.epochs, masks))
-        if cfg.contrastive_from == "auto" and attention_started(row, num_classes) and not any(
-            attention_started(r, num_classes) for r in history[:-1]
-        ):
+        def first(started: Callable[[dict, int], bool]) -> bool:  # this epoch is the first to show it
+            return started(row, num_classes) and not any(started(r, num_classes) for r in history[:-1])
+
+        if cfg.contrastive_from == "auto" and first(attention_started):
             log(f"epoch {epoch}: the attention has started (entropy and sub-tile signal); "
                 "the contrastive term joins from the next epoch")
-        if cfg.attention_from == "auto" and signal_started(row, num_classes) and not any(
-            signal_started(r, num_classes) for r in history[:-1]
-        ):
+        if cfg.attention_from == "auto" and first(signal_started):
             log(f"epoch {epoch}: the sampled sub-tiles carry the label (sub-tile signal "
                 f"{row['subtile_signal']:.2f}); the attention learns from the next epoch")
         if epoch in (2, 5) and (warning := flat_learning_warning(row, num_classes, majority)):

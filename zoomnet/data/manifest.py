@@ -88,7 +88,7 @@ def class_list(rows: list[Row]) -> list[str]:
     return labels
 
 
-EMPTY_NAMES = ("negative", "normal", "background", "empty", "no-sign", "no_sign", "no-object", "no_object")
+EMPTY_NAMES = ("negative", "normal", "background", "empty", "no-sign", "no-object")
 
 
 def default_reference(classes: list[str]) -> str | None:
@@ -98,7 +98,7 @@ def default_reference(classes: list[str]) -> str | None:
     names = EMPTY_NAMES + (("0",) if len(classes) == 2 else ())
     for name in names:
         for c in classes:
-            if c.lower() == name:
+            if c.lower().replace("_", "-") == name:
                 return c
     return None
 
@@ -115,6 +115,8 @@ def resolve_reference(classes: list[str], given: str | None) -> str | None:
     'negative'
     >>> resolve_reference(["50", "70", "80", "no-sign"], None)
     'no-sign'
+    >>> resolve_reference(["cat", "No_Object"], None)
+    'No_Object'
     >>> resolve_reference([str(d) for d in range(10)], None) is None
     True
 
