@@ -81,9 +81,22 @@ def instance_loss(
     for every other class each sub-tile is a negative instance, which gives the background
     the place the reference class holds in a binary task. With one: a reference image's
     sub-tiles are all of the reference class (cross-entropy), and another image's bag is
-    the log-sum-exp pool of its sub-tiles' margins ``logit y - logit reference`` (every
+    the log-sum-exp pool of its sub-tiles' margins ``log p(y) / (1 - p(y))`` (every
     sub-tile of a positive bag shares the push, so an object seen only in positive bags
-    rises from the first hit).
+    rises from the first hit). The margin is taken against every other class, not the
+    reference class alone: with two classes that is ``logit y - logit reference``, and with
+    several object classes (50, 70, 80 km/h signs and "no sign") it is what teaches the
+    sub-tiles to tell the object classes apart, where a margin against the reference class
+    alone lets every sign rise for every object class at once.
+
+    With several object classes an object bag adds a second part, which object class its
+    object is: the cross-entropy among the object classes of each sub-tile, weighted by how
+    object-like the sub-tile is against the rest of its bag (a softmax over the bag of the
+    detached log-odds ``log (1 - p(reference)) / p(reference)``). Which sub-tiles hold an
+    object is learnt first and cleanly (every sub-tile of a reference image is background);
+    this part then gives the sign its image's class with the weight of a whole example,
+    where the pooled margin gives each sub-tile ``1 / n`` of it until the sign stands out.
+    With one object class the part is zero.
 
     Args:
         leaf_logits: ``(L, classes)``, the classifier applied to each sub-tile's feature.
@@ -114,11 +127,17 @@ def instance_loss(
         others = F.softplus(leaf_logits).masked_fill(label_column, 0.0).sum(1) / max(C - 1, 1)  # (L,)
         per_bag = F.softplus(-bag) + _bag_mean(others, image, n)
     else:
-        margin = own - leaf_logits[:, reference]  # (L,)
+        others = leaf_logits.masked_fill(F.one_hot(y, C).bool(), -torch.inf)  # (L, C) without the label
+        margin = own - torch.logsumexp(others, dim=1)  # (L,) logit of p(y) against every other class
         bag = _bag_logsumexp(margin, image, B) - torch.log(n.clamp_min(1))
         ce = F.cross_entropy(leaf_logits, torch.full_like(y, reference), reduction="none")  # (L,)
+        objects = leaf_logits.masked_fill(F.one_hot(torch.full_like(y, reference), C).bool(), -torch.inf)
+        objects_lse = torch.logsumexp(objects, dim=1)  # (L,) over the object classes
+        objectness = (objects_lse - leaf_logits[:, reference]).detach()  # (L,) log-odds of "an object"
+        focus = torch.exp(objectness - _bag_logsumexp(objectness, image, B)[image])  # (L,) sums to 1 a bag
+        which = torch.zeros_like(n).index_add(0, image, focus * (objects_lse - own))  # (B,) 0 with one object class
         is_reference = labels.to(n.device) == reference
-        per_bag = torch.where(is_reference, _bag_mean(ce, image, n), F.softplus(-bag))
+        per_bag = torch.where(is_reference, _bag_mean(ce, image, n), F.softplus(-bag) + which)
         if reference_share is not None and 0.0 < reference_share < 1.0:
             weight = torch.where(is_reference, 0.5 / reference_share, 0.5 / (1.0 - reference_share))
             per_bag = per_bag * weight.to(per_bag.dtype)

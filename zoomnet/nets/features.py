@@ -32,10 +32,16 @@ class LeNet(nn.Module):
         self.normalize = normalize
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # in-place ReLU: a convolution's backward needs its input, not its output
-        x = F.max_pool2d(F.relu(self.conv1(x), inplace=True), 2)  # (M, width, h/2, w/2)
-        x = F.max_pool2d(F.relu(self.conv2(x), inplace=True), 2)  # (M, D, h/4, w/4)
-        x = x.mean(dim=(2, 3)) if self.pool == "mean" else x.amax(dim=(2, 3))  # (M, D)
+        # conv, ReLU, 2x2 max pool twice, then a global pool. ReLU and max pooling commute, so
+        # the ReLU runs after each pool, on a quarter of the values (in place: the pool's
+        # backward needs its indices, not its output); with the global max, the second 2x2
+        # pool is a max of maxes and is skipped, over the rows and columns it would cover.
+        x = F.relu(F.max_pool2d(self.conv1(x), 2), inplace=True)  # (M, width, h/2, w/2)
+        x = self.conv2(x)  # (M, D, h/2, w/2)
+        if self.pool == "max":
+            x = F.relu(x[:, :, : x.shape[2] // 2 * 2, : x.shape[3] // 2 * 2].amax(dim=(2, 3)))  # (M, D)
+        else:
+            x = F.relu(F.max_pool2d(x, 2), inplace=True).mean(dim=(2, 3))  # (M, D)
         return F.normalize(x, dim=1) if self.normalize else x
 
 
