@@ -126,6 +126,8 @@ def _instance_loss_bag_by_bag(leaf_logits, leaf_image, labels, reference, share=
             objects = torch.cat([rows[:, :reference], rows[:, reference + 1 :]], dim=1)
             objectness = (torch.logsumexp(objects, dim=1) - rows[:, reference]).detach()
             which = (torch.softmax(objectness, dim=0) * (torch.logsumexp(objects, dim=1) - rows[:, y])).sum()
+            score = torch.sigmoid(objectness)
+            which = which * (score.max() - score.mean())
             terms.append(weight * (F.softplus(-(torch.logsumexp(margin, dim=0) - math.log(margin.numel()))) + which))
     return torch.stack(terms).mean()
 
@@ -203,6 +205,11 @@ def test_instance_loss_gives_the_object_like_subtile_its_image_class():
     losses.instance_loss(leaf_logits, image, labels, reference=0).backward()
     between = leaf_logits.grad[:, 2] - leaf_logits.grad[:, 1]  # d loss / d (logit 2 - logit 1)
     assert between[0] < 20 * between[1:].min() < 0, between  # the pooled margin adds a little to the rest
+    # while every sub-tile looks alike, the part is silent: the loss is the pooled margin alone
+    alike = torch.tensor([[3.0, 0.0, 0.5]] * 4)
+    margin = alike[:, 2] - torch.logsumexp(alike[:, :2], dim=1)
+    expected = torch.nn.functional.softplus(-(torch.logsumexp(margin, 0) - math.log(4)))
+    assert torch.allclose(losses.instance_loss(alike, image, labels, reference=0), expected)
     # with one object class the part vanishes: the binary loss is the pooled margin alone
     two = torch.tensor([[-3.0, 0.0]] + [[3.0, 0.0]] * 3)
     margin = two[:, 1] - two[:, 0]
