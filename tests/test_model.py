@@ -431,3 +431,38 @@ def test_views_read_ahead_train_the_same_weights(augment):
                     progress=False, augment=augment, prefetch=prefetch)
         states.append(model.state_dict())
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+@pytest.mark.parametrize("pool", ["max", "mean"])
+@pytest.mark.parametrize("size", [27, 32])
+def test_lenet_gives_the_values_and_gradients_of_conv_relu_pool_order(pool, size):
+    """LeNet runs each ReLU after its pool and skips the second pool before a global max;
+    the textbook order (conv, ReLU, pool, twice, then the global pool) gives the same
+    features and gradients, odd sizes (a row the pools drop) included."""
+    import torch.nn.functional as F
+
+    from zoomnet.nets.features import LeNet
+
+    torch.manual_seed(0)
+    net = LeNet(3, 6, 8, True, 1, pool).double()
+    x = torch.randn(5, 3, size, size, dtype=torch.float64)
+
+    def textbook(x):
+        y = F.max_pool2d(F.relu(net.conv1(x)), 2)
+        y = F.max_pool2d(F.relu(net.conv2(y)), 2)
+        return F.normalize(y.mean(dim=(2, 3)) if pool == "mean" else y.amax(dim=(2, 3)), dim=1)
+
+    a, b = net(x), textbook(x)
+    ga = torch.autograd.grad((a * a.detach().roll(1, 1)).sum(), list(net.parameters()))
+    gb = torch.autograd.grad((b * b.detach().roll(1, 1)).sum(), list(net.parameters()))
+    assert torch.allclose(a, b, atol=1e-12)
+    assert all(torch.allclose(u, v, atol=1e-10) for u, v in zip(ga, gb))
+
+
+def test_conv_layout_is_channels_last_on_cpu_for_large_inputs_only():
+    from zoomnet.model import conv_layout
+
+    big, small = torch.randn(8, 3, 64, 64), torch.randn(1, 3, 50, 50)
+    assert conv_layout(big).is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(conv_layout(big), big)
+    assert conv_layout(small).is_contiguous() and conv_layout(torch.randn(4, 5)).is_contiguous()
