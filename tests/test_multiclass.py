@@ -137,3 +137,21 @@ def test_attention_learns_only_from_its_epoch(attention_from, frozen_epochs):
         attention_moved = any(n.startswith("attention.") for n in moved)
         assert any(n.startswith("feature.") for n in moved)
         assert attention_moved == (epoch > frozen_epochs), (epoch, frozen_epochs)
+
+
+def test_tiny_set_with_an_empty_class_and_three_shapes_reaches_full_training_accuracy():
+    """The traffic-sign layout in small: class 0 holds nothing (the reference class), classes
+    1-3 one shape each. The reference-class terms, with the object-class part of the instance
+    loss, must tell the three shapes apart, not only find them."""
+    torch.manual_seed(0)
+    train = make_shapes(16, classes=4, size=64, seed=0, empty_class=True)
+    share = sum(e.label == 0 for e in train) / len(train)
+    config = _config()
+    config.num_classes = 4
+    model = ZoomIn(config)
+    cfg = TrainConfig(epochs=15, batch_size=4, lr=3e-3, attention_lr=1e-2, contrastive_from="auto",
+                      instance_weight=4.0, distill_weight=1.0, reference_class=0, reference_share=share, seed=0)
+    history = fit(model, train, [], cfg, log=lambda _: None, progress=False)
+    accuracy = [r["train_accuracy"] for r in history]
+    assert accuracy[-1] == 1.0 and accuracy[0] < 0.8, accuracy
+    assert evaluate(model, train, batch_size=8, deterministic=True)["accuracy"] >= 0.9

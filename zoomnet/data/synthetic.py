@@ -147,17 +147,20 @@ def _draw_shape(img: np.ndarray, mask: np.ndarray, rng, cy: int, cx: int, diamet
 
 
 def make_shapes(
-    num: int, classes: int = 3, size: int = 96, object_size: tuple[int, int] = (12, 16), seed: int = 0
+    num: int, classes: int = 3, size: int = 96, object_size: tuple[int, int] = (12, 16), seed: int = 0,
+    empty_class: bool = False,
 ) -> list[Example]:
     """A multi-class tiny-object set: an image of class c holds one small shape of kind c
-    (ring, disc, cross, square) on the tissue-like background; no class is "empty".
+    (ring, disc, cross, square) on the tissue-like background; no class is "empty". With
+    ``empty_class``, class 0 images hold no shape (a reference class, like "no sign") and
+    class c > 0 holds shape c - 1.
 
     >>> ex = make_shapes(4, classes=3, size=64)
     >>> {e.label for e in ex} <= {0, 1, 2}, ex[0].source.height
     (True, 64)
     """
-    if not 2 <= classes <= len(SHAPES):
-        raise ValueError(f"classes={classes}: choose 2 to {len(SHAPES)}")
+    if not 2 <= classes <= len(SHAPES) + empty_class:
+        raise ValueError(f"classes={classes}: choose 2 to {len(SHAPES) + empty_class}")
     rng = np.random.default_rng(seed)
     out = []
     for i in range(num):
@@ -166,7 +169,8 @@ def make_shapes(
         mask = np.zeros((size, size), dtype=np.uint8)
         d = int(rng.integers(object_size[0], object_size[1] + 1))
         cy, cx = (int(v) for v in rng.integers(d, size - d, 2))
-        _draw_shape(img, mask, rng, cy, cx, d, SHAPES[label])
+        if not (empty_class and label == 0):
+            _draw_shape(img, mask, rng, cy, cx, d, SHAPES[label - empty_class])
         image = np.clip(img, 0, 255).astype(np.uint8)
         out.append(Example(ArraySource(image), label, ArraySource(mask, rgb=False), f"shapes-{seed}-{i}"))
     return out
