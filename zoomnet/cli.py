@@ -77,6 +77,20 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _probe(args: argparse.Namespace) -> int:
+    from zoomnet.runs import probe_run
+
+    m = probe_run(args.run, args.manifest, args.per_image, args.seed, args.device, _progress(args))
+    width = max(len(r) for r in m["rows"])
+    print(f"sub-tiles cut from {m['images']} images; predicted class (columns: " + ", ".join(m["classes"]) + "):")
+    for name, row in zip(m["rows"], m["counts"]):
+        on = "on a background patch" if name == "background" else "on an object of an image of this class"
+        print(f"  {name:>{width}}: {row}  ({on})")
+    print(f"object sub-tiles called their image's class: {m['object_accuracy']:.3f}")
+    print(strict_json(m))
+    return 0
+
+
 def _emit_prediction(result: dict) -> None:
     print(strict_json(result), flush=True)
     if "heatmap" in result:  # on stderr, so that stdout stays one JSON line per image
@@ -195,6 +209,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     inference(ev)
     ev.set_defaults(func=_evaluate)
+
+    pb = sub.add_parser("probe", help="what f and g call single sub-tiles on and off the objects of a "
+                        "manifest with masks: whether f knows the objects when accuracy is flat")
+    pb.add_argument("run", help="run folder")
+    pb.add_argument("manifest", help="manifest CSV with a mask column")
+    pb.add_argument("--per-image", type=int, default=4, help="sub-tiles on objects and off them, each, per image")
+    pb.add_argument("--seed", type=int, default=0, help="seed of where the sub-tiles are cut")
+    pb.add_argument("--quiet", action="store_true", help="no progress bar")
+    device(pb)
+    pb.set_defaults(func=_probe)
 
     pr = sub.add_parser("predict", help="predict images, folders of slides or manifests; one JSON line per image")
     pr.add_argument("run", help="run folder")

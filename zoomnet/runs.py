@@ -453,6 +453,24 @@ def evaluate_run(
     return metrics
 
 
+def probe_run(run_dir: str | Path, manifest: str | Path, per_image: int = 4, seed: int = 0,
+              device: str = "cpu", progress: bool = False) -> dict:
+    """What a run's ``f`` and ``g`` call single sub-tiles on and off the objects of a
+    manifest with masks (:func:`zoomnet.probe.probe`)."""
+    from zoomnet.model import ZoomIn
+    from zoomnet.probe import probe
+
+    model, config = load_run(run_dir, device)
+    if not isinstance(model, ZoomIn):
+        raise UserError(f"{run_dir}: a CNN run has no sub-tile classifier to probe; probe a zoomin or ats run")
+    examples = load_examples(manifest, config.data.classes, config.data.fill, "probed", config.data.target_mpp,
+                             config.data.max_pixels)
+    if not any(e.mask is not None for e in examples):
+        raise UserError(f"{manifest}: no image has a mask; the probe needs a 'mask' column (object pixels > 0)")
+    check_image_sizes(examples, config.model, f"the model in {run_dir}")
+    return probe(model, examples, config.data.classes, per_image, seed, progress)
+
+
 def expand_inputs(inputs: list[str]) -> list[tuple[str, Path, str]]:
     """Images to predict, as ``(name as given, path, label or "")``: image files as they
     are, folders searched recursively for images and slides (by suffix, sorted), CSV
