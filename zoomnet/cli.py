@@ -80,7 +80,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _probe(args: argparse.Namespace) -> int:
     from zoomnet.runs import probe_run
 
-    m = probe_run(args.run, args.manifest, args.per_image, args.seed, args.device, _progress(args))
+    m = probe_run(args.run, args.manifest, args.per_image, args.seed, args.device, _progress(args),
+                  "last" if args.last else "best")
     width = max(len(r) for r in m["rows"])
     print(f"sub-tiles cut from {m['images']} images; predicted class (columns: " + ", ".join(m["classes"]) + "):")
     for name, row in zip(m["rows"], m["counts"]):
@@ -216,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("manifest", help="manifest CSV with a mask column")
     pb.add_argument("--per-image", type=int, default=4, help="sub-tiles on objects and off them, each, per image")
     pb.add_argument("--seed", type=int, default=0, help="seed of where the sub-tiles are cut")
+    pb.add_argument("--last", action="store_true", help="the last epoch's weights, not the best epoch's")
     pb.add_argument("--quiet", action="store_true", help="no progress bar")
     device(pb)
     pb.set_defaults(func=_probe)

@@ -454,13 +454,13 @@ def evaluate_run(
 
 
 def probe_run(run_dir: str | Path, manifest: str | Path, per_image: int = 4, seed: int = 0,
-              device: str = "cpu", progress: bool = False) -> dict:
-    """What a run's ``f`` and ``g`` call single sub-tiles on and off the objects of a
-    manifest with masks (:func:`zoomnet.probe.probe`)."""
+              device: str = "cpu", progress: bool = False, which: str = "best") -> dict:
+    """What a run's ``f`` and ``g`` (its ``best`` or ``last`` checkpoint) call single
+    sub-tiles on and off the objects of a manifest with masks (:func:`zoomnet.probe.probe`)."""
     from zoomnet.model import ZoomIn
     from zoomnet.probe import probe
 
-    model, config = load_run(run_dir, device)
+    model, config = load_run(run_dir, device, which)
     if not isinstance(model, ZoomIn):
         raise UserError(f"{run_dir}: a CNN run has no sub-tile classifier to probe; probe a zoomin or ats run")
     examples = load_examples(manifest, config.data.classes, config.data.fill, "probed", config.data.target_mpp,

@@ -90,16 +90,14 @@ def instance_loss(
     alone lets every sign rise for every object class at once.
 
     With several object classes an object bag adds a second part, which object class its
-    object is: the cross-entropy among the object classes of each sub-tile, weighted by how
-    object-like the sub-tile is against the rest of its bag (a softmax over the bag of the
-    detached log-odds ``log (1 - p(reference)) / p(reference)``), and the whole part by how
-    far the bag's best ``1 - p(reference)`` stands above its mean (detached). Which
-    sub-tiles hold an object is learnt first and cleanly (every sub-tile of a reference
-    image is background); this part then gives the sign its image's class with up to the
-    weight of a whole example, where the pooled margin gives each sub-tile ``1 / n`` of it
-    until the sign stands out. While every sub-tile looks alike the part is silent (at
-    full weight from the first step, its noise slowed the learning of where objects are).
-    With one object class the part is zero.
+    object is: the cross-entropy among the object classes of the bag's most object-like
+    sub-tile (highest ``1 - p(reference)``, detached), weighted by how far that score stands
+    above the bag's mean. Which sub-tiles hold an object is learnt first and cleanly (every
+    sub-tile of a reference image is background); this part then gives the sign its
+    image's class with up to the weight of a whole example, where the pooled margin gives
+    each sub-tile ``1 / n`` of it until the sign stands out. While every sub-tile looks
+    alike the part is silent (at full weight from the first step, its noise slowed the
+    learning of where objects are). With one object class the part is zero.
 
     Args:
         leaf_logits: ``(L, classes)``, the classifier applied to each sub-tile's feature.
@@ -137,10 +135,11 @@ def instance_loss(
         objects = leaf_logits.masked_fill(F.one_hot(torch.full_like(y, reference), C).bool(), -torch.inf)
         objects_lse = torch.logsumexp(objects, dim=1)  # (L,) over the object classes
         objectness = (objects_lse - leaf_logits[:, reference]).detach()  # (L,) log-odds of "an object"
-        focus = torch.exp(objectness - _bag_logsumexp(objectness, image, B)[image])  # (L,) sums to 1 a bag
-        which = torch.zeros_like(n).index_add(0, image, focus * (objects_lse - own))  # (B,) 0 with one object class
         score = torch.sigmoid(objectness)  # (L,) p(not reference)
-        best = torch.zeros_like(n).scatter_reduce(0, image, score, reduce="amax", include_self=False)
+        best = torch.zeros_like(n).scatter_reduce(0, image, score, reduce="amax", include_self=False)  # (B,)
+        chosen = (score == best[image]).to(n.dtype)  # (L,) the bag's most object-like sub-tile(s)
+        chosen = chosen / torch.zeros_like(n).index_add(0, image, chosen)[image]  # ties share
+        which = torch.zeros_like(n).index_add(0, image, chosen * (objects_lse - own))  # (B,) 0 with one object class
         which = which * (best - _bag_mean(score, image, n))  # (B,) only where one sub-tile stands out
         is_reference = labels.to(n.device) == reference
         per_bag = torch.where(is_reference, _bag_mean(ce, image, n), F.softplus(-bag) + which)
