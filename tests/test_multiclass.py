@@ -174,7 +174,7 @@ def test_probe_cuts_subtiles_on_and_off_the_objects_and_counts_them_by_row():
     classes = ["empty", "ring", "disc", "cross"]
     result = probe(ZoomIn(config), data, classes, per_image=3, seed=0)
     counts = np.array(result["counts"])
-    assert result["rows"] == [*classes, "background"] and counts.shape == (5, 4) and result["images"] == 6
+    assert result["rows"] == [*classes, "off objects"] and counts.shape == (5, 4) and result["images"] == 6
     assert counts[0].sum() == 0  # images of the empty class hold no object to cut
     objects = sum(e.label != 0 for e in data)
     assert counts[1:4].sum() == 3 * objects and counts[4].sum() == 3 * len(data)

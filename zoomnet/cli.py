@@ -85,7 +85,7 @@ def _probe(args: argparse.Namespace) -> int:
     width = max(len(r) for r in m["rows"])
     print(f"sub-tiles cut from {m['images']} images; predicted class (columns: " + ", ".join(m["classes"]) + "):")
     for name, row in zip(m["rows"], m["counts"]):
-        on = "on a background patch" if name == "background" else "on an object of an image of this class"
+        on = "sub-tiles that miss every object" if name == m["rows"][-1] else "on objects of images of this class"
         print(f"  {name:>{width}}: {row}  ({on})")
     print(f"object sub-tiles called their image's class: {m['object_accuracy']:.3f}")
     print(strict_json(m))

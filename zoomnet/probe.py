@@ -4,7 +4,7 @@ Training can be flat for two reasons: the attention never sends the draws to the
 or ``f`` sees them and cannot tell what they are. The heatmaps show the first; this shows
 the second. For each image with a mask it cuts sub-tiles of the model's last-level size
 centred near an object pixel (labelled with the image's class) and sub-tiles anywhere
-that miss every object (labelled "background"), runs ``f`` and ``g`` on each sub-tile
+that miss every object (row "off objects"), runs ``f`` and ``g`` on each sub-tile
 alone, and counts the predicted classes.
 """
 
@@ -16,7 +16,7 @@ import torch
 from zoomnet.core.geometry import Box
 from zoomnet.data.examples import Example
 
-BACKGROUND = "background"
+OFF = "off objects"
 
 
 def _object_pixels(mask, limit: int = 1 << 20) -> tuple[np.ndarray, float, float]:
@@ -59,7 +59,7 @@ def probe(model: torch.nn.Module, examples: list[Example], classes: list[str], p
     """Counts of predicted classes for object sub-tiles (by their image's class) and for
     background sub-tiles; see the module.
 
-    Returns ``{"rows": [true class..., "background"], "counts": (rows x classes) list,
+    Returns ``{"rows": [true class..., "off objects"], "counts": (rows x classes) list,
     "object_accuracy": share of object sub-tiles called their image's class,
     "images": images probed}``.
     """
@@ -68,7 +68,7 @@ def probe(model: torch.nn.Module, examples: list[Example], classes: list[str], p
     rng = np.random.default_rng(seed)
     region = tuple(model.config.levels[-1].region)
     model = model.eval()
-    rows = [*classes, BACKGROUND]
+    rows = [*classes, OFF]
     counts = np.zeros((len(rows), len(classes)), dtype=int)
     probed = 0
     with_masks = [e for e in examples if e.mask is not None]
