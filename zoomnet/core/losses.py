@@ -122,19 +122,19 @@ def instance_loss(
     n = torch.zeros(B, device=leaf_logits.device, dtype=leaf_logits.dtype).index_add(
         0, image, torch.ones_like(image, dtype=leaf_logits.dtype))  # (B,) sub-tiles per bag
     own = leaf_logits.gather(1, y[:, None]).squeeze(1)  # (L,)
+    label_column = F.one_hot(y, C).bool()  # (L, C)
     if reference is None:
         bag = _bag_logsumexp(own, image, B) - torch.log(n.clamp_min(1))
-        label_column = F.one_hot(y, C).bool()  # (L, C)
         others = F.softplus(leaf_logits).masked_fill(label_column, 0.0).sum(1) / max(C - 1, 1)  # (L,)
         per_bag = F.softplus(-bag) + _bag_mean(others, image, n)
     else:
-        others = leaf_logits.masked_fill(F.one_hot(y, C).bool(), -torch.inf)  # (L, C) without the label
-        margin = own - torch.logsumexp(others, dim=1)  # (L,) logit of p(y) against every other class
+        margin = own - torch.logsumexp(leaf_logits.masked_fill(label_column, -torch.inf), dim=1)  # (L,) y vs rest
         bag = _bag_logsumexp(margin, image, B) - torch.log(n.clamp_min(1))
-        ce = F.cross_entropy(leaf_logits, torch.full_like(y, reference), reduction="none")  # (L,)
-        objects = leaf_logits.masked_fill(F.one_hot(torch.full_like(y, reference), C).bool(), -torch.inf)
-        objects_lse = torch.logsumexp(objects, dim=1)  # (L,) over the object classes
-        objectness = (objects_lse - leaf_logits[:, reference]).detach()  # (L,) log-odds of "an object"
+        reference_column = torch.arange(C, device=leaf_logits.device) == reference  # (C,)
+        objects_lse = torch.logsumexp(leaf_logits.masked_fill(reference_column, -torch.inf), dim=1)  # (L,)
+        object_margin = objects_lse - leaf_logits[:, reference]  # (L,) log-odds of "an object"
+        ce = F.softplus(object_margin)  # (L,) cross-entropy towards the reference class
+        objectness = object_margin.detach()
         score = torch.sigmoid(objectness)  # (L,) p(not reference)
         best = torch.zeros_like(n).scatter_reduce(0, image, score, reduce="amax", include_self=False)  # (B,)
         chosen = (score == best[image]).to(n.dtype)  # (L,) the bag's most object-like sub-tile(s)
