@@ -115,7 +115,11 @@ def _instance_loss_bag_by_bag(leaf_logits, leaf_image, labels, reference, share=
         if reference is None:
             bag = torch.logsumexp(rows[:, y], dim=0) - math.log(rows.shape[0])
             others = torch.cat([rows[:, :y], rows[:, y + 1 :]], dim=1)
-            terms.append(F.softplus(-bag) + F.softplus(others).mean())
+            score = torch.sigmoid(rows.detach().max(dim=1).values)  # most like any class
+            chosen = (score == score.max()).to(rows.dtype)
+            chosen = chosen / chosen.sum()
+            which = (chosen * F.cross_entropy(rows, torch.full((rows.shape[0],), y), reduction="none")).sum()
+            terms.append(F.softplus(-bag) + F.softplus(others).mean() + which * (score.max() - score.mean()))
         elif y == reference:
             weight = 1.0 if share is None else 0.5 / share
             terms.append(weight * F.cross_entropy(rows, torch.full((rows.shape[0],), y)))
@@ -220,3 +224,26 @@ def test_instance_loss_gives_the_object_like_subtile_its_image_class():
     margin = two[:, 1] - two[:, 0]
     expected = torch.nn.functional.softplus(-(torch.logsumexp(margin, 0) - math.log(4)))
     assert torch.allclose(losses.instance_loss(two, image, torch.tensor([1]), reference=0), expected)
+
+
+def test_multiclass_instance_loss_gives_the_subtile_most_like_any_class_its_image_class():
+    """No reference class, three classes. A bag of class 2 whose first sub-tile is called
+    class 1 with confidence and whose other three are background (every logit -3): the
+    cross-entropy towards class 2 falls on the first sub-tile alone, and is silent while
+    every sub-tile looks alike."""
+    import torch.nn.functional as F
+
+    leaf_logits = torch.tensor([[0.0, 3.0, 0.0]] + [[-3.0, -3.0, -3.0]] * 3, requires_grad=True)
+    image, labels = torch.zeros(4, dtype=torch.long), torch.tensor([2])
+    losses.instance_loss(leaf_logits, image, labels, reference=None).backward()
+    pooled = leaf_logits.detach().requires_grad_()
+    bag = torch.logsumexp(pooled[:, 2], 0) - math.log(4)
+    (F.softplus(-bag) + F.softplus(pooled[:, :2]).sum(1).mean() / 2).backward()  # without the part
+    part = leaf_logits.grad - pooled.grad
+    weight = torch.sigmoid(torch.tensor(3.0)) - (torch.sigmoid(torch.tensor(3.0)) + 3 * torch.sigmoid(torch.tensor(-3.0))) / 4
+    expected = (torch.softmax(torch.tensor([0.0, 3.0, 0.0]), 0) - F.one_hot(torch.tensor(2), 3)) * weight
+    assert torch.allclose(part[0], expected, atol=1e-6) and part[1:].abs().max() < 1e-7, part
+    alike = torch.tensor([[0.0, 3.0, 0.0]] * 4)
+    bag = torch.logsumexp(alike[:, 2], 0) - math.log(4)
+    expected_value = F.softplus(-bag) + F.softplus(alike[:, :2]).sum(1).mean() / 2
+    assert torch.allclose(losses.instance_loss(alike, image, labels, reference=None), expected_value)

@@ -97,7 +97,11 @@ def instance_loss(
     image's class with up to the weight of a whole example, where the pooled margin gives
     each sub-tile ``1 / n`` of it until the sign stands out. While every sub-tile looks
     alike the part is silent (at full weight from the first step, its noise slowed the
-    learning of where objects are). With one object class the part is zero.
+    learning of where objects are). With one object class the part is zero. Without a
+    reference class every bag takes the same part, among all classes, at its sub-tile most
+    like any class (highest ``sigmoid(max logit)``): background, seen in every class's
+    images, is pushed down for all classes and falls below the objects, and this part then
+    tells the objects apart where ``f`` has found them but calls them all one class.
 
     Args:
         leaf_logits: ``(L, classes)``, the classifier applied to each sub-tile's feature.
@@ -126,7 +130,9 @@ def instance_loss(
     if reference is None:
         bag = _bag_logsumexp(own, image, B) - torch.log(n.clamp_min(1))
         others = F.softplus(leaf_logits).masked_fill(label_column, 0.0).sum(1) / max(C - 1, 1)  # (L,)
-        per_bag = F.softplus(-bag) + _bag_mean(others, image, n)
+        score = torch.sigmoid(leaf_logits.detach().amax(dim=1))  # (L,) one against the rest: shows some class
+        which = _standout_cross_entropy(score, torch.logsumexp(leaf_logits, dim=1) - own, image, n)
+        per_bag = F.softplus(-bag) + _bag_mean(others, image, n) + which
     else:
         margin = own - torch.logsumexp(leaf_logits.masked_fill(label_column, -torch.inf), dim=1)  # (L,) y vs rest
         bag = _bag_logsumexp(margin, image, B) - torch.log(n.clamp_min(1))
@@ -134,19 +140,26 @@ def instance_loss(
         objects_lse = torch.logsumexp(leaf_logits.masked_fill(reference_column, -torch.inf), dim=1)  # (L,)
         object_margin = objects_lse - leaf_logits[:, reference]  # (L,) log-odds of "an object"
         ce = F.softplus(object_margin)  # (L,) cross-entropy towards the reference class
-        objectness = object_margin.detach()
-        score = torch.sigmoid(objectness)  # (L,) p(not reference)
-        best = torch.zeros_like(n).scatter_reduce(0, image, score, reduce="amax", include_self=False)  # (B,)
-        chosen = (score == best[image]).to(n.dtype)  # (L,) the bag's most object-like sub-tile(s)
-        chosen = chosen / torch.zeros_like(n).index_add(0, image, chosen)[image]  # ties share
-        which = torch.zeros_like(n).index_add(0, image, chosen * (objects_lse - own))  # (B,) 0 with one object class
-        which = which * (best - _bag_mean(score, image, n))  # (B,) only where one sub-tile stands out
+        score = torch.sigmoid(object_margin.detach())  # (L,) p(not reference)
+        which = _standout_cross_entropy(score, objects_lse - own, image, n)  # (B,) 0 with one object class
         is_reference = labels.to(n.device) == reference
         per_bag = torch.where(is_reference, _bag_mean(ce, image, n), F.softplus(-bag) + which)
         if reference_share is not None and 0.0 < reference_share < 1.0:
             weight = torch.where(is_reference, 0.5 / reference_share, 0.5 / (1.0 - reference_share))
             per_bag = per_bag * weight.to(per_bag.dtype)
     return per_bag[n > 0].mean()
+
+
+def _standout_cross_entropy(
+    score: torch.Tensor, cross_entropy: torch.Tensor, image: torch.Tensor, n: torch.Tensor
+) -> torch.Tensor:
+    """``(B,)``: each bag's cross-entropy ``(L,)`` at its most object-like sub-tile (highest
+    detached ``score`` ``(L,)`` in [0, 1]; ties share), weighted by how far that score stands
+    above the bag's mean score (0 while every sub-tile looks alike)."""
+    best = torch.zeros_like(n).scatter_reduce(0, image, score, reduce="amax", include_self=False)  # (B,)
+    chosen = (score == best[image]).to(n.dtype)  # (L,) the bag's most object-like sub-tile(s)
+    chosen = chosen / torch.zeros_like(n).index_add(0, image, chosen)[image]
+    return torch.zeros_like(n).index_add(0, image, chosen * cross_entropy) * (best - _bag_mean(score, image, n))
 
 
 def _bag_logsumexp(values: torch.Tensor, image: torch.Tensor, bags: int) -> torch.Tensor:
