@@ -120,7 +120,9 @@ def test_overlapping_tiles_add_the_weights_of_a_shared_sub_tile(monkeypatch, pat
     columns (centres 1, 3, ..., 11) pool in pairs into the 3 cells. Level 2: 8x4 sub-tiles at
     stride (8, 2) in a tile, 4 cells with lefts -1, 1, 3, 5 relative to the tile; the tile's
     4x4 view pools column by column. Sub-tiles at lefts 1, 3 (tiles 1 and 2) and 5, 7
-    (tiles 2 and 3) are reached by two parents, so their weights must add."""
+    (tiles 2 and 3) are reached by two parents, so their weights must add. Sub-tiles whose
+    centre lies outside the image (left -3 in tile 1, left 11 in tile 3: they would show
+    the fill) are never drawn: their tile's map is renormalised over the other three."""
     cfg = ModelConfig(
         levels=[LevelConfig(0.5, (8, 8), (8.0, 4.0)), LevelConfig(0.5, (8, 4), (8.0, 2.0))],
         attention_width=4, feature_kwargs={"width": 4, "out_dim": 3}, smooth=0.1,
@@ -131,25 +133,29 @@ def test_overlapping_tiles_add_the_weights_of_a_shared_sub_tile(monkeypatch, pat
     src = ArraySource(np.random.default_rng(1).integers(0, 255, (8, 12, 3), dtype=np.uint8))
     from zoomnet.model import _attend
 
-    def log_probs(view: torch.Tensor, level: int, groups: list[list[int]]) -> torch.Tensor:
+    def probs(view: torch.Tensor, level: int, groups: list[list[int]], out: int | None = None) -> torch.Tensor:
         # the test's pooling: a cell's logit is the logsumexp of its view columns (all rows)
         logits, _ = _attend(model.attention[level], model.normalize(view[None]))  # (1, h, w)
         cells = torch.stack([torch.logsumexp(logits[0][:, cols].flatten(), 0) for cols in groups])
-        return torch.log(0.9 * torch.softmax(cells, 0) + 0.1 / len(groups))
+        p = 0.9 * torch.softmax(cells, 0) + 0.1 / len(groups)
+        if out is not None:  # a cell outside the image: never drawn
+            p = p * (torch.arange(len(groups)) != out).to(p.dtype)
+            p = p / p.sum()
+        return p
 
     tiles = [Box(0, left, 8, 8) for left in (-2, 2, 6)]
     sub_lefts = (-1, 1, 3, 5)
-    log_alpha = log_probs(src.read(Box(0, 0, 8, 12), (4, 6)), 0, [[0, 1], [2, 3], [4, 5]])
-    log_betas = [log_probs(src.read(t, (4, 4)), 1, [[0], [1], [2], [3]]) for t in tiles]
+    alpha_p = probs(src.read(Box(0, 0, 8, 12), (4, 6)), 0, [[0, 1], [2, 3], [4, 5]])
+    beta_p = [probs(src.read(t, (4, 4)), 1, [[0], [1], [2], [3]], out) for t, out in zip(tiles, (0, None, 3))]
     boxes = [[Box(0, t.left + dl, 8, 4) for dl in sub_lefts] for t in tiles]
     assert boxes[0][2] == boxes[1][0] and boxes[1][3] == boxes[2][1]  # shared sub-tiles
     w = torch.tensor([0.3, -1.0, 0.7], dtype=torch.float64)
     feat = {b: model.feature(model.normalize(src.read(b)[None]))[0] for row in boxes for b in row}
-    exact = sum(log_alpha[c].exp() * log_betas[c][j].exp() * (w @ feat[boxes[c][j]]) for c in range(3) for j in range(4))
+    exact = sum(alpha_p[c] * beta_p[c][j] * (w @ feat[boxes[c][j]]) for c in range(3) for j in range(4))
     params = [p for n, p in model.named_parameters() if not n.startswith("classifier.")]
     exact_grads = torch.autograd.grad(exact, params)
-    alpha = log_alpha.detach().exp()
-    betas = [lb.detach().exp() for lb in log_betas]
+    alpha = alpha_p.detach()
+    betas = [b.detach() for b in beta_p]
 
     state: dict = {}
     monkeypatch.setattr(sampling, "sample_with_replacement", lambda lp, n, g=None: state["counts"].clone())
@@ -162,6 +168,8 @@ def test_overlapping_tiles_add_the_weights_of_a_shared_sub_tile(monkeypatch, pat
             state["counts"] = torch.tensor([counts])
             state["order"] = torch.tensor([list(d) + [x for x in range(4) if x not in d] for d, _ in combo])
             p = p_counts * math.prod(q for _, q in combo)
+            if p == 0:  # a draw of a cell outside the image: it never happens
+                continue
             out = model.predict([src], samples=N) if path == "inference" else model([src], samples=N)
             expected = expected + p * (w @ out.z[0])
             total_p += p
@@ -176,11 +184,20 @@ def sequential_z(model: ZoomIn, sources, n: int) -> torch.Tensor:
     """The deterministic aggregate ``z`` computed the slow, plain way: image by image,
     parent by parent, one sub-tile at a time, with the per-parent estimator formulas."""
     from zoomnet.core import expectation
+    from zoomnet.core.geometry import cells_in_image
+    from zoomnet.model import _restrict
+
+    def drawable(lp: torch.Tensor, box: Box, level: int, parent_hw) -> tuple[torch.Tensor, torch.Tensor]:
+        # a parent's map over the cells that reach the image (the others show the fill)
+        g = model._level_grid(level, parent_hw)
+        ok = cells_in_image(torch.tensor([[box.top, box.left]]), g.rel, g.grid, *hw)
+        return (lp if bool(ok.all()) else _restrict(lp, ok)), ok[0]
 
     zs = []
     for src in sources:
         hw = (src.height, src.width)
         la, _ = model._attention_maps(0, model.read_views([src]), hw)  # (1, G1)
+        la, _ = drawable(la, Box(0, 0, *hw), 0, hw)
         counts = sampling.largest_remainder_counts(la, n)[0]
         w1 = expectation.with_replacement_weights(la[0], counts)
         *_, rel = model._level_grid(0, hw)
@@ -191,8 +208,10 @@ def sequential_z(model: ZoomIn, sources, n: int) -> torch.Tensor:
             children = []
             for box, w, k in frontier:
                 lb, _ = model._attention_maps(level, src.read(box, vs)[None], parent_hw)  # (1, G)
-                if k >= lb.shape[1]:
-                    draws, ws = torch.arange(lb.shape[1]), lb[0].exp()
+                lb, ok = drawable(lb, box, level, parent_hw)
+                if k >= int(ok.sum()):
+                    draws = torch.nonzero(ok).flatten()
+                    ws = lb[0].exp()[draws]
                 else:
                     draws = sampling.top_k_children(lb, k)[0]
                     ws = expectation.without_replacement_weights(lb, draws[None])[0]

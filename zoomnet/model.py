@@ -27,7 +27,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from zoomnet.core import expectation, sampling
-from zoomnet.core.geometry import AxisPool, Box, cell_boxes, grid_shape, pool_to_grid, pooling_plan, sum_to_grid
+from zoomnet.core.geometry import AxisPool, Box, cell_boxes, cells_in_image, grid_shape, pool_to_grid, pooling_plan, sum_to_grid
 from zoomnet.core.tissue import tissue_map
 from zoomnet.nets import available, build
 from zoomnet.nets.registry import resolve
@@ -422,6 +422,16 @@ class ZoomIn(nn.Module):
             self._grids[key] = LevelGrid(vs, grid_shape(*parent_hw, stride), rows, cols, rel)
         return self._grids[key]
 
+    def _cells_in_image(
+        self, level: int, parent_hw: tuple[int, int], parents: Sequence[Box], height: int, width: int
+    ) -> torch.Tensor | None:
+        """``(M, G)`` cells of these parents that may be drawn (:func:`cells_in_image`), or
+        None where every cell may."""
+        g = self._level_grid(level, parent_hw)
+        corners = torch.tensor([(b.top, b.left) for b in parents], dtype=torch.long).view(-1, 2)
+        allowed = cells_in_image(corners, g.rel, g.grid, height, width)
+        return None if bool(allowed.all()) else allowed
+
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """Raw pixels ``(M, C, h, w)`` -> network input (in the model's dtype and
         :func:`conv_layout`)."""
@@ -569,13 +579,20 @@ class ZoomIn(nn.Module):
                 part = missing[start : start + step]
                 views = read_boxes(sources, part, vs)  # (M, C, h, w)
                 maps, raw = self._attention_maps(level, views, parent_hw)  # (M, G) each
+                allowed = self._cells_in_image(level, parent_hw, [box for _, box in part], height, width)
+                if allowed is not None:  # cells that would show the fill outside the image
+                    maps = _restrict(maps, allowed.to(maps.device))
                 cache[level].add(part, maps)
                 logit_cache[level].add(part, raw)
             log_beta = cache[level].rows(keys)  # (M, G)
+            allowed = self._cells_in_image(level, parent_hw, nodes.box, height, width)
             if transform:
                 log_beta = transform(log_beta)
+                if allowed is not None:  # the complement of a restricted map stays restricted
+                    log_beta = _restrict(log_beta, allowed.to(log_beta.device))
             G = log_beta.shape[1]
-            k = torch.tensor(nodes.count).clamp(max=G)  # (M,) draws per parent
+            cells = torch.full((len(keys),), G) if allowed is None else allowed.sum(dim=1)  # (M,) drawable
+            k = torch.minimum(torch.tensor(nodes.count), cells)  # (M,) draws per parent
             k_max = int(k.max())
             if deterministic:
                 order = sampling.top_k_children(log_beta, k_max)  # (M, k_max)
@@ -583,12 +600,15 @@ class ZoomIn(nn.Module):
                 order = sampling.sample_without_replacement(log_beta, k_max, generator)
             order = order.to(log_beta.device)
             w = expectation.without_replacement_weights(log_beta, order, k)  # (M, k_max)
-            exact = k == G  # a parent drawn at least G times takes every cell: the exact sum
-            if bool(exact.any()):  # then k_max == G
-                every = torch.arange(G, device=log_beta.device).expand_as(order)
+            exact = k == cells  # a parent drawn as often as it has cells takes every one: the exact sum
+            if bool(exact.any()):
+                every = torch.arange(G).expand(len(keys), G)
+                if allowed is not None:  # drawable cells first, in index order
+                    every = torch.sort((~allowed).to(torch.uint8), dim=1, stable=True).indices
+                every = every[:, :k_max].to(log_beta.device)
                 ex = exact.to(log_beta.device)[:, None]
                 order = torch.where(ex, every, order)
-                w = torch.where(ex, expectation.exact_weights(log_beta), w)
+                w = torch.where(ex, expectation.exact_weights(log_beta).gather(1, every), w)
             taken = torch.arange(k_max)[None, :] < k[:, None]  # (M, k_max)
             child_w = (nodes.weight[:, None] * w)[taken.to(w.device)]  # row by row, in draw order
             rows, cols = torch.nonzero(taken, as_tuple=True)
@@ -678,6 +698,10 @@ class ZoomIn(nn.Module):
             if cfg.tissue_mask:
                 tissue = torch.stack([tissue_map(v) for v in views.cpu()])
         cell_mask = self._tissue_cells(tissue, height, width) if tissue is not None else None
+        inside = self._cells_in_image(0, (height, width), [Box(0, 0, height, width)], height, width)
+        if inside is not None:  # tiles that stick out of the image far enough to miss it
+            inside = inside.to(log_alpha.device).expand(B, -1)
+            cell_mask = inside if cell_mask is None else cell_mask & inside
         if cell_mask is not None:
             log_alpha = _restrict(log_alpha, cell_mask)
         grid1 = self._level_grid(0, (height, width)).grid

@@ -75,6 +75,52 @@ def cell_boxes(
     return torch.stack([tt, ll, hh, ww], dim=-1).reshape(-1, 4)  # (G, 4)
 
 
+def cells_in_image(
+    parents: torch.Tensor, rel: torch.Tensor, grid: tuple[int, int], height: int, width: int
+) -> torch.Tensor:
+    """Which cells of each parent may be drawn: ``(M, G)`` bool.
+
+    A cell whose region lies mostly in the fill outside the image (its centre outside)
+    shows the fill, not the image: it is left out, unless it is the only cell that
+    reaches some image pixels (the last tile of a tiled grid that sticks out of the image,
+    which holds the image's last rows or columns). Decided axis by axis; every image
+    pixel that some cell covers stays covered.
+
+    Args:
+        parents: ``(M, 2)`` full-resolution top-left corners of the parents.
+        rel: ``(G, 4)`` cell boxes relative to the parent, row-major over ``grid``.
+        grid: ``(g_h, g_w)``.
+        height, width: the image's size.
+
+    >>> rel = cell_boxes(Box(0, 0, 600, 600), (500, 500), (500, 500))  # 2x2 tiles
+    >>> cells_in_image(torch.tensor([[0, 0]]), rel, (2, 2), 600, 600).tolist()  # all reach the image
+    [[True, True, True, True]]
+    >>> rel = cell_boxes(Box(0, 0, 500, 500), (50, 50), (50, 50))  # 10x10 cells
+    >>> allowed = cells_in_image(torch.tensor([[500, 0]]), rel, (10, 10), 600, 600)  # a tile from row 500
+    >>> allowed.view(10, 10)[:, 0].tolist()  # rows 500-599 only
+    [True, True, False, False, False, False, False, False, False, False]
+    """
+    g_h, g_w = grid
+    boxes = rel.view(g_h, g_w, 4)
+
+    def axis(offset: torch.Tensor, start: torch.Tensor, size: torch.Tensor, extent: int) -> torch.Tensor:
+        lo = offset[:, None] + start[None, :]  # (M, g) absolute start of each cell
+        hi = lo + size[None, :]
+        inside_lo, inside_hi = lo.clamp(0, extent), hi.clamp(0, extent)
+        reaches = inside_hi > inside_lo  # covers some image pixel
+        centred = (2 * lo + size[None, :] >= 0) & (2 * lo + size[None, :] < 2 * extent)  # centre inside
+        big = extent + 1
+        covered_lo = torch.where(centred, inside_lo, big).amin(dim=1, keepdim=True)  # (M, 1)
+        covered_hi = torch.where(centred, inside_hi, -1).amax(dim=1, keepdim=True)
+        needed = reaches & ((inside_lo < covered_lo) | (inside_hi > covered_hi))
+        allowed = centred & reaches | needed
+        return torch.where(centred.any(dim=1, keepdim=True), allowed, reaches)
+
+    rows = axis(parents[:, 0], boxes[:, 0, 0], boxes[:, 0, 2], height)  # (M, g_h)
+    cols = axis(parents[:, 1], boxes[0, :, 1], boxes[0, :, 3], width)  # (M, g_w)
+    return (rows[:, :, None] & cols[:, None, :]).reshape(parents.shape[0], g_h * g_w)
+
+
 def cell_of_point(parent: Box, stride: tuple[float, float], y: float, x: float) -> tuple[int, int]:
     """Grid cell ``(i, j)`` that contains the full-resolution point ``(y, x)`` (inverse map)."""
     return int((y - parent.top) // stride[0]), int((x - parent.left) // stride[1])
