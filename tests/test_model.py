@@ -122,7 +122,8 @@ def test_overlapping_tiles_add_the_weights_of_a_shared_sub_tile(monkeypatch, pat
     4x4 view pools column by column. Sub-tiles at lefts 1, 3 (tiles 1 and 2) and 5, 7
     (tiles 2 and 3) are reached by two parents, so their weights must add. Sub-tiles whose
     centre lies outside the image (left -3 in tile 1, left 11 in tile 3: they would show
-    the fill) are never drawn: their tile's map is renormalised over the other three."""
+    the fill) are never drawn: their tile's map is renormalised over the other three; the
+    view columns of tiles 1 and 3 centred outside the image repeat the image's edge."""
     cfg = ModelConfig(
         levels=[LevelConfig(0.5, (8, 8), (8.0, 4.0)), LevelConfig(0.5, (8, 4), (8.0, 2.0))],
         attention_width=4, feature_kwargs={"width": 4, "out_dim": 3}, smooth=0.1,
@@ -146,7 +147,14 @@ def test_overlapping_tiles_add_the_weights_of_a_shared_sub_tile(monkeypatch, pat
     tiles = [Box(0, left, 8, 8) for left in (-2, 2, 6)]
     sub_lefts = (-1, 1, 3, 5)
     alpha_p = probs(src.read(Box(0, 0, 8, 12), (4, 6)), 0, [[0, 1], [2, 3], [4, 5]])
-    beta_p = [probs(src.read(t, (4, 4)), 1, [[0], [1], [2], [3]], out) for t, out in zip(tiles, (0, None, 3))]
+    def tile_view(tile: Box) -> torch.Tensor:
+        # the 4x4 view, its columns centred outside the image repeating the image's edge
+        view = src.read(tile, (4, 4))
+        centres = [tile.left + 1 + 2 * j for j in range(4)]
+        inside = [j for j, c in enumerate(centres) if 0 <= c < 12]
+        return view[:, :, [min(max(j, inside[0]), inside[-1]) for j in range(4)]]
+
+    beta_p = [probs(tile_view(t), 1, [[0], [1], [2], [3]], out) for t, out in zip(tiles, (0, None, 3))]
     boxes = [[Box(0, t.left + dl, 8, 4) for dl in sub_lefts] for t in tiles]
     assert boxes[0][2] == boxes[1][0] and boxes[1][3] == boxes[2][1]  # shared sub-tiles
     w = torch.tensor([0.3, -1.0, 0.7], dtype=torch.float64)
@@ -185,7 +193,7 @@ def sequential_z(model: ZoomIn, sources, n: int) -> torch.Tensor:
     parent by parent, one sub-tile at a time, with the per-parent estimator formulas."""
     from zoomnet.core import expectation
     from zoomnet.core.geometry import cells_in_image
-    from zoomnet.model import _restrict
+    from zoomnet.model import _repeat_edges, _restrict
 
     def drawable(lp: torch.Tensor, box: Box, level: int, parent_hw) -> tuple[torch.Tensor, torch.Tensor]:
         # a parent's map over the cells that reach the image (the others show the fill)
@@ -207,7 +215,8 @@ def sequential_z(model: ZoomIn, sources, n: int) -> torch.Tensor:
             vs, _, _, _, rel = model._level_grid(level, parent_hw)
             children = []
             for box, w, k in frontier:
-                lb, _ = model._attention_maps(level, src.read(box, vs)[None], parent_hw)  # (1, G)
+                view = _repeat_edges(src.read(box, vs)[None], [box], *hw)
+                lb, _ = model._attention_maps(level, view, parent_hw)  # (1, G)
                 lb, ok = drawable(lb, box, level, parent_hw)
                 if k >= int(ok.sum()):
                     draws = torch.nonzero(ok).flatten()

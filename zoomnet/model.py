@@ -27,7 +27,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from zoomnet.core import expectation, sampling
-from zoomnet.core.geometry import AxisPool, Box, cell_boxes, cells_in_image, grid_shape, pool_to_grid, pooling_plan, sum_to_grid
+from zoomnet.core.geometry import AxisPool, Box, cell_boxes, cells_in_image, edge_indices, grid_shape, pool_to_grid, pooling_plan, sum_to_grid
 from zoomnet.core.tissue import tissue_map
 from zoomnet.nets import available, build
 from zoomnet.nets.registry import resolve
@@ -206,6 +206,18 @@ def _restrict(log_p: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     """
     masked = log_p.masked_fill(~allowed, -1e4)
     return masked - torch.logsumexp(masked, dim=1, keepdim=True)
+
+
+def _repeat_edges(views: torch.Tensor, boxes: Sequence[Box], height: int, width: int) -> torch.Tensor:
+    """``(M, C, h, w)`` views of ``boxes`` with their pixels outside the image replaced by
+    the image's edge (:func:`edge_indices`); the views themselves where none sticks out."""
+    found = edge_indices(torch.tensor([tuple(b) for b in boxes], dtype=torch.long), views.shape[-2:], height, width)
+    if found is None:
+        return views
+    rows, cols = (i.to(views.device) for i in found)
+    m, c, h, w = views.shape
+    views = views.gather(2, rows[:, None, :, None].expand(m, c, h, w))
+    return views.gather(3, cols[:, None, None, :].expand(m, c, h, w))
 
 
 def _attend(net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -577,7 +589,7 @@ class ZoomIn(nn.Module):
             step = self.config.view_chunk if not torch.is_grad_enabled() else max(len(missing), 1)
             for start in range(0, len(missing), step):
                 part = missing[start : start + step]
-                views = read_boxes(sources, part, vs)  # (M, C, h, w)
+                views = _repeat_edges(read_boxes(sources, part, vs), [box for _, box in part], height, width)
                 maps, raw = self._attention_maps(level, views, parent_hw)  # (M, G) each
                 allowed = self._cells_in_image(level, parent_hw, [box for _, box in part], height, width)
                 if allowed is not None:  # cells that would show the fill outside the image

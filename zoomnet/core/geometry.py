@@ -121,6 +121,39 @@ def cells_in_image(
     return (rows[:, :, None] & cols[:, None, :]).reshape(parents.shape[0], g_h * g_w)
 
 
+def edge_indices(boxes: torch.Tensor, view_hw: tuple[int, int], height: int, width: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """For views of ``boxes`` that stick out of the image: the view rows and columns to
+    read each view pixel from so that the fill outside the image repeats the image's edge
+    instead, ``((M, v_h), (M, v_w))`` long; None when every view lies inside the image.
+
+    A view pixel is inside when its centre is. Repeating the edge keeps the attention net
+    (and its contrast prior) from seeing the image's border as detail: a black fill
+    against a field is the strongest edge of a tile.
+
+    Args:
+        boxes: ``(M, 4)`` full-resolution ``(top, left, height, width)``.
+        view_hw: the views' size.
+        height, width: the image's size.
+
+    >>> rows, cols = edge_indices(torch.tensor([[0, 500, 500, 500]]), (5, 5), 1000, 600)
+    >>> rows.tolist(), cols.tolist()   # columns from 600 on repeat the last one inside
+    ([[0, 1, 2, 3, 4]], [[0, 0, 0, 0, 0]])
+    """
+    def axis(start: torch.Tensor, size: torch.Tensor, n: int, extent: int) -> torch.Tensor:
+        centre = start[:, None].double() + (torch.arange(n, dtype=torch.float64)[None, :] + 0.5) * size[:, None].double() / n
+        inside = (centre >= 0) & (centre < extent)  # (M, n)
+        idx = torch.arange(n).expand_as(inside)
+        first = torch.where(inside, idx, n).amin(dim=1, keepdim=True).clamp(max=n - 1)
+        last = torch.where(inside, idx, -1).amax(dim=1, keepdim=True).clamp(min=0)
+        return torch.minimum(torch.maximum(idx, first), torch.maximum(last, first))
+
+    boxes = boxes.view(-1, 4)
+    if bool(((boxes[:, 0] >= 0) & (boxes[:, 1] >= 0) & (boxes[:, 0] + boxes[:, 2] <= height)
+             & (boxes[:, 1] + boxes[:, 3] <= width)).all()):
+        return None
+    return axis(boxes[:, 0], boxes[:, 2], view_hw[0], height), axis(boxes[:, 1], boxes[:, 3], view_hw[1], width)
+
+
 def cell_of_point(parent: Box, stride: tuple[float, float], y: float, x: float) -> tuple[int, int]:
     """Grid cell ``(i, j)`` that contains the full-resolution point ``(y, x)`` (inverse map)."""
     return int((y - parent.top) // stride[0]), int((x - parent.left) // stride[1])
