@@ -211,6 +211,8 @@ def _restrict(log_p: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
 def _repeat_edges(views: torch.Tensor, boxes: Sequence[Box], height: int, width: int) -> torch.Tensor:
     """``(M, C, h, w)`` views of ``boxes`` with their pixels outside the image replaced by
     the image's edge (:func:`edge_indices`); the views themselves where none sticks out."""
+    if all(b.top >= 0 and b.left >= 0 and b.top + b.height <= height and b.left + b.width <= width for b in boxes):
+        return views
     found = edge_indices(torch.tensor([tuple(b) for b in boxes], dtype=torch.long), views.shape[-2:], height, width)
     if found is None:
         return views
@@ -420,6 +422,7 @@ class ZoomIn(nn.Module):
         self.register_buffer("mean", torch.tensor(config.pixel_mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(config.pixel_std).view(1, -1, 1, 1), persistent=False)
         self._grids: dict[tuple[int, int, int], LevelGrid] = {}
+        self._centre_spans: dict[tuple[int, int, int], tuple[float, ...]] = {}
 
     # ------------------------------------------------------------------ geometry helpers
     def _level_grid(self, level: int, parent_hw: tuple[int, int]) -> LevelGrid:
@@ -440,6 +443,13 @@ class ZoomIn(nn.Module):
         """``(M, G)`` cells of these parents that may be drawn (:func:`cells_in_image`), or
         None where every cell may."""
         g = self._level_grid(level, parent_hw)
+        key = (level, *parent_hw)
+        if key not in self._centre_spans:  # the span of the cells' centres, relative to the parent
+            c = g.rel[:, :2].double() + g.rel[:, 2:].double() / 2
+            self._centre_spans[key] = (*c.amin(0).tolist(), *c.amax(0).tolist())
+        y0, x0, y1, x1 = self._centre_spans[key]
+        if all(b.top + y0 >= 0 and b.left + x0 >= 0 and b.top + y1 < height and b.left + x1 < width for b in parents):
+            return None  # every cell centred inside: all drawable, no tensor work
         corners = torch.tensor([(b.top, b.left) for b in parents], dtype=torch.long).view(-1, 2)
         allowed = cells_in_image(corners, g.rel, g.grid, height, width)
         return None if bool(allowed.all()) else allowed
