@@ -203,10 +203,13 @@ def mask_attention_loss(log_maps: list[torch.Tensor], coverage: list[torch.Tenso
 
     Args:
         log_maps: ``(G,)`` log-probability maps.
-        coverage: ``(G,)`` object coverage fraction of each cell, same order.
+        coverage: ``(G,)`` object coverage fraction of each cell, same order. Cells a map
+            leaves out (log-probability about -1e4: outside the image, or off the tissue)
+            are not a target.
     """
     terms = []
     for lp, cov in zip(log_maps, coverage):
+        cov = cov * (lp.detach() > -1e3)  # cells left out of the map (never drawn) are no target
         total = cov.sum()
         if total > 0:
             terms.append(-(cov / total * lp).sum())
