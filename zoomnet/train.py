@@ -258,20 +258,29 @@ def mask_coverage(model: ZoomIn, out: ZoomInOutput, examples: list[Example]) -> 
 
 
 def attention_entropy(out: ZoomInOutput) -> list[float]:
-    """Per level, the mean entropy of its attention maps over that of a uniform map (1 =
-    uniform, 0 = all mass on one cell); maps of one cell are left out.
+    """Per level, the mean entropy of its attention maps over that of a uniform map over
+    the cells the map may draw (1 = uniform, 0 = all mass on one cell; cells it leaves out,
+    outside the image or off the tissue, do not count); maps of one such cell are left out.
 
     >>> import math
     >>> uniform = torch.full((1, 4), math.log(0.25))
     >>> attention_entropy(ZoomInOutput(None, None, [], [[uniform]], []))
     [1.0]
+    >>> three = torch.log(torch.tensor([[1 / 3, 1 / 3, 1 / 3, 0.0]])).clamp_min(-1e4)  # one cell left out
+    >>> round(attention_entropy(ZoomInOutput(None, None, [], [[three]], []))[0], 6)
+    1.0
     """
     values = []
     for level in out.log_maps:
-        ratios = [
-            (-(lp.exp() * lp).sum(-1) / math.log(lp.shape[-1])).detach().float()
-            for lp in level if lp.numel() and lp.shape[-1] > 1
-        ]
+        ratios = []
+        for lp in level:
+            if not lp.numel():
+                continue
+            lp = lp.detach().float()
+            cells = (lp > -1e3).sum(-1)  # (M,) cells each map may draw
+            keep = cells > 1
+            if keep.any():
+                ratios.append(-(lp.exp() * lp).sum(-1)[keep] / cells[keep].double().log().float())
         values.append(float(torch.cat(ratios).mean()) if ratios else float("nan"))
     return values
 
