@@ -109,7 +109,7 @@ def test_multiclass_contrastive_loss_takes_every_image():
     assert logits.grad[0, 1] > 0 and logits.grad[1, 0] > 0  # both true classes pushed down
 
 
-def _instance_loss_bag_by_bag(leaf_logits, leaf_image, labels, reference, share=None):
+def _instance_loss_bag_by_bag(leaf_logits, leaf_image, labels, reference, share=None, one_class=False):
     """The instance loss written bag by bag, as its docstring states it."""
     import torch.nn.functional as F
 
@@ -125,7 +125,7 @@ def _instance_loss_bag_by_bag(leaf_logits, leaf_image, labels, reference, share=
             chosen = (score == score.max()).to(rows.dtype)
             chosen = chosen / chosen.sum()
             which = (chosen * F.cross_entropy(rows, torch.full((rows.shape[0],), y), reduction="none")).sum()
-            terms.append(F.softplus(-bag) + F.softplus(others).mean() + which * (score.max() - score.mean()))
+            terms.append(F.softplus(-bag) + F.softplus(others).mean() + one_class * which * (score.max() - score.mean()))
         elif y == reference:
             weight = 1.0 if share is None else 0.5 / share
             terms.append(weight * F.cross_entropy(rows, torch.full((rows.shape[0],), y)))
@@ -143,15 +143,15 @@ def _instance_loss_bag_by_bag(leaf_logits, leaf_image, labels, reference, share=
     return torch.stack(terms).mean()
 
 
-@pytest.mark.parametrize("reference", [None, 0])
-def test_instance_loss_of_all_bags_at_once_equals_bag_by_bag(reference):
+@pytest.mark.parametrize("reference, one_class", [(None, False), (None, True), (0, False)])
+def test_instance_loss_of_all_bags_at_once_equals_bag_by_bag(reference, one_class):
     g = torch.Generator().manual_seed(0)
     leaf_logits = (torch.randn(23, 4, generator=g, dtype=torch.float64) * 3).requires_grad_()
     image = torch.tensor([0] * 5 + [1] * 1 + [3] * 9 + [4] * 8)  # image 2 has no sub-tile
     labels = torch.tensor([1, 0, 2, 3, 0])
-    a = losses.instance_loss(leaf_logits, image, labels, reference)
+    a = losses.instance_loss(leaf_logits, image, labels, reference, one_class_per_image=one_class)
     (ga,) = torch.autograd.grad(a, leaf_logits)
-    b = _instance_loss_bag_by_bag(leaf_logits, image, labels, reference)
+    b = _instance_loss_bag_by_bag(leaf_logits, image, labels, reference, one_class=one_class)
     (gb,) = torch.autograd.grad(b, leaf_logits)
     assert torch.allclose(a, b) and torch.allclose(ga, gb)
     assert torch.isfinite(ga).all()
@@ -236,12 +236,12 @@ def test_multiclass_instance_loss_gives_the_subtile_most_like_any_class_its_imag
     """No reference class, three classes. A bag of class 2 whose first sub-tile is called
     class 1 with confidence and whose other three are background (every logit -3): the
     cross-entropy towards class 2 falls on the first sub-tile alone, and is silent while
-    every sub-tile looks alike."""
+    every sub-tile looks alike (with ``one_class_per_image``; without it, the part is off)."""
     import torch.nn.functional as F
 
     leaf_logits = torch.tensor([[0.0, 3.0, 0.0]] + [[-3.0, -3.0, -3.0]] * 3, requires_grad=True)
     image, labels = torch.zeros(4, dtype=torch.long), torch.tensor([2])
-    losses.instance_loss(leaf_logits, image, labels, reference=None).backward()
+    losses.instance_loss(leaf_logits, image, labels, reference=None, one_class_per_image=True).backward()
     pooled = leaf_logits.detach().requires_grad_()
     bag = torch.logsumexp(pooled[:, 2], 0) - math.log(4)
     (F.softplus(-bag) + F.softplus(pooled[:, :2]).sum(1).mean() / 2).backward()  # without the part
@@ -252,4 +252,8 @@ def test_multiclass_instance_loss_gives_the_subtile_most_like_any_class_its_imag
     alike = torch.tensor([[0.0, 3.0, 0.0]] * 4)
     bag = torch.logsumexp(alike[:, 2], 0) - math.log(4)
     expected_value = F.softplus(-bag) + F.softplus(alike[:, :2]).sum(1).mean() / 2
-    assert torch.allclose(losses.instance_loss(alike, image, labels, reference=None), expected_value)
+    assert torch.allclose(losses.instance_loss(alike, image, labels, None, one_class_per_image=True), expected_value)
+    # off (the default): the loss is the pooled term and the negatives alone
+    bag = torch.logsumexp(leaf_logits.detach()[:, 2], 0) - math.log(4)
+    plain = F.softplus(-bag) + F.softplus(leaf_logits.detach()[:, :2]).sum(1).mean() / 2
+    assert torch.allclose(losses.instance_loss(leaf_logits.detach(), image, labels, reference=None), plain)

@@ -61,6 +61,12 @@ class TrainConfig:
             scores (0: off; see ``losses.attention_distillation_loss``).
         reference_class: index of the negative class of the contrastive, instance and
             distillation terms (None: no class is "empty"; their multi-class forms).
+        one_class_per_image: without a reference class, whether every object of an image
+            is of the image's class (fMoW: copies of one structure), so that the instance
+            loss also gives each bag's sub-tile most like any class the image's class
+            (``losses.instance_loss``). Off for sets whose images also hold other classes'
+            objects (Megapixel MNIST's minority digits, which it would call the majority's).
+            A reference class's object bags always take that part.
         reference_share: share of the training images in the reference class (a run sets
             it from its training manifest): the instance loss gives the reference bags and
             the others half the weight each (``losses.instance_loss``). None: unweighted.
@@ -88,6 +94,7 @@ class TrainConfig:
     distill_weight: float = 0.0
     reference_class: int | None = 0
     reference_share: float | None = None
+    one_class_per_image: bool = False
     seed: int = 0
     bf16: bool = False
 
@@ -119,6 +126,8 @@ class TrainConfig:
                      "mask_weight", "distill_weight"):
             number(name, positive=False)
         number("reference_share", positive=False, optional=True)
+        if not isinstance(self.one_class_per_image, bool):
+            raise ValueError(f"train.one_class_per_image={self.one_class_per_image!r}: give true or false")
         if self.reference_share is not None and self.reference_share > 1:
             raise ValueError(f"train.reference_share={self.reference_share!r}: a share is at most 1")
         if self.lr > 10 or (self.attention_lr or 0) > 10:
@@ -313,7 +322,8 @@ def training_loss(
             leaf_logits = model.classifier(out.leaf_features)  # (L, classes)
             if cfg.instance_weight:
                 terms["instance"] = cfg.instance_weight * losses.instance_loss(
-                    leaf_logits, out.leaf_image, labels, cfg.reference_class, cfg.reference_share
+                    leaf_logits, out.leaf_image, labels, cfg.reference_class, cfg.reference_share,
+                    cfg.one_class_per_image,
                 )
             if cfg.distill_weight:
                 scores = losses.leaf_scores(leaf_logits, out.leaf_image, labels, cfg.reference_class)

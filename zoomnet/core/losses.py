@@ -70,7 +70,7 @@ def contrastive_loss(logits: torch.Tensor, labels: torch.Tensor, reference: int 
 
 def instance_loss(
     leaf_logits: torch.Tensor, leaf_image: torch.Tensor, labels: torch.Tensor, reference: int | None,
-    reference_share: float | None = None,
+    reference_share: float | None = None, one_class_per_image: bool = False,
 ) -> torch.Tensor:
     """Multiple-instance loss on the sampled sub-tiles: each image is a bag of its sub-tiles,
     the mean over bags (computed for all bags at once: a fixed number of operations
@@ -98,10 +98,12 @@ def instance_loss(
     each sub-tile ``1 / n`` of it until the sign stands out. While every sub-tile looks
     alike the part is silent (at full weight from the first step, its noise slowed the
     learning of where objects are). With one object class the part is zero. Without a
-    reference class every bag takes the same part, among all classes, at its sub-tile most
-    like any class (highest ``sigmoid(max logit)``): background, seen in every class's
-    images, is pushed down for all classes and falls below the objects, and this part then
-    tells the objects apart where ``f`` has found them but calls them all one class.
+    reference class, and only with ``one_class_per_image`` (every object of an image is of
+    its class), every bag takes the same part, among all classes, at its sub-tile most like
+    any class (highest ``sigmoid(max logit)``): it tells the objects apart where ``f`` has
+    found them but calls them all one class. Where images also hold other classes' objects
+    (Megapixel MNIST's minority digits) that sub-tile is often one of those, and the part
+    teaches it the wrong class.
 
     Args:
         leaf_logits: ``(L, classes)``, the classifier applied to each sub-tile's feature.
@@ -117,6 +119,7 @@ def instance_loss(
             every sub-tile of the many positive bags that missed the object toward "object"
             harder than the few reference bags push back: background scores rise, and the
             distillation sends the attention to it.
+        one_class_per_image: without a reference class, add the object-class part (above).
     """
     if leaf_logits.shape[0] == 0:
         return leaf_logits.new_zeros(())
@@ -130,9 +133,10 @@ def instance_loss(
     if reference is None:
         bag = _bag_logsumexp(own, image, B) - torch.log(n.clamp_min(1))
         others = F.softplus(leaf_logits).masked_fill(label_column, 0.0).sum(1) / max(C - 1, 1)  # (L,)
-        score = torch.sigmoid(leaf_logits.detach().amax(dim=1))  # (L,) one against the rest: shows some class
-        which = _standout_cross_entropy(score, torch.logsumexp(leaf_logits, dim=1) - own, image, n)
-        per_bag = F.softplus(-bag) + _bag_mean(others, image, n) + which
+        per_bag = F.softplus(-bag) + _bag_mean(others, image, n)
+        if one_class_per_image:
+            score = torch.sigmoid(leaf_logits.detach().amax(dim=1))  # (L,) one against the rest: shows some class
+            per_bag = per_bag + _standout_cross_entropy(score, torch.logsumexp(leaf_logits, dim=1) - own, image, n)
     else:
         margin = own - torch.logsumexp(leaf_logits.masked_fill(label_column, -torch.inf), dim=1)  # (L,) y vs rest
         bag = _bag_logsumexp(margin, image, B) - torch.log(n.clamp_min(1))
