@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 from pathlib import Path
 
@@ -19,3 +20,17 @@ def write_rows(path: str | Path, comments: list[str], rows: list[dict], keys: li
         writer.writeheader()
         for row in rows:
             writer.writerow({k: row.get(k, "") for k in keys})
+
+
+def alternated_arguments(doc: str, csv_path: str | Path) -> argparse.Namespace:
+    """The arguments of a benchmark that alternates two forms round by round: ``--rounds``,
+    ``--threads`` (set for torch here) and ``--csv`` (default ``csv_path``)."""
+    import torch
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=200)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--csv", default=str(csv_path))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    return args

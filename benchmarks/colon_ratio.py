@@ -13,7 +13,6 @@ Writes ``docs/benchmarks/colon-ratio.csv`` (``--csv``).
 
 from __future__ import annotations
 
-import argparse
 import platform
 import statistics
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from _results import write_rows
+from _results import alternated_arguments, write_rows
 from zoomnet.bench import bench_image, setting_config
 from zoomnet.model import build_model
 from zoomnet.sources.held import NumpySource
@@ -30,12 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=200)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--csv", default=str(ROOT / "docs/benchmarks/colon-ratio.csv"))
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = alternated_arguments(__doc__, ROOT / "docs/benchmarks/colon-ratio.csv")
     image = bench_image("colon-cancer")
     runs = {}
     for kind in ("zoomin", "ats"):

@@ -9,7 +9,6 @@ figure is the median time of each and their ratio. Writes
 
 from __future__ import annotations
 
-import argparse
 import platform
 import statistics
 import time
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from _results import write_rows
+from _results import alternated_arguments, write_rows
 from zoomnet.nets.attention import _inside_counts, local_contrast
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,12 +37,7 @@ def by_convolution(view: torch.Tensor, radius: int = 3, cap: float = 3.0) -> tor
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=200)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--csv", default=str(ROOT / "docs/benchmarks/local_contrast.csv"))
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = alternated_arguments(__doc__, ROOT / "docs/benchmarks/local_contrast.csv")
     rows = []
     for name, shape in SHAPES.items():
         view = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).requires_grad_()
