@@ -201,10 +201,11 @@ class ModelConfig:
 def _restrict(log_p: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     """Renormalise ``(B, G)`` log-probabilities over the allowed cells.
 
-    Excluded cells get a very negative but finite log-probability, so that the surrogate
-    ``p / sg(p)`` stays 1 (not NaN) where they are never drawn.
+    Excluded cells get :data:`sampling.LEFT_OUT` before renormalising: very negative but
+    finite, so that the surrogate ``p / sg(p)`` stays 1 (not NaN) where they are never
+    drawn.
     """
-    masked = log_p.masked_fill(~allowed, -1e4)
+    masked = log_p.masked_fill(~allowed, sampling.LEFT_OUT)
     return masked - torch.logsumexp(masked, dim=1, keepdim=True)
 
 

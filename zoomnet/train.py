@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from zoomnet.core import losses
+from zoomnet.core import losses, sampling
 from zoomnet.core.geometry import Box
 from zoomnet.data.augment import JitteredSource
 from zoomnet.data.examples import Example, batches_by_size
@@ -286,7 +286,7 @@ def attention_entropy(out: ZoomInOutput) -> list[float]:
             if not lp.numel():
                 continue
             lp = lp.detach().float()
-            cells = (lp > -1e3).sum(-1)  # (M,) cells each map may draw
+            cells = sampling.drawable(lp).sum(-1)  # (M,) cells each map may draw
             keep = cells > 1
             if keep.any():
                 ratios.append(-(lp.exp() * lp).sum(-1)[keep] / cells[keep].double().log().float())

@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from zoomnet.core.sampling import drawable
+
 
 def entropy_regularizer(log_maps: list[list[torch.Tensor]]) -> torch.Tensor:
     """Batch mean over images of the sum over levels of the mean entropy of that level's maps.
@@ -208,12 +210,12 @@ def mask_attention_loss(log_maps: list[torch.Tensor], coverage: list[torch.Tenso
     Args:
         log_maps: ``(G,)`` log-probability maps.
         coverage: ``(G,)`` object coverage fraction of each cell, same order. Cells a map
-            leaves out (log-probability about -1e4: outside the image, or off the tissue)
-            are not a target.
+            leaves out (``sampling.LEFT_OUT``: outside the image, or off the tissue) are
+            not a target.
     """
     terms = []
     for lp, cov in zip(log_maps, coverage):
-        cov = cov * (lp.detach() > -1e3)  # cells left out of the map (never drawn) are no target
+        cov = cov * drawable(lp.detach())  # cells left out of the map (never drawn) are no target
         total = cov.sum()
         if total > 0:
             terms.append(-(cov / total * lp).sum())

@@ -19,6 +19,17 @@ import torch
 MULTINOMIAL_LIMIT = 2**24  # categories torch.multinomial accepts (a dense grid of a gigapixel view has more)
 
 
+LEFT_OUT = -1e4
+"""The log-probability (before renormalising) of a cell a map leaves out: outside the
+image, or off the tissue. Very negative but finite, so that the surrogate ``p / sg(p)``
+stays 1 (not NaN) where it is never drawn."""
+
+
+def drawable(log_p: torch.Tensor) -> torch.Tensor:
+    """Which cells of a log-probability map may be drawn (not left out), bool."""
+    return log_p > LEFT_OUT / 10
+
+
 def smoothed_log_softmax(logits: torch.Tensor, smooth: float = 0.0) -> torch.Tensor:
     """``log((1 - smooth) * softmax(logits) + smooth / G)`` over the last dimension.
 
