@@ -12,6 +12,8 @@ runs on, for float32 and for bfloat16 autocast (the nets only; the estimator sta
 - ``train``: one training step (forward, loss, backward, optimiser) of a preset at a batch
   size and draw count, on random pixels: seconds per step and images/s, median of
   ``--repeats`` steps. The same steps on the machine's CPU (all its cores) give the ratio.
+  The ``fmow`` row is a 700x1100 image under 500 px tiles, so it runs the path of tiles that
+  stick out of the image (cells left out of the maps, tile views that repeat the edge).
 - ``diagnose``: where the time of a ``needle-camelyon`` training step (N = 200, B = 8) goes:
   the step with draws that repeat (the same shapes every step) and with cuDNN off, and the
   profiler's self time on the host and on the device (the tables go to the log).
@@ -55,7 +57,8 @@ from zoomnet.sources.held import NumpySource  # noqa: E402
 from zoomnet.train import make_optimizer, training_loss  # noqa: E402
 
 CUDA = torch.device("cuda")  # replaced by --device (cpu: a dry run of the script, no memory figures)
-TRAIN_SIZES = {"needle-camelyon": (1024, 1024), "megapixel-mnist": (1500, 1500), "colon-cancer": (500, 500)}
+TRAIN_SIZES = {"needle-camelyon": (1024, 1024), "megapixel-mnist": (1500, 1500), "colon-cancer": (500, 500),
+               "fmow": (700, 1100)}  # fmow: its 500 px tiles stick out of the image (cells_in_image, edge repeat)
 
 
 def autocast(device: torch.device, precision: str):
@@ -266,7 +269,8 @@ def main() -> None:
         for name in list(SETTINGS)[: 1 if args.quick else None]:
             for kind in ("zoomin", "ats"):
                 attempt(inference_row, name, kind, precision, args.repeats)
-    steps = [("needle-camelyon", 200, 8), ("needle-camelyon", 200, 1), ("needle-camelyon", 10, 8), ("megapixel-mnist", None, 8)]
+    steps = [("needle-camelyon", 200, 8), ("needle-camelyon", 200, 1), ("needle-camelyon", 10, 8),
+             ("megapixel-mnist", None, 8), ("fmow", None, 1)]
     for preset, draws, batch in steps[: 0 if args.diagnose else 1 if args.quick else None]:
         for precision in ("fp32", "bf16"):
             attempt(train_row, preset, draws, batch, precision, CUDA, max(args.repeats // 2, 3))

@@ -49,7 +49,7 @@ def attention_density(out: ZoomInOutput, index: int, height: int, width: int, si
     g_h, g_w = level1.grid
     t_h, t_w = strides[0]
     cell_area = t_h * t_w
-    a = alpha.view(g_h, g_w).double()[None, None] / cell_area
+    a = alpha.detach().cpu().view(g_h, g_w).double()[None, None] / cell_area
     up = F.interpolate(a, size=(round(g_h * t_h * sy), round(g_w * t_w * sx)), mode="nearest")[0, 0]
     h, w = min(size[0], up.shape[0]), min(size[1], up.shape[1])
     density[:h, :w] = up[:h, :w].numpy()
@@ -60,7 +60,7 @@ def attention_density(out: ZoomInOutput, index: int, height: int, width: int, si
         for parent, beta in out.levels[1].maps[index].items():
             if parent not in tile_mass:
                 continue
-            b = beta.view(*g2).double()[None, None] * tile_mass[parent] / (t2_h * t2_w)
+            b = beta.detach().cpu().view(*g2).double()[None, None] * tile_mass[parent] / (t2_h * t2_w)
             # cells are centred on the parent region's own grid, starting at its top-left
             top, left = round(parent.top * sy), round(parent.left * sx)
             hh, ww = max(1, round(g2[0] * t2_h * sy)), max(1, round(g2[1] * t2_w * sx))

@@ -82,8 +82,10 @@ def _save_resume_state(out: Path, optimizer, scheduler, generator: torch.Generat
     atomic_write_bytes(out / "last.optim.pt", buf.getvalue())
 
 
-def _load_resume_state(out: Path, epoch: int, device) -> dict:
-    """The optimiser, schedule and random state saved with the weights of ``epoch``.
+def _load_resume_state(out: Path, epoch: int) -> dict:
+    """The optimiser, schedule and random state saved with the weights of ``epoch``, on the CPU:
+    the random states must stay there, and the optimiser moves its state to its parameters'
+    device when it loads it.
 
     Raises:
         UserError: neither ``last.optim.pt`` nor ``prev.optim.pt`` is of that epoch.
@@ -91,7 +93,7 @@ def _load_resume_state(out: Path, epoch: int, device) -> dict:
     found = []
     for name in ("last.optim.pt", "prev.optim.pt"):
         if (out / name).is_file():
-            state = load_tensors_only(out / name, device)
+            state = load_tensors_only(out / name)
             found.append(f"{name}: epoch {state.get('epoch', '?')}")
             if state.get("epoch", epoch) == epoch:  # files from before the epoch was recorded: trusted
                 return state
@@ -285,7 +287,7 @@ def train_run(
     )
     generator = torch.Generator().manual_seed(config.train.seed + rank)
     if resume:
-        resume_state = _load_resume_state(out, state["epoch"], dev)
+        resume_state = _load_resume_state(out, state["epoch"])
         optimizer.load_state_dict(resume_state["optimizer"])
         if scheduler:
             scheduler.load_state_dict(resume_state["scheduler"])
