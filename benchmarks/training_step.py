@@ -12,6 +12,9 @@ per preset to ``docs/benchmarks/training_step.csv`` (``--csv``).
     python benchmarks/training_step.py tiny-objects --threads 2
     python benchmarks/training_step.py --dispatch           # ops dispatched against N and B
 
+Each row also gives the allocator setting (``zoomnet.allocator``, which training applies;
+``ZOOMNET_MALLOC=0`` leaves glibc's as it comes), the page faults and the system time per step.
+
 ``--dispatch`` counts the tensor operations dispatched (a ``TorchDispatchMode``: what reaches
 the kernels, views included) by one training step, forward and backward, of the
 ``needle-camelyon`` preset at N = 10, 50, 200 draws and batches of 1 and 8
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import resource
 import statistics
 import subprocess
 import time
@@ -31,6 +35,7 @@ import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+import zoomnet
 from _results import write_rows
 from zoomnet.config import load_config
 from zoomnet.data.examples import Example
@@ -49,6 +54,12 @@ VIEWS = {"as_strided", "slice", "select", "view", "reshape", "expand", "unsqueez
 
 
 def step_cost(preset: str, repeats: int) -> dict:
+    allocator = "default"  # a checkout from before zoomnet.allocator: glibc's allocator as it comes
+    if (Path(zoomnet.__file__).parent / "allocator.py").is_file():  # (an editable install would find ours)
+        from zoomnet.allocator import reuse_freed_memory
+
+        if reuse_freed_memory():  # what train_epoch does first (ZOOMNET_MALLOC=0 turns it off)
+            allocator = "reuse freed"
     config = load_config(preset)
     config.train.reference_class = None if config.model.num_classes > 2 else 0
     h, w = SIZES[preset]
@@ -84,14 +95,18 @@ def step_cost(preset: str, repeats: int) -> dict:
     ops = sum(e.count for e in events)
     views = sum(e.count for e in events if e.key.split("::")[1] in VIEWS)
     times: list = []
+    before = resource.getrusage(resource.RUSAGE_SELF)
     for _ in range(repeats):
         one(times)
+    after = resource.getrusage(resource.RUSAGE_SELF)
     fwd, loss, bwd = (statistics.median(t[i] for t in times) for i in range(3))
     return {
         "preset": preset, "batch": len(batch), "sub_tiles": int(out.leaf_features.shape[0]),
         "aten_ops": ops, "ops_without_views": ops - views, "ops_per_image": round(ops / len(batch)),
         "forward_s": round(fwd, 3), "loss_s": round(loss, 3), "backward_s": round(bwd, 3),
         "step_s": round(fwd + loss + bwd, 3), "images_per_s": round(len(batch) / (fwd + loss + bwd), 2),
+        "allocator": allocator, "page_faults_per_step": round((after.ru_minflt - before.ru_minflt) / repeats),
+        "system_s_per_step": round((after.ru_stime - before.ru_stime) / repeats, 2),
     }
 
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from zoomnet.allocator import reuse_freed_memory
 from zoomnet.core import losses, sampling
 from zoomnet.core.geometry import Box
 from zoomnet.data.augment import JitteredSource
@@ -366,6 +367,7 @@ def train_epoch(
         attention: whether the attention nets learn (False: their gradients are dropped
             before the step; see ``TrainConfig.attention_from``).
     """
+    reuse_freed_memory()  # a step's activations are freed and allocated again: keep them (zoomnet.allocator)
     core = getattr(model, "module", model)
     device = next(core.parameters()).device
     model.train()
@@ -465,6 +467,7 @@ def evaluate(
         Spearman's rho between each sampled sub-tile's attention probability and the
         fraction of it that objects cover, over images with objects.
     """
+    reuse_freed_memory()
     generator = torch.Generator().manual_seed(seed)
     model = getattr(model, "module", model)
     probs = torch.zeros(len(examples), model.config.num_classes)

@@ -1,0 +1,50 @@
+"""Keep freed memory in the process for the next training step.
+
+glibc's ``malloc`` hands every block above its mmap threshold (at most 32 MB, and less
+until it adapts) straight back to the kernel when it is freed. A training step allocates
+and frees activations of hundreds of megabytes (f over thousands of sub-tiles), so every
+step asks the kernel for the same memory again and touches it page by page: on the 2-core
+development machine one ``needle-camelyon`` step (N = 200, B = 8) took 440,000 page faults
+and 1.2 s of system time, over a quarter of the step (docs/benchmarks.md, "One training
+step"). With the settings below the freed blocks stay in the heap and are reused.
+
+The settings apply to the whole process and stay: the process keeps up to its peak
+memory in reserve instead of returning it between steps (its peak is the same). Set
+``ZOOMNET_MALLOC=0`` to leave the allocator as it is. Elsewhere than glibc on Linux this
+does nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3  # glibc's mallopt parameters
+_SETTINGS = (
+    (_M_MMAP_THRESHOLD, 1 << 30),  # blocks up to 1 GiB come from the heap, not mmap
+    (_M_TRIM_THRESHOLD, 2**31 - 1),  # free memory at the heap's top stays
+    (_M_TOP_PAD, 256 << 20),  # the heap grows 256 MiB at a time (address space; pages come when touched)
+)
+_applied = False
+
+
+def reuse_freed_memory() -> bool:
+    """Set glibc's allocator to keep freed blocks for reuse; True when it is so set.
+
+    Idempotent; ``ZOOMNET_MALLOC=0`` (or ``off``) in the environment turns it off.
+    """
+    global _applied
+    if _applied:
+        return True
+    if os.environ.get("ZOOMNET_MALLOC", "").strip().lower() in ("0", "off", "false", "no"):
+        return False
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    _applied = all(mallopt(param, value) == 1 for param, value in _SETTINGS)
+    return _applied
