@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from zoomnet.core import sampling
+from zoomnet.core import expectation, sampling
 
 # Critical value of the chi-square law with 11 degrees of freedom at p = 0.001: a correct
 # sampler fails this test once in a thousand seeds; the fixed seed makes it deterministic.
@@ -97,3 +97,23 @@ def test_draws_over_more_categories_than_multinomial_takes(monkeypatch):
     assert counts.sum() == 20000 and chi2 < 16.27
     zero = torch.log(torch.tensor([[0.0, 1.0, 0.0]]).clamp_min(1e-45))
     assert sampling.sample_with_replacement(zero, 50, torch.Generator().manual_seed(1)).tolist() == [[0, 50, 0]]
+
+
+def test_complement_of_a_saturated_map_is_finite_with_finite_gradients():
+    """Once a float32 map puts all its mass on one cell (p = 1.0 to float precision), the
+    complement keeps that cell's finite share (the others' mass), and the contrastive
+    estimator's gradient stays finite: a trained camelyon16 run had stopped on NaN
+    gradients from log(1 - 1.0)."""
+    logits = torch.tensor([[0.0, -200.0, -200.0, -30.0], [2.0, 1.0, 0.5, -1.0]], requires_grad=True)
+    log_p = torch.log_softmax(logits, dim=1)
+    assert log_p.exp()[0, 0] == 1.0  # saturated in float32
+    log_q = sampling.complement_log_probs(log_p)
+    assert torch.isfinite(log_q).all()
+    p64 = torch.softmax(logits.detach().double(), dim=1)
+    rest = (p64[:, None, :] * (1 - torch.eye(4, dtype=torch.float64))).sum(dim=2)  # 1 - p_i as the others' mass
+    q64 = rest / rest.sum(dim=1, keepdim=True)
+    assert torch.allclose(log_q.double(), q64.log(), atol=1e-5)
+    counts = torch.tensor([[0, 3, 0, 1], [1, 1, 1, 1]])
+    w = expectation.with_replacement_weights(log_q, counts)
+    (w * torch.arange(1.0, 5.0)).sum().backward()
+    assert torch.isfinite(logits.grad).all()
