@@ -226,6 +226,19 @@ def test_other_models_and_options_train_and_evaluate(sets, data, tmp_path, capsy
     assert kind == (sets[0].split("=")[1] if sets[0].startswith("model.kind") else "zoomin")
 
 
+def test_the_best_epoch_breaks_ties_of_validation_accuracy_by_validation_loss():
+    from zoomnet.runs import epoch_score
+
+    rows = [{"epoch": 1, "val_accuracy": 1.0, "val_loss": 0.6, "train_accuracy": 0.6},
+            {"epoch": 2, "val_accuracy": 1.0, "val_loss": 0.05, "train_accuracy": 1.0},
+            {"epoch": 3, "val_accuracy": 0.75, "val_loss": 0.01, "train_accuracy": 1.0}]
+    assert max(rows, key=epoch_score)["epoch"] == 2
+    older = [{k: v for k, v in r.items() if k != "val_loss"} for r in rows]  # runs from before the loss was kept
+    assert max(older, key=epoch_score)["epoch"] == 1
+    no_val = [{"epoch": 1, "train_accuracy": 0.9}, {"epoch": 2, "train_accuracy": 0.9}, {"epoch": 3, "train_accuracy": 0.8}]
+    assert max(no_val, key=epoch_score)["epoch"] == 1
+
+
 def test_train_ends_with_the_run_the_best_epoch_and_what_to_type_next(data, tmp_path, capsys):
     out = tmp_path / "r"
     argv = ["train", "--config", str(data / "tiny.json"), "--train", str(data / "set/train.csv"),
@@ -234,6 +247,8 @@ def test_train_ends_with_the_run_the_best_epoch_and_what_to_type_next(data, tmp_
     text = capsys.readouterr().out
     assert f"run: {out} (best.safetensors from epoch 1: val accuracy" in text
     assert f"next: zoomnet evaluate {out} {data / 'set/test.csv'}" in text and "zoomnet predict" in text
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert all(0.0 <= float(r["val_loss"]) < 50 for r in rows)  # the tie-break of best.safetensors
     # TensorBoard is an extra: logged where it is installed, a one-line hint where it is not
     import importlib.util
 

@@ -566,8 +566,9 @@ def fit(
             scheduler.step()
         if val and rank == 0:
             res = evaluate(model, val, cfg.batch_size, seed=cfg.seed, progress=progress, desc=f"validate {epoch}")
+            true_p = res["probabilities"][torch.arange(len(val)), torch.as_tensor(res["labels"])]
             row.update(val_accuracy=res["accuracy"], val_balanced_accuracy=res["balanced_accuracy"],
-                       val_hit_rate=res["hit_rate"])
+                       val_hit_rate=res["hit_rate"], val_loss=float(-true_p.clamp_min(1e-12).log().mean()))
             if "auc" in res:
                 row["val_auc"] = res["auc"]
         row["seconds"] = time.perf_counter() - tick
