@@ -48,6 +48,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _results import write_rows  # noqa: E402
+from zoomnet.allocator import reuse_freed_memory  # noqa: E402
 from zoomnet.bench import SETTINGS, bench_image, setting_config  # noqa: E402
 from zoomnet.config import load_config  # noqa: E402
 from zoomnet.data.examples import Example  # noqa: E402
@@ -125,6 +126,7 @@ def inference_row(name: str, kind: str, precision: str, repeats: int) -> dict:
 
 
 def train_row(preset: str, draws: int | None, batch: int, precision: str, device: torch.device, repeats: int) -> dict:
+    reuse_freed_memory()  # as train_epoch does (the CPU rows: docs/benchmarks.md, "One training step")
     overrides = [f"model.train_samples={draws}"] if draws else []
     config = load_config(preset, overrides)
     config.train.reference_class = None if config.model.num_classes > 2 else 0
