@@ -126,7 +126,7 @@ def inference_row(name: str, kind: str, precision: str, repeats: int) -> dict:
 
 
 def train_row(preset: str, draws: int | None, batch: int, precision: str, device: torch.device, repeats: int) -> dict:
-    reuse_freed_memory()  # as train_epoch does (the CPU rows: docs/benchmarks.md, "One training step")
+    reuse_freed_memory()  # as train_epoch does: where ZOOMNET_MALLOC=1 is set
     overrides = [f"model.train_samples={draws}"] if draws else []
     config = load_config(preset, overrides)
     config.train.reference_class = None if config.model.num_classes > 2 else 0

@@ -12,8 +12,8 @@ per preset to ``docs/benchmarks/training_step.csv`` (``--csv``).
     python benchmarks/training_step.py tiny-objects --threads 2
     python benchmarks/training_step.py --dispatch           # ops dispatched against N and B
 
-Each row also gives the allocator setting (``zoomnet.allocator``, which training applies;
-``ZOOMNET_MALLOC=0`` leaves glibc's as it comes), the page faults and the system time per step.
+Each row also gives the allocator setting (``zoomnet.allocator``, which training applies
+where ``ZOOMNET_MALLOC=1`` is set), the page faults and the system time per step.
 
 ``--dispatch`` counts the tensor operations dispatched (a ``TorchDispatchMode``: what reaches
 the kernels, views included) by one training step, forward and backward, of the
@@ -58,7 +58,7 @@ def step_cost(preset: str, repeats: int) -> dict:
     if (Path(zoomnet.__file__).parent / "allocator.py").is_file():  # (an editable install would find ours)
         from zoomnet.allocator import reuse_freed_memory
 
-        if reuse_freed_memory():  # what train_epoch does first (ZOOMNET_MALLOC=0 turns it off)
+        if reuse_freed_memory():  # what train_epoch does first (where ZOOMNET_MALLOC=1 is set)
             allocator = "reuse freed"
     config = load_config(preset)
     config.train.reference_class = None if config.model.num_classes > 2 else 0

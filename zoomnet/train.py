@@ -367,7 +367,7 @@ def train_epoch(
         attention: whether the attention nets learn (False: their gradients are dropped
             before the step; see ``TrainConfig.attention_from``).
     """
-    reuse_freed_memory()  # a step's activations are freed and allocated again: keep them (zoomnet.allocator)
+    reuse_freed_memory()  # where ZOOMNET_MALLOC=1 asks for it: keep freed activations (zoomnet.allocator)
     core = getattr(model, "module", model)
     device = next(core.parameters()).device
     model.train()
