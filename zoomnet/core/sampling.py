@@ -49,22 +49,21 @@ def smoothed_log_softmax(logits: torch.Tensor, smooth: float = 0.0) -> torch.Ten
 def complement_log_probs(log_p: torch.Tensor) -> torch.Tensor:
     """Log of ``(1 - p) / sum(1 - p)`` over the last dimension (the contrastive pass).
 
-    ``log(1 - p_i)`` is taken as the log-sum-exp of the other cells' ``log p_j`` (the same
-    number for a normalised map), from running log-sum-exps from either end: where one cell
-    holds all the mass to float precision (``p_i = 1.0`` in float32 once the others are below
-    about 6e-8), ``log(1 - p_i)`` would be ``-inf`` and its gradient ``0 / 0``; this way it stays
-    the finite log of the others' mass. A map with a single cell has no complement; it is
-    returned unchanged.
+    Every cell but the largest has ``p <= 1/2``, where ``log1p(-p)`` is exact. The largest
+    takes the log-sum-exp of the other cells' ``log p`` (the same number for a normalised
+    map): where it holds all the mass to float precision (``p = 1.0`` in float32 once the
+    others are below about 6e-8), ``log1p(-p)`` would be ``-inf`` with a ``0 / 0`` gradient;
+    this way it stays the finite log of the others' mass. A map with a single cell has no
+    complement; it is returned unchanged.
 
     >>> complement_log_probs(torch.log(torch.tensor([0.5, 0.25, 0.25]))).exp().tolist()
     [0.25, 0.375, 0.375]
     """
     if log_p.shape[-1] == 1:
         return log_p
-    pad = torch.full_like(log_p[..., :1], -math.inf)
-    before = torch.cat([pad, torch.logcumsumexp(log_p, dim=-1)[..., :-1]], dim=-1)  # cells < i
-    after = torch.cat([torch.logcumsumexp(log_p.flip(-1), dim=-1).flip(-1)[..., 1:], pad], dim=-1)  # cells > i
-    log_q = torch.logaddexp(before, after)  # (…, G): log of the mass of every other cell
+    top = log_p.argmax(dim=-1, keepdim=True)  # (…, 1)
+    rest = torch.logsumexp(log_p.scatter(-1, top, -math.inf), dim=-1, keepdim=True)  # log(1 - p_top)
+    log_q = torch.log1p(-log_p.exp().clamp(max=0.5)).scatter(-1, top, rest)  # (…, G)
     return log_q - torch.logsumexp(log_q, dim=-1, keepdim=True)
 
 
