@@ -1,5 +1,5 @@
 """Classification and localisation metrics: accuracy, balanced accuracy, confusion, AUC,
-and Spearman's rho between sampled sub-tiles' attention and object coverage. One module for
+log loss, and Spearman's rho between sampled sub-tiles' attention and object coverage. One module for
 the training loop's validation, ``zoomnet evaluate``, ``zoomnet predict`` with labels and
 ``zoomnet bench``."""
 
@@ -38,6 +38,16 @@ def classification_metrics(probs: torch.Tensor, labels: torch.Tensor) -> dict:
     if k == 2:
         out["auc"] = binary_auc(probs[:, 1], labels)
     return out
+
+
+def log_loss(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean cross-entropy of the predicted probabilities of the true classes.
+
+    >>> round(log_loss(torch.tensor([[0.5, 0.5], [0.1, 0.9]]), torch.tensor([0, 1])), 4)
+    0.3993
+    """
+    true_p = probs[torch.arange(len(labels)), labels]
+    return float(-true_p.clamp_min(1e-12).log().mean())
 
 
 def spearman(x, y) -> float:

@@ -23,7 +23,7 @@ from zoomnet.core import losses, sampling
 from zoomnet.core.geometry import Box
 from zoomnet.data.augment import JitteredSource
 from zoomnet.data.examples import Example, batches_by_size
-from zoomnet.metrics import classification_metrics, leaf_probabilities, spearman
+from zoomnet.metrics import classification_metrics, leaf_probabilities, log_loss, spearman
 from zoomnet.model import ZoomIn, ZoomInOutput
 
 
@@ -566,9 +566,8 @@ def fit(
             scheduler.step()
         if val and rank == 0:
             res = evaluate(model, val, cfg.batch_size, seed=cfg.seed, progress=progress, desc=f"validate {epoch}")
-            true_p = res["probabilities"][torch.arange(len(val)), torch.as_tensor(res["labels"])]
             row.update(val_accuracy=res["accuracy"], val_balanced_accuracy=res["balanced_accuracy"],
-                       val_hit_rate=res["hit_rate"], val_loss=float(-true_p.clamp_min(1e-12).log().mean()))
+                       val_hit_rate=res["hit_rate"], val_loss=log_loss(res["probabilities"], res["labels"]))
             if "auc" in res:
                 row["val_auc"] = res["auc"]
         row["seconds"] = time.perf_counter() - tick
