@@ -22,15 +22,18 @@ def write_rows(path: str | Path, comments: list[str], rows: list[dict], keys: li
             writer.writerow({k: row.get(k, "") for k in keys})
 
 
-def alternated_arguments(doc: str, csv_path: str | Path) -> argparse.Namespace:
+def alternated_arguments(doc: str, csv_path: str | Path, extra=None) -> argparse.Namespace:
     """The arguments of a benchmark that alternates two forms round by round: ``--rounds``,
-    ``--threads`` (set for torch here) and ``--csv`` (default ``csv_path``)."""
+    ``--threads`` (set for torch here) and ``--csv`` (default ``csv_path``); ``extra(parser)``
+    adds a benchmark's own."""
     import torch
 
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=200)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--csv", default=str(csv_path))
+    if extra is not None:
+        extra(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     return args

@@ -7,7 +7,13 @@ round runs Zoom-In once and ATS once on the same bench image and untrained weigh
 0), in alternating order, and the figure is the median over rounds of the per-round ratio.
 Writes ``docs/benchmarks/colon-ratio.csv`` (``--csv``).
 
+``--view-chunks 1 2 4`` measures Zoom-In with each of these ``model.view_chunk`` values
+(how many level-2 tile views go through the attention net in one call; the preset's is
+1), each against ATS in its own alternated block, in one run, with Zoom-In's peak tensor
+memory for each: the trade between the time and the memory targets.
+
     python benchmarks/colon_ratio.py --rounds 200
+    python benchmarks/colon_ratio.py --rounds 150 --view-chunks 1 2 4 --csv docs/benchmarks/colon-view-chunk.csv
     PYTHONPATH=<other checkout> python benchmarks/colon_ratio.py   # an older commit, same script
 """
 
@@ -17,44 +23,66 @@ import platform
 import statistics
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from _results import alternated_arguments, write_rows
-from zoomnet.bench import bench_image, setting_config
+from zoomnet.bench import PeakTensorMemory, bench_image, setting_config
 from zoomnet.model import build_model
 from zoomnet.sources.held import NumpySource
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def main() -> None:
-    args = alternated_arguments(__doc__, ROOT / "docs/benchmarks/colon-ratio.csv")
-    image = bench_image("colon-cancer")
-    runs = {}
-    for kind in ("zoomin", "ats"):
-        config = setting_config("colon-cancer", kind)
-        torch.manual_seed(0)
-        model = build_model(config.model).eval()
-        source = NumpySource(image, scales=tuple(level.scale for level in config.model.levels))
-        runs[kind] = (lambda m=model, s=source: m.predict([s], generator=torch.Generator().manual_seed(0)))
-        for _ in range(3):  # warm-up
-            runs[kind]()
+def timed(model, image, config) -> Callable[[], object]:
+    source = NumpySource(image, scales=tuple(level.scale for level in config.model.levels))
+    run = lambda: model.predict([source], generator=torch.Generator().manual_seed(0))  # noqa: E731
+    for _ in range(3):  # warm-up
+        run()
+    return run
+
+
+def alternate(runs: dict[str, Callable[[], object]], rounds: int) -> dict:
+    """Median ms of each and the median and quartiles of the per-round ratio."""
     times: dict[str, list[float]] = {"zoomin": [], "ats": []}
-    for r in range(args.rounds):
+    for r in range(rounds):
         for kind in (("zoomin", "ats") if r % 2 == 0 else ("ats", "zoomin")):
             tick = time.perf_counter()
             runs[kind]()
             times[kind].append((time.perf_counter() - tick) * 1000)
     ratios = [z / a for z, a in zip(times["zoomin"], times["ats"])]
-    row = {"rounds": args.rounds, "zoomin_ms": round(statistics.median(times["zoomin"]), 2),
-           "ats_ms": round(statistics.median(times["ats"]), 2), "ratio_median": round(statistics.median(ratios), 3),
-           "ratio_q1": round(statistics.quantiles(ratios, n=4)[0], 3),
-           "ratio_q3": round(statistics.quantiles(ratios, n=4)[2], 3)}
-    print(", ".join(f"{k} {v}" for k, v in row.items()), flush=True)
+    return {"rounds": rounds, "zoomin_ms": round(statistics.median(times["zoomin"]), 2),
+            "ats_ms": round(statistics.median(times["ats"]), 2), "ratio_median": round(statistics.median(ratios), 3),
+            "ratio_q1": round(statistics.quantiles(ratios, n=4)[0], 3),
+            "ratio_q3": round(statistics.quantiles(ratios, n=4)[2], 3)}
+
+
+def main() -> None:
+    args = alternated_arguments(__doc__, ROOT / "docs/benchmarks/colon-ratio.csv", extra=lambda parser: parser.add_argument(
+        "--view-chunks", type=int, nargs="*", default=None, help="Zoom-In's model.view_chunk values to compare"))
+    image = bench_image("colon-cancer")
+    models = {}
+    for kind, overrides in [("ats", [])] + [("zoomin", [f"model.view_chunk={c}"] if c else []) for c in args.view_chunks or [0]]:
+        config = setting_config("colon-cancer", kind, overrides)
+        torch.manual_seed(0)
+        models[kind, tuple(overrides)] = (build_model(config.model).eval(), config)
+    model, config = models.pop(("ats", ()))
+    ats = timed(model, image, config)
+    rows = []
+    for (_, overrides), (model, config) in models.items():
+        row = {"view_chunk": config.model.view_chunk} if args.view_chunks else {}
+        zoomin = timed(model, image, config)
+        if args.view_chunks:  # after the warm-up, as `zoomnet bench` measures it
+            with PeakTensorMemory() as mem:
+                zoomin()
+            row["zoomin_peak_mb"] = round(mem.peak / 2**20, 3)
+        row.update(alternate({"zoomin": zoomin, "ats": ats}, args.rounds))
+        print(", ".join(f"{k} {v}" for k, v in row.items()), flush=True)
+        rows.append(row)
     write_rows(args.csv, [f"colon-cancer setting, 500x500, untrained (seed 0), one image, rounds alternated; "
                           f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads"],
-               [row])
+               rows)
 
 
 if __name__ == "__main__":
