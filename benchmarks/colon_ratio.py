@@ -35,10 +35,18 @@ from zoomnet.sources.held import NumpySource
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def timed(model, image, config) -> Callable[[], object]:
+def built(kind: str, overrides: list[str] | None = None):
+    """The untrained model (seed 0) of the colon setting and its config."""
+    config = setting_config("colon-cancer", kind, overrides)
+    torch.manual_seed(0)
+    return build_model(config.model).eval(), config
+
+
+def timed(model, config, image) -> Callable[[], object]:
+    """One inference on the image, warmed up."""
     source = NumpySource(image, scales=tuple(level.scale for level in config.model.levels))
     run = lambda: model.predict([source], generator=torch.Generator().manual_seed(0))  # noqa: E731
-    for _ in range(3):  # warm-up
+    for _ in range(3):
         run()
     return run
 
@@ -62,21 +70,15 @@ def main() -> None:
     args = alternated_arguments(__doc__, ROOT / "docs/benchmarks/colon-ratio.csv", extra=lambda parser: parser.add_argument(
         "--view-chunks", type=int, nargs="*", default=None, help="Zoom-In's model.view_chunk values to compare"))
     image = bench_image("colon-cancer")
-    models = {}
-    for kind, overrides in [("ats", [])] + [("zoomin", [f"model.view_chunk={c}"] if c else []) for c in args.view_chunks or [0]]:
-        config = setting_config("colon-cancer", kind, overrides)
-        torch.manual_seed(0)
-        models[kind, tuple(overrides)] = (build_model(config.model).eval(), config)
-    model, config = models.pop(("ats", ()))
-    ats = timed(model, image, config)
+    ats = timed(*built("ats"), image)
     rows = []
-    for (_, overrides), (model, config) in models.items():
-        row = {"view_chunk": config.model.view_chunk} if args.view_chunks else {}
-        zoomin = timed(model, image, config)
-        if args.view_chunks:  # after the warm-up, as `zoomnet bench` measures it
+    for chunk in args.view_chunks or [None]:
+        zoomin = timed(*built("zoomin", None if chunk is None else [f"model.view_chunk={chunk}"]), image)
+        row = {}
+        if chunk is not None:  # peak after the warm-up, as `zoomnet bench` measures it
             with PeakTensorMemory() as mem:
                 zoomin()
-            row["zoomin_peak_mb"] = round(mem.peak / 2**20, 3)
+            row = {"view_chunk": chunk, "zoomin_peak_mb": round(mem.peak / 2**20, 3)}
         row.update(alternate({"zoomin": zoomin, "ats": ats}, args.rounds))
         print(", ".join(f"{k} {v}" for k, v in row.items()), flush=True)
         rows.append(row)
