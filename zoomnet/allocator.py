@@ -7,7 +7,8 @@ step asks the kernel for the same memory again and touches it page by page: on t
 development machine one ``needle-camelyon`` step (N = 200, B = 8) took 440,000 page faults
 and 1.2 s of system time, over a quarter of the step (docs/benchmarks.md, "One training
 step"). With the settings below the freed blocks stay in the heap and are reused: the
-same step took 1.7x less time.
+same step took 1.4x less time on the idle machine (4.54 against 3.20 s), 1.7x while other
+runs shared it.
 
 It is opt-in (``ZOOMNET_MALLOC=1`` in the environment), because the heap fragments: torch
 asks for 64-byte-aligned blocks, so a freed block is a little too small for the next
