@@ -313,6 +313,43 @@ def test_chunked_inference_equals_one_pass():
     assert torch.allclose(a.logits, b.logits, atol=1e-5)
 
 
+@pytest.mark.parametrize("feature", ["lenet", "resnet"])
+def test_training_in_heap_sized_chunks_gives_the_values_and_gradients_of_one_call(monkeypatch, feature):
+    from zoomnet import allocator
+
+    cfg = ModelConfig(levels=[LevelConfig(0.125, (64, 64), "tiled"), LevelConfig(0.5, (16, 16), (4.0, 4.0))],
+                      samples=12, feature=feature, num_classes=3)
+    srcs = [ArraySource(np.random.default_rng(i).integers(0, 255, (256, 256, 3), dtype=np.uint8)) for i in range(2)]
+    torch.manual_seed(0)
+    model = ZoomIn(cfg).train()
+    calls = {"feature": [], "attention": []}
+    model.feature.register_forward_hook(lambda m, i, o: calls["feature"].append(i[0].shape[0]))
+    model.attention[1].register_forward_hook(lambda m, i, o: calls["attention"].append(i[0].shape[0]))
+
+    def run(limit: int):
+        monkeypatch.setattr(allocator, "HEAP_BLOCK_BYTES", limit)
+        for c in calls.values():
+            c.clear()
+        model.zero_grad()
+        out = model(srcs, generator=torch.Generator().manual_seed(5), contrastive=True)
+        (out.logits.logsumexp(1).sum() + out.contrastive_logits.square().sum()).backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    whole, whole_grads = run(0)
+    assert len(calls["feature"]) == 2 and len(calls["attention"]) <= 2  # one call per pass
+    assert max(calls["feature"]) > 1
+    chunked, chunked_grads = run(1)  # one row a call (and one probe of one row per net and shape)
+    assert max(calls["feature"]) == 1 and max(calls["attention"]) == 1
+    assert len(calls["feature"]) >= len(whole.leaf_boxes)
+    assert torch.equal(whole.leaf_image, chunked.leaf_image) and whole.leaf_boxes == chunked.leaf_boxes
+    assert torch.allclose(whole.leaf_features, chunked.leaf_features, atol=1e-6)
+    assert torch.allclose(whole.logits, chunked.logits, atol=1e-5)
+    assert torch.allclose(whole.contrastive_logits, chunked.contrastive_logits, atol=1e-5)
+    assert whole_grads.keys() == chunked_grads.keys()
+    for name, grad in whole_grads.items():
+        assert torch.allclose(grad, chunked_grads[name], rtol=1e-4, atol=1e-6), name
+
+
 def test_deterministic_and_seeded_predictions_repeat():
     model, src = counting_setup()
     a = model.predict([src], deterministic=True)

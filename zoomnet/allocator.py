@@ -24,6 +24,15 @@ import ctypes
 import os
 import platform
 
+# glibc maps every block above its mmap threshold afresh and unmaps it when freed; the
+# threshold adapts to freed blocks but never beyond 32 MB (on 64-bit). So training on a CPU
+# runs f and the attention nets in chunks whose widest layer output stays under this size
+# (zoomnet.model._rows_per_call; 0 runs each net in one call): those blocks come from the
+# heap, and the next step reuses their pages instead of having the kernel zero new ones.
+# Unlike the opt-in below, this leaves glibc's own trimming in place: the heap does not grow
+# from step to step.
+HEAP_BLOCK_BYTES = 24 << 20
+
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3  # glibc's mallopt parameters
 _SETTINGS = (
     (_M_MMAP_THRESHOLD, 1 << 30),  # blocks up to 1 GiB come from the heap, not mmap

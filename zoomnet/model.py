@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Sequence
 
@@ -32,6 +33,7 @@ from zoomnet.core.tissue import tissue_map
 from zoomnet.nets import available, build
 from zoomnet.nets.registry import resolve
 from zoomnet.nets.features import PreActBlock
+from zoomnet import allocator
 from zoomnet.core.source import ImageSource, read_many
 
 
@@ -230,6 +232,64 @@ def _attend(net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
         return net(x, split=True)
     logits = net(x)
     return logits, logits
+
+
+_WIDEST: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def _widest_output(net: nn.Module, fn: Callable, x: torch.Tensor) -> int:
+    """Bytes of the largest output of any of ``net``'s layers in ``fn`` of one row of ``x``: measured
+    once per net and row shape, on one row, without gradients, in eval mode (no random
+    numbers drawn)."""
+    key = (tuple(x.shape[1:]), x.dtype)
+    seen = _WIDEST.setdefault(net, {})
+    if key not in seen:
+        sizes = [x[:1].numel() * x.element_size()]
+        hooks = [m.register_forward_hook(lambda _m, _i, out: sizes.append(out.numel() * out.element_size())
+                                         if isinstance(out, torch.Tensor) else None)
+                 for m in net.modules() if not list(m.children())]
+        modes = [(m, m.training) for m in net.modules()]
+        try:
+            with torch.no_grad():
+                net.eval()
+                fn(x[:1])
+        finally:
+            for h in hooks:
+                h.remove()
+            for m, mode in modes:
+                m.training = mode
+        seen[key] = max(sizes)
+    return seen[key]
+
+
+def _rows_per_call(net: nn.Module, fn: Callable, x: torch.Tensor) -> int:
+    """How many of ``x``'s rows (views or sub-tiles) one call of ``fn`` (which runs ``net``)
+    takes in training on a CPU: as many as keep the widest output of ``net``'s layers under
+    ``allocator.HEAP_BLOCK_BYTES``, so that glibc serves those blocks from the heap and the
+    next step reuses their pages.
+    Elsewhere (a GPU's caching allocator reuses memory by itself), at inference (which has
+    its own chunks), and where that setting is 0: all of them."""
+    limit = allocator.HEAP_BLOCK_BYTES
+    if not limit or x.device.type != "cpu" or not torch.is_grad_enabled() or x.shape[0] < 2:
+        return x.shape[0]
+    return max(1, limit // _widest_output(net, fn, x))
+
+
+def _in_chunks(net: nn.Module, fn: Callable, x: torch.Tensor):
+    """``fn(x)`` (a tensor, or a tuple of tensors, with one row per row of ``x``), computed in
+    the chunks of :func:`_rows_per_call`: the same values and gradients. Where ``fn`` gives
+    the same tensor twice in a tuple, so does the result."""
+    rows = _rows_per_call(net, fn, x)
+    if rows >= x.shape[0]:
+        return fn(x)
+    outs = [fn(part) for part in x.split(rows)]
+    if not isinstance(outs[0], tuple):
+        return torch.cat(outs)
+    joined: list[torch.Tensor] = []
+    for i, parts in enumerate(zip(*outs)):
+        same = next((j for j in range(i) if all(o[i] is o[j] for o in outs)), None)
+        joined.append(joined[same] if same is not None else torch.cat(parts))
+    return tuple(joined)
 
 
 def read_boxes(
@@ -481,7 +541,8 @@ class ZoomIn(nn.Module):
         """``(M, C, h, w)`` raw views -> ``(M, G)`` log-probabilities and raw logits of the cells."""
         g = self._level_grid(level, parent_hw)
         rows, cols = g.rows, g.cols
-        logits, learned = _attend(self.attention[level], self.normalize(views))  # (M, h, w) each
+        net = self.attention[level]
+        logits, learned = _in_chunks(net, lambda v: _attend(net, self.normalize(v)), views)  # (M, h, w) each
         cell_logits = pool_to_grid(logits, rows, cols)  # (M, G)
         # the learnt part alone feeds attention distillation, a training term: inference skips it
         raw = cell_logits if learned is logits or not torch.is_grad_enabled() else pool_to_grid(learned, rows, cols)
@@ -675,7 +736,7 @@ class ZoomIn(nn.Module):
         if keep:  # training: one pass, features kept for the graph and the instance loss
             pixels = read_boxes(sources, keys)  # (L, C, h, w)
             # float32 under autocast too: the classifier and the instance loss take them outside it
-            feats = self.feature(self.normalize(pixels)).to(weights.dtype)  # (L, D)
+            feats = _in_chunks(self.feature, lambda p: self.feature(self.normalize(p)), pixels).to(weights.dtype)  # (L, D)
             z = z.index_add(0, image, weights[:, None] * feats)
             return z, feats, image, [box for _, box in keys], leaf_paths
         for start in range(0, len(keys), self.config.chunk):  # inference: memory of one chunk
