@@ -18,12 +18,14 @@ where ``ZOOMNET_MALLOC=1`` is set), the page faults and the system time per step
 ``--dispatch`` counts the tensor operations dispatched (a ``TorchDispatchMode``: what reaches
 the kernels, views included) by one training step, forward and backward, of the
 ``needle-camelyon`` preset at N = 10, 50, 200 draws and batches of 1 and 8
-(``docs/benchmarks/dispatch.csv``).
+(``docs/benchmarks/dispatch.csv``): with each net in one call, as on a GPU (``ops``), and in
+the heap-sized chunks of training on a CPU (``ops_cpu_chunks``; ``zoomnet.allocator``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
 import resource
 import statistics
@@ -110,8 +112,16 @@ def step_cost(preset: str, repeats: int) -> dict:
     }
 
 
-def dispatched_ops(preset: str, n: int, batch_size: int) -> int:
-    """Tensor operations dispatched by one training step (forward, loss, backward)."""
+def dispatched_ops(preset: str, n: int, batch_size: int, chunks: bool = True) -> int:
+    """Tensor operations dispatched by one training step (forward, loss, backward), after a
+    warm-up step (which fills the caches: the contrast prior's neighbourhood counts, the
+    nets' widest layer per input size). ``chunks=False`` runs each net in one call, as
+    training does on a GPU; otherwise in the heap-sized chunks of training on a CPU (a
+    checkout from before those chunks runs as it comes)."""
+    try:
+        import zoomnet.allocator as allocator
+    except ImportError:  # a checkout from before zoomnet.allocator
+        allocator = None
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Count(TorchDispatchMode):
@@ -133,10 +143,18 @@ def dispatched_ops(preset: str, n: int, batch_size: int) -> int:
     model = build_model(config.model).train()
     generator = torch.Generator().manual_seed(0)
     counter = Count()
-    with counter:
-        out = model([e.source for e in batch], generator=generator)
-        loss, _ = training_loss(model, out, batch, labels, config.train, False)
-        loss.backward()
+    saved = getattr(allocator, "HEAP_BLOCK_BYTES", None) if allocator else None
+    if saved is not None:
+        allocator.HEAP_BLOCK_BYTES = saved if chunks else 0
+    try:
+        for counted in (False, True):
+            with counter if counted else contextlib.nullcontext():
+                out = model([e.source for e in batch], generator=generator)
+                loss, _ = training_loss(model, out, batch, labels, config.train, False)
+                loss.backward()
+    finally:
+        if saved is not None:
+            allocator.HEAP_BLOCK_BYTES = saved
     return counter.n
 
 
@@ -150,8 +168,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.dispatch:
-        rows = [{"preset": "needle-camelyon", "draws": n, "batch": b, "ops": (ops := dispatched_ops("needle-camelyon", n, b)),
-                 "ops_per_image": round(ops / b)} for n in (10, 50, 200) for b in (1, 8)]
+        rows = [{"preset": "needle-camelyon", "draws": n, "batch": b,
+                 "ops": (ops := dispatched_ops("needle-camelyon", n, b, chunks=False)), "ops_per_image": round(ops / b),
+                 "ops_cpu_chunks": dispatched_ops("needle-camelyon", n, b)} for n in (10, 50, 200) for b in (1, 8)]
         for row in rows:
             print(", ".join(f"{k} {v}" for k, v in row.items()), flush=True)
         write_rows(args.csv or ROOT / "docs/benchmarks/dispatch.csv", [], rows)

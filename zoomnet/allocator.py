@@ -1,4 +1,13 @@
-"""Keep freed memory in the process for the next training step (opt-in).
+"""Keep freed memory in the process for the next training step.
+
+Training on a CPU does this by itself: it runs the nets in chunks whose layer outputs stay
+under ``HEAP_BLOCK_BYTES`` (below), which glibc serves from its heap and reuses. That alone
+made a ``needle-camelyon`` step 2.1x faster than the one-parent-at-a-time code of a81fc15
+(2.76 against 5.89 s on the idle 2-core machine; docs/benchmarks.md, "Heap-sized chunks"),
+and the opt-in described next adds nothing on top of it. The opt-in stays for large
+tensors outside those nets.
+
+The opt-in (``ZOOMNET_MALLOC=1``):
 
 glibc's ``malloc`` hands every block above its mmap threshold (at most 32 MB, and less
 until it adapts) straight back to the kernel when it is freed. A training step allocates
@@ -6,9 +15,8 @@ and frees activations of hundreds of megabytes (f over thousands of sub-tiles), 
 step asks the kernel for the same memory again and touches it page by page: on the 2-core
 development machine one ``needle-camelyon`` step (N = 200, B = 8) took 440,000 page faults
 and 1.2 s of system time, over a quarter of the step (docs/benchmarks.md, "One training
-step"). With the settings below the freed blocks stay in the heap and are reused: the
-same step took 1.4x less time on the idle machine (4.54 against 3.20 s), 1.7x while other
-runs shared it.
+step"), before the chunks. With the settings below the freed blocks stay in the heap and
+are reused: that step took 1.4x less time on the idle machine (4.54 against 3.20 s).
 
 It is opt-in (``ZOOMNET_MALLOC=1`` in the environment), because the heap fragments: torch
 asks for 64-byte-aligned blocks, so a freed block is a little too small for the next
