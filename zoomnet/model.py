@@ -27,13 +27,13 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
+from zoomnet import allocator
 from zoomnet.core import expectation, sampling
 from zoomnet.core.geometry import AxisPool, Box, cell_boxes, cells_in_image, edge_indices, grid_shape, pool_to_grid, pooling_plan, sum_to_grid
 from zoomnet.core.tissue import tissue_map
 from zoomnet.nets import available, build
 from zoomnet.nets.registry import resolve
 from zoomnet.nets.features import PreActBlock
-from zoomnet import allocator
 from zoomnet.core.source import ImageSource, read_many
 
 
@@ -238,10 +238,10 @@ _WIDEST: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionar
 
 
 def _widest_output(net: nn.Module, fn: Callable, x: torch.Tensor) -> int:
-    """Bytes of the largest output of any of ``net``'s layers in ``fn`` of one row of ``x``: measured
-    once per net and row shape, on one row, without gradients, in eval mode (no random
-    numbers drawn)."""
-    key = (tuple(x.shape[1:]), x.dtype)
+    """Bytes of the largest output of any of ``net``'s layers when ``fn`` runs on one row of
+    ``x``: measured once per net, row shape and dtypes, without gradients, in eval mode (no
+    random numbers drawn)."""
+    key = (tuple(x.shape[1:]), x.dtype, next(net.parameters(), x).dtype)
     seen = _WIDEST.setdefault(net, {})
     if key not in seen:
         sizes = [x[:1].numel() * x.element_size()]
@@ -266,9 +266,8 @@ def _rows_per_call(net: nn.Module, fn: Callable, x: torch.Tensor) -> int:
     """How many of ``x``'s rows (views or sub-tiles) one call of ``fn`` (which runs ``net``)
     takes in training on a CPU: as many as keep the widest output of ``net``'s layers under
     ``allocator.HEAP_BLOCK_BYTES``, so that glibc serves those blocks from the heap and the
-    next step reuses their pages.
-    Elsewhere (a GPU's caching allocator reuses memory by itself), at inference (which has
-    its own chunks), and where that setting is 0: all of them."""
+    next step reuses their pages. Elsewhere (a GPU's caching allocator reuses memory by
+    itself), at inference (which has its own chunks), and where that setting is 0: all."""
     limit = allocator.HEAP_BLOCK_BYTES
     if not limit or x.device.type != "cpu" or not torch.is_grad_enabled() or x.shape[0] < 2:
         return x.shape[0]
