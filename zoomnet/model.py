@@ -284,11 +284,13 @@ def _in_chunks(net: nn.Module, fn: Callable, x: torch.Tensor):
     outs = [fn(part) for part in x.split(rows)]
     if not isinstance(outs[0], tuple):
         return torch.cat(outs)
-    joined: list[torch.Tensor] = []
-    for i, parts in enumerate(zip(*outs)):
-        same = next((j for j in range(i) if all(o[i] is o[j] for o in outs)), None)
-        joined.append(joined[same] if same is not None else torch.cat(parts))
-    return tuple(joined)
+    result, joined = [], {}
+    for parts in zip(*outs):
+        key = tuple(map(id, parts))  # the same tensor in every chunk: joined once
+        if key not in joined:
+            joined[key] = torch.cat(parts)
+        result.append(joined[key])
+    return tuple(result)
 
 
 def read_boxes(
