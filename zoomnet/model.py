@@ -419,7 +419,10 @@ class CellTable:
 
     def rows(self, keys: Sequence[tuple[int, Box]]) -> torch.Tensor:
         """``(len(keys), G)``: the rows of ``keys``, gathered in one operation."""
-        idx = torch.tensor([self.index[k] for k in keys], dtype=torch.long, device=self.table().device)
+        positions = [self.index[k] for k in keys]
+        if positions == list(range(len(self.index))):  # every row, in order: the table itself
+            return self.table()
+        idx = torch.tensor(positions, dtype=torch.long, device=self.table().device)
         return self.table().index_select(0, idx)
 
     def flat_index(self, cells: Sequence[tuple[tuple[int, Box], int]]) -> torch.Tensor:
@@ -540,17 +543,27 @@ class ZoomIn(nn.Module):
         self, level: int, views: torch.Tensor, parent_hw: tuple[int, int]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(M, C, h, w)`` raw views -> ``(M, G)`` log-probabilities and raw logits of the cells."""
+        return self._cell_maps(*self._cell_logits(level, views, parent_hw))
+
+    def _cell_logits(
+        self, level: int, views: torch.Tensor, parent_hw: tuple[int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(M, C, h, w)`` raw views -> ``(M, G)`` cell logits (the attention net's pixel
+        logits pooled into the level's cells) and those of the learnt part alone."""
         g = self._level_grid(level, parent_hw)
-        rows, cols = g.rows, g.cols
         net = self.attention[level]
         logits, learned = _in_chunks(net, lambda v: _attend(net, self.normalize(v)), views)  # (M, h, w) each
-        cell_logits = pool_to_grid(logits, rows, cols)  # (M, G)
+        cell_logits = pool_to_grid(logits, g.rows, g.cols)  # (M, G)
         # the learnt part alone feeds attention distillation, a training term: inference skips it
-        raw = cell_logits if learned is logits or not torch.is_grad_enabled() else pool_to_grid(learned, rows, cols)
-        # the estimator and losses stay in float32 (or float64) under autocast
+        if learned is logits or not torch.is_grad_enabled():
+            return cell_logits, cell_logits
+        return cell_logits, pool_to_grid(learned, g.rows, g.cols)
+
+    def _cell_maps(self, cell_logits: torch.Tensor, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(M, G)`` cell logits -> their smoothed log-probabilities and the raw logits, in
+        float32 (or float64): the estimator and losses stay out of autocast's precision."""
         cell_logits = cell_logits.to(torch.promote_types(cell_logits.dtype, torch.float32))
-        raw = raw.to(cell_logits.dtype)
-        return sampling.smoothed_log_softmax(cell_logits, self.config.smooth), raw
+        return sampling.smoothed_log_softmax(cell_logits, self.config.smooth), raw.to(cell_logits.dtype)
 
     def _level1_in_strips(
         self, sources: Sequence[ImageSource]
@@ -660,15 +673,18 @@ class ZoomIn(nn.Module):
             # inference: the memory of one chunk; training keeps every chunk's activations for
             # the backward pass anyway, so its views go through the net in one call
             step = self.config.view_chunk if not torch.is_grad_enabled() else max(len(missing), 1)
+            pieces = []  # cell logits, chunk by chunk: small beside the net's activations
             for start in range(0, len(missing), step):
                 part = missing[start : start + step]
                 views = _repeat_edges(read_boxes(sources, part, vs), [box for _, box in part], height, width)
-                maps, raw = self._attention_maps(level, views, parent_hw)  # (M, G) each
-                allowed = self._cells_in_image(level, parent_hw, [box for _, box in part], height, width)
+                pieces.append(self._cell_logits(level, views, parent_hw))  # (M, G) each
+            if missing:  # normalised and restricted for every missing parent at once
+                maps, raw = self._cell_maps(*(torch.cat(p) if len(pieces) > 1 else p[0] for p in zip(*pieces)))
+                allowed = self._cells_in_image(level, parent_hw, [box for _, box in missing], height, width)
                 if allowed is not None:  # cells that would show the fill outside the image
                     maps = _restrict(maps, allowed.to(maps.device))
-                cache[level].add(part, maps)
-                logit_cache[level].add(part, raw)
+                cache[level].add(missing, maps)
+                logit_cache[level].add(missing, raw)
             log_beta = cache[level].rows(keys)  # (M, G)
             allowed = self._cells_in_image(level, parent_hw, nodes.box, height, width)
             if transform:
@@ -676,17 +692,25 @@ class ZoomIn(nn.Module):
                 if allowed is not None:  # the complement of a restricted map stays restricted
                     log_beta = _restrict(log_beta, allowed.to(log_beta.device))
             G = log_beta.shape[1]
-            cells = torch.full((len(keys),), G) if allowed is None else allowed.sum(dim=1)  # (M,) drawable
-            k = torch.minimum(torch.tensor(nodes.count), cells)  # (M,) draws per parent
-            k_max = int(k.max())
+            # draws per parent: its multiplicity, at most its drawable cells (Python numbers
+            # where every cell is drawable: no tensor work for a few small integers)
+            if allowed is None:
+                k_list = [min(c, G) for c in nodes.count]
+                exact = torch.tensor([c == G for c in k_list]) if G in k_list else None
+            else:
+                cells = allowed.sum(dim=1)  # (M,) drawable
+                k_t = torch.minimum(torch.tensor(nodes.count), cells)
+                k_list = k_t.tolist()
+                exact = k_t == cells
+                exact = exact if bool(exact.any()) else None
+            k, k_max = torch.tensor(k_list), max(k_list)  # (M,)
             if deterministic:
                 order = sampling.top_k_children(log_beta, k_max)  # (M, k_max)
             else:
                 order = sampling.sample_without_replacement(log_beta, k_max, generator)
             order = order.to(log_beta.device)
             w = expectation.without_replacement_weights(log_beta, order, k)  # (M, k_max)
-            exact = k == cells  # a parent drawn as often as it has cells takes every one: the exact sum
-            if bool(exact.any()):
+            if exact is not None:  # a parent drawn as often as it has cells takes every one: the exact sum
                 every = torch.arange(G).expand(len(keys), G)
                 if allowed is not None:  # drawable cells first, in index order
                     every = torch.sort((~allowed).to(torch.uint8), dim=1, stable=True).indices
@@ -694,12 +718,13 @@ class ZoomIn(nn.Module):
                 ex = exact.to(log_beta.device)[:, None]
                 order = torch.where(ex, every, order)
                 w = torch.where(ex, expectation.exact_weights(log_beta).gather(1, every), w)
-            taken = torch.arange(k_max)[None, :] < k[:, None]  # (M, k_max)
-            child_w = (nodes.weight[:, None] * w)[taken.to(w.device)]  # row by row, in draw order
-            rows, cols = torch.nonzero(taken, as_tuple=True)
+            # the first k of each parent's draws, row by row, in draw order
+            parents = [i for i, n_i in enumerate(k_list) for _ in range(n_i)]
+            rows, cols = torch.tensor(parents), torch.tensor([j for n_i in k_list for j in range(n_i)])
+            child_w = (nodes.weight[:, None] * w)[rows.to(w.device), cols.to(w.device)]
             draws = order.cpu()[rows, cols]
             rel_draws = rel[draws].tolist()
-            parents, draws = rows.tolist(), draws.tolist()
+            draws = draws.tolist()
             nodes = _Nodes(
                 [nodes.image[i] for i in parents],
                 [Box(nodes.box[i].top + t, nodes.box[i].left + l, h, ww) for i, (t, l, h, ww) in zip(parents, rel_draws)],
@@ -835,6 +860,8 @@ class ZoomIn(nn.Module):
     @torch.no_grad()
     def predict(self, sources: Sequence[ImageSource], **kwargs) -> ZoomInOutput:
         """Inference without gradients: ``f`` runs over the sub-tiles in chunks."""
+        if not any(m.training for m in self.modules()):  # already in eval mode: nothing to switch
+            return self(sources, **kwargs)
         was = self.training
         self.eval()
         try:

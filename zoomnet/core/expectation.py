@@ -28,9 +28,13 @@ from __future__ import annotations
 import torch
 
 
-def _unit_ratio(log_p: torch.Tensor) -> torch.Tensor:
-    """``p / sg(p)``: value one, gradient ``d log p`` (the score-function surrogate)."""
-    return torch.exp(log_p - log_p.detach())
+def _times_unit_ratio(x: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
+    """``x * p / sg(p)``: the value of ``x``, gradient ``x d log p`` (the score-function
+    surrogate); ``x`` itself where ``log_p`` carries no gradient (inference: four operations
+    fewer)."""
+    if not log_p.requires_grad:
+        return x
+    return x * torch.exp(log_p - log_p.detach())
 
 
 def with_replacement_weights(log_p: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -49,7 +53,7 @@ def with_replacement_weights(log_p: torch.Tensor, counts: torch.Tensor) -> torch
     [0.75, 0.25]
     """
     n = counts.sum(dim=-1, keepdim=True).clamp_min(1).to(log_p.dtype)
-    return counts.to(log_p.dtype) / n * _unit_ratio(log_p)
+    return _times_unit_ratio(counts.to(log_p.dtype) / n, log_p)
 
 
 def without_replacement_weights(
@@ -86,7 +90,7 @@ def without_replacement_weights(
     else:
         k = counts.to(device=log_p.device, dtype=log_p.dtype)[:, None]  # (M, 1)
     later = (k - 1 - j).clamp_min(0)  # k - j for the 1-indexed j-th draw, (M, K)
-    w = (later * beta + remaining * _unit_ratio(log_b)) / k
+    w = (later * beta + _times_unit_ratio(remaining, log_b)) / k
     return w if counts is None else w * (j < k)
 
 

@@ -212,13 +212,18 @@ class AxisPool(NamedTuple):
     matrix: torch.Tensor
     segment: torch.Tensor | None
     pick: torch.Tensor | None
+    block: int | None = None  # b when cell i is pixels i b .. (i + 1) b - 1, covering the axis
 
     @classmethod
     def of(cls, member: torch.Tensor) -> "AxisPool":
         per_pixel, per_cell = member.sum(dim=0), member.sum(dim=1)
         segment = member.argmax(dim=0) if bool((per_pixel == 1).all() and (per_cell >= 1).all()) else None
         pick = member.argmax(dim=1) if bool((per_cell == 1).all()) else None
-        return cls(member, segment, pick)
+        g, v = member.shape
+        block = None
+        if segment is not None and v % g == 0 and torch.equal(segment, torch.arange(v) // (v // g)):
+            block = v // g
+        return cls(member, segment, pick, block)
 
     def apply(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         """Sum the pixels of each cell along ``dim`` of ``x``."""
@@ -275,6 +280,10 @@ def sum_to_grid(x: torch.Tensor, rows: AxisPool | torch.Tensor, cols: AxisPool |
     """``(M, v_h, v_w)`` -> ``(M, g_h, g_w)``: the sum of each cell's view pixels."""
     rows = rows if isinstance(rows, AxisPool) else AxisPool.of(rows)
     cols = cols if isinstance(cols, AxisPool) else AxisPool.of(cols)
+    if rows.block and cols.block:  # equal blocks covering the view (tiles): a reshape and one sum
+        (m, v_h, v_w), g_h, g_w = x.shape, len(rows.matrix), len(cols.matrix)
+        _tally(x.numel() + m * g_h * v_w)  # the additions of the two axes' sums, as below
+        return x.reshape(m, g_h, rows.block, g_w, cols.block).sum(dim=(2, 4))
     return cols.apply(rows.apply(x, 1), 2)
 
 

@@ -43,7 +43,7 @@ def smoothed_log_softmax(logits: torch.Tensor, smooth: float = 0.0) -> torch.Ten
     if smooth <= 0.0:
         return log_p
     n = logits.shape[-1]
-    return torch.logaddexp(log_p + math.log1p(-smooth), torch.full_like(log_p, math.log(smooth / n)))
+    return torch.logaddexp(log_p + math.log1p(-smooth), log_p.new_tensor(math.log(smooth / n)))  # broadcast
 
 
 def complement_log_probs(log_p: torch.Tensor) -> torch.Tensor:
@@ -131,8 +131,7 @@ def sample_without_replacement(
     u = torch.rand(log_p.shape, generator=generator, dtype=torch.float64)
     tiny = torch.finfo(torch.float64).tiny
     u.clamp_(tiny, 1.0 - 1e-16)  # no log(0) at either end
-    keys = u.log_().neg_().log_().neg_()  # (M, G) Gumbel noise, in place: one buffer
-    keys += log_p.detach().cpu()
+    keys = log_p.detach().cpu() - u.log_().neg_().log_()  # (M, G): log p plus Gumbel noise -log(-log u)
     return torch.topk(keys, k, dim=1).indices
 
 

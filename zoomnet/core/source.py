@@ -50,4 +50,6 @@ def read_many(source: ImageSource, boxes: Sequence[Box], out_size: tuple[int, in
     many = getattr(source, "read_many", None)
     if many is not None:
         return many(boxes, out_size)
+    if len(boxes) == 1:
+        return source.read(boxes[0], out_size)[None]
     return torch.stack([source.read(box, out_size) for box in boxes])
