@@ -12,8 +12,17 @@ Writes ``docs/benchmarks/colon-ratio.csv`` (``--csv``).
 1), each against ATS in its own alternated block, in one run, with Zoom-In's peak tensor
 memory for each: the trade between the time and the memory targets.
 
+``--runs ZOOMIN_RUN ATS_RUN --images MANIFEST`` measures trained models instead (run
+folders of ``zoomnet train --config colon-cancer``, the second with ``--set
+model.kind=ats``): each round takes the next image of the manifest (the first
+``--num-images``), read through the same in-memory source; the row also gives how many
+tile views Zoom-In's level-2 attention ran on per image (4 at most: a trained level-1
+attention that settles on fewer tiles runs fewer).
+
     python benchmarks/colon_ratio.py --rounds 200
     python benchmarks/colon_ratio.py --rounds 150 --view-chunks 1 2 4 --csv docs/benchmarks/colon-view-chunk.csv
+    python benchmarks/colon_ratio.py --rounds 300 --runs runs/colon_zi runs/colon_ats --images colon/test.csv \
+        --csv docs/benchmarks/colon-ratio-trained.csv
     PYTHONPATH=<other checkout> python benchmarks/colon_ratio.py   # an older commit, same script
 """
 
@@ -51,13 +60,43 @@ def timed(model, config, image) -> Callable[[], object]:
     return run
 
 
-def alternate(runs: dict[str, Callable[[], object]], rounds: int) -> dict:
-    """Median ms of each and the median and quartiles of the per-round ratio."""
+def trained_runs(run_dirs: list[str], manifest: str, num: int) -> tuple[dict[str, Callable[[int], object]], list]:
+    """One inference of each trained model on image ``r`` of the first ``num`` of the
+    manifest (warmed up), and the list of the Zoom-In outputs' level-2 view counts."""
+    import numpy as np
+    from PIL import Image
+
+    from zoomnet.data.manifest import read_manifest
+    from zoomnet.runs import load_run
+
+    images = [np.asarray(Image.open(row.path).convert("RGB")) for row in read_manifest(manifest)[:num]]
+    views: list[int] = []
+    runs = {}
+    for kind, run_dir in zip(("zoomin", "ats"), run_dirs):
+        model, config = load_run(run_dir)
+        scales = tuple(level.scale for level in config.model.levels)
+        sources = [NumpySource(image, scales=scales) for image in images]
+
+        def run(r: int, model=model, sources=sources, kind=kind):
+            out = model.predict([sources[r % len(sources)]], generator=torch.Generator().manual_seed(r))
+            if kind == "zoomin" and len(out.parents) > 1:
+                views.append(len(out.parents[1][0]))
+            return out
+        for r in range(len(sources)):
+            run(r)
+        runs[kind] = run
+    views.clear()
+    return runs, views
+
+
+def alternate(runs: dict[str, Callable[..., object]], rounds: int, per_round: bool = False) -> dict:
+    """Median ms of each and the median and quartiles of the per-round ratio (``per_round``:
+    the runs take the round's number, their image)."""
     times: dict[str, list[float]] = {"zoomin": [], "ats": []}
     for r in range(rounds):
         for kind in (("zoomin", "ats") if r % 2 == 0 else ("ats", "zoomin")):
             tick = time.perf_counter()
-            runs[kind]()
+            runs[kind](r) if per_round else runs[kind]()
             times[kind].append((time.perf_counter() - tick) * 1000)
     ratios = [z / a for z, a in zip(times["zoomin"], times["ats"])]
     return {"rounds": rounds, "zoomin_ms": round(statistics.median(times["zoomin"]), 2),
@@ -67,8 +106,25 @@ def alternate(runs: dict[str, Callable[[], object]], rounds: int) -> dict:
 
 
 def main() -> None:
-    args = alternated_arguments(__doc__, ROOT / "docs/benchmarks/colon-ratio.csv", extra=lambda parser: parser.add_argument(
-        "--view-chunks", type=int, nargs="*", default=None, help="Zoom-In's model.view_chunk values to compare"))
+    def extra(parser) -> None:
+        parser.add_argument("--view-chunks", type=int, nargs="*", default=None, help="Zoom-In's model.view_chunk values to compare")
+        parser.add_argument("--runs", nargs=2, metavar=("ZOOMIN_RUN", "ATS_RUN"), help="trained run folders to time instead")
+        parser.add_argument("--images", help="manifest of the images for --runs (e.g. the test split)")
+        parser.add_argument("--num-images", type=int, default=20, help="how many of them, one per round in turn")
+
+    args = alternated_arguments(__doc__, ROOT / "docs/benchmarks/colon-ratio.csv", extra=extra)
+    if args.runs:
+        if not args.images:
+            raise SystemExit("--runs needs --images MANIFEST")
+        runs, views = trained_runs(args.runs, args.images, args.num_images)
+        row = alternate(runs, args.rounds, per_round=True)
+        row = {"images": min(args.num_images, args.rounds), **row,
+               "zoomin_tile_views_mean": round(statistics.mean(views), 2)}
+        print(", ".join(f"{k} {v}" for k, v in row.items()), flush=True)
+        write_rows(args.csv, [f"colon-cancer preset, trained ({args.runs[0]}, {args.runs[1]}), {args.images}, one image per "
+                              f"round in turn, rounds alternated; {platform.processor() or platform.machine()}, "
+                              f"torch {torch.__version__}, {args.threads} threads"], [row])
+        return
     image = bench_image("colon-cancer")
     ats = timed(*built("ats"), image)
     rows = []

@@ -182,3 +182,14 @@ def test_tile_views_repeat_the_image_edge_over_the_fill():
     assert torch.equal(out[:, 9:, :11], view[0, :, 8:9, :11].expand(-1, 7, -1))  # below: the last row
     assert torch.equal(out[:, :, 11:], out[:, :, 10:11].expand(-1, -1, 5))  # right: the last column
     assert torch.equal(_repeat_edges(view, [Box(0, 0, 128, 128)], 200, 150), view)  # inside: the view itself
+
+
+def test_tiles_that_cut_the_view_into_equal_blocks_pool_by_a_reshape():
+    """Equal blocks covering the axis take the reshape path (whose sums the test above
+    compares with the membership matrices); uneven cells keep the index form."""
+    from zoomnet.core.geometry import pooling_plan
+
+    rows, cols = pooling_plan((8, 12), (80, 120), (40.0, 40.0))
+    assert (rows.block, cols.block) == (4, 4)
+    assert all(ax.block is None for ax in pooling_plan((50, 37), (500, 371), (27.0, 13.5)))
+    assert all(ax.block is None for ax in pooling_plan((4, 4), (40, 40), (5.0, 5.0)))  # one pixel a cell
