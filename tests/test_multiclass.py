@@ -100,14 +100,20 @@ def test_flat_learning_warning_names_what_is_stuck():
 
 @pytest.mark.parametrize("shape", [(4, 3, 40, 33), (2, 1, 5, 9), (1, 3, 1, 1), (3, 3, 7, 2)])
 def test_local_contrast_matches_the_mean_of_pixels_inside_each_neighbourhood(shape):
-    """The fast neighbourhood mean (a convolution of ones divided by the pixels inside) is
-    the 7x7 average pool that leaves the padding out, at the border and on tiny views."""
+    """The fast neighbourhood mean (running sums along each axis divided by the pixels
+    inside) is the 7x7 average pool that leaves the padding out, at the border and on tiny
+    views; the FLOP count sees the running sums' additions by formula."""
+    from zoomnet.core.geometry import count_pooling_flops
     from zoomnet.nets.attention import local_contrast
 
     view = torch.randn(*shape, generator=torch.Generator().manual_seed(0)) * 2
     mean = torch.nn.functional.avg_pool2d(view, 7, stride=1, padding=3, count_include_pad=False)
     expected = (view - mean).abs().mean(dim=1).clamp(max=3.0)
-    torch.testing.assert_close(local_contrast(view), expected, rtol=0, atol=1e-5)
+    with count_pooling_flops() as tally:
+        got = local_contrast(view)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    m, c, h, w = shape  # padded by 4 before and 3 after on each axis: running sum, then differences
+    assert tally[0] == m * c * ((h + 7) * (w + 7) + (h + 7) * w + (h + 7) * w + h * w)
 
 
 @pytest.mark.parametrize("attention_from, frozen_epochs", [(3, 2), ("auto", None)])

@@ -11,9 +11,10 @@ images. Results and commands: ``docs/benchmarks.md``.
 
 Methods:
 - FLOPs: ``torch.utils.flop_counter.FlopCounterMode`` over one inference, plus the additions
-  of cell pooling by formula (``count_pooling_flops``: pooling is linear-time ``index_add``,
-  which the counter does not see); ``attention_flops`` is everything except the feature net
-  ``f`` and the classifier ``g``.
+  of cell pooling and of the contrast prior's box filter by formula (``count_pooling_flops``:
+  pooling is linear-time ``index_add`` and the box filter running sums, which the counter
+  does not see); ``attention_flops`` is everything except the feature net ``f`` and the
+  classifier ``g``.
 - Peak memory: :class:`PeakTensorMemory`, the peak of the bytes held by live tensor storages
   created during the inference (weights excluded: they exist before). Every input tensor a
   method holds counts: ``ats-fullres`` and the CNNs hold the image as a tensor; Zoom-In and
@@ -210,7 +211,7 @@ def measure(name: str, kind: str, repeats: int = 5, model: torch.nn.Module | Non
         with FlopCounterMode(display=False) as fc, count_pooling_flops() as pooling:
             run()
         counts = {k: sum(v.values()) for k, v in fc.get_flop_counts().items()}
-        flops.append(fc.get_total_flops() + pooling[0])  # the counter sees no index_add: pooling by formula
+        flops.append(fc.get_total_flops() + pooling[0])  # the counter sees no index_add, no running sums: by formula
         attention.append(flops[-1] - counts.get("ZoomIn.feature", 0) - counts.get("ZoomIn.classifier", 0))
         with PeakTensorMemory() as mem:
             run()

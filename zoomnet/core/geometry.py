@@ -230,7 +230,7 @@ class AxisPool(NamedTuple):
         if self.segment is not None:
             shape = list(x.shape)
             shape[dim] = self.matrix.shape[0]
-            _tally(x.numel())  # one addition per pixel
+            tally_additions(x.numel())  # one addition per pixel
             return x.new_zeros(shape).index_add(dim, self.segment.to(x.device), x)
         if self.pick is not None:
             return x.index_select(dim, self.pick.to(x.device))
@@ -240,7 +240,9 @@ class AxisPool(NamedTuple):
 _POOL_TALLY: list[int] = []  # additions of the pooling, while count_pooling_flops is open
 
 
-def _tally(adds: int) -> None:
+def tally_additions(adds: int) -> None:
+    """Add ``adds`` to the open :func:`count_pooling_flops` count (if any): how linear-time
+    sums that the FLOP counter cannot see (``index_add``, running sums) report their work."""
     if _POOL_TALLY:
         _POOL_TALLY[-1] += adds
 
@@ -248,7 +250,8 @@ def _tally(adds: int) -> None:
 @contextmanager
 def count_pooling_flops() -> Iterator[list[int]]:
     """Count the additions of cell pooling done inside the block (``torch.utils.flop_counter``
-    sees matrix products, not ``index_add``): the count is ``tally[0]`` after the block.
+    sees matrix products, not ``index_add``), and of the attention nets' contrast prior (its
+    box filter is running sums, not a convolution): the count is ``tally[0]`` after the block.
 
     >>> logits = torch.zeros(1, 4, 4)
     >>> rows, cols = pooling_plan((4, 4), (8, 8), (4.0, 4.0))
@@ -263,7 +266,7 @@ def count_pooling_flops() -> Iterator[list[int]]:
         yield out
     finally:
         out[0] = _POOL_TALLY.pop()
-        _tally(out[0])  # an enclosing count sees it too
+        tally_additions(out[0])  # an enclosing count sees it too
 
 
 def pooling_plan(
@@ -282,7 +285,7 @@ def sum_to_grid(x: torch.Tensor, rows: AxisPool | torch.Tensor, cols: AxisPool |
     cols = cols if isinstance(cols, AxisPool) else AxisPool.of(cols)
     if rows.block and cols.block:  # equal blocks covering the view (tiles): a reshape and one sum
         (m, v_h, v_w), g_h, g_w = x.shape, len(rows.matrix), len(cols.matrix)
-        _tally(x.numel() + m * g_h * v_w)  # the additions of the two axes' sums, as below
+        tally_additions(x.numel() + m * g_h * v_w)  # the additions of the two axes' sums, as below
         return x.reshape(m, g_h, rows.block, g_w, cols.block).sum(dim=(2, 4))
     return cols.apply(rows.apply(x, 1), 2)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from zoomnet.core.geometry import tally_additions
 from zoomnet.nets.registry import register
 
 
@@ -68,6 +69,9 @@ def local_contrast(view: torch.Tensor, radius: int = 3, cap: float = 3.0) -> tor
     # the running sum S of the axis zero-padded by r + 1 before and r after; both axes are
     # padded at once, and the padded rows' sums along the first axis are zero
     n = 2 * radius + 1
+    # the counter of FLOPs sees convolutions, not running sums: theirs by formula (the sums
+    # and differences of both axes)
+    tally_additions(m * c * ((h + n) * (w + n) + 2 * (h + n) * w + h * w))
     running = torch.nn.functional.pad(view, (radius + 1, radius, radius + 1, radius)).cumsum(3)
     running = (running[..., n:] - running[..., :w]).cumsum(2)  # (M, C, h + n, w)
     sums = running[:, :, n:] - running[:, :, :h]  # (M, C, h, w)
