@@ -12,8 +12,8 @@ per preset to ``docs/benchmarks/training_step.csv`` (``--csv``).
     python benchmarks/training_step.py tiny-objects --threads 2
     python benchmarks/training_step.py --dispatch           # ops dispatched against N and B
 
-Each row also gives the allocator setting (``zoomnet.allocator``, which training applies
-where ``ZOOMNET_MALLOC=1`` is set), the page faults and the system time per step.
+Each row also gives the allocator setting (``zoomnet.allocator``: the steady thresholds a
+model sets when built, or what training applies where ``ZOOMNET_MALLOC=1`` is set), the page faults and the system time per step.
 
 ``--dispatch`` counts the tensor operations dispatched (a ``TorchDispatchMode``: what reaches
 the kernels, views included) by one training step, forward and backward, of the
@@ -62,6 +62,11 @@ def step_cost(preset: str, repeats: int) -> dict:
 
         if reuse_freed_memory():  # what train_epoch does first (where ZOOMNET_MALLOC=1 is set)
             allocator = "reuse freed"
+        else:
+            import zoomnet.allocator as heap
+
+            if getattr(heap, "settle_heap", lambda: False)():  # what building a model does
+                allocator = "steady thresholds"
     config = load_config(preset)
     config.train.reference_class = None if config.model.num_classes > 2 else 0
     h, w = SIZES[preset]

@@ -1,4 +1,4 @@
-"""The opt-in allocator setting keeps freed blocks: a large tensor allocated where a larger
+"""The allocator settings keep freed blocks: a large tensor allocated where a larger
 one was freed touches no new pages. Each case runs in its own process, since the setting
 is process-wide."""
 
@@ -45,3 +45,36 @@ def test_freed_blocks_are_reused_where_asked_and_only_there():
         applied, faults = _faults(setting)
         assert applied == "False"
         assert faults > 0.9 * pages  # mapped afresh, page by page
+
+
+_STEADY_PROGRAM = """
+import resource, torch
+from zoomnet.allocator import settle_heap
+applied = settle_heap()
+torch.empty(5 << 20).fill_(1.0)  # 20 MB: mapped afresh by glibc as it comes, from the heap when settled
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+torch.empty(19 << 18).fill_(1.0)  # 19 MB, in the freed block
+print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def test_steady_thresholds_keep_blocks_below_32_mb_for_the_next_call():
+    """What building a model sets (zoomnet.allocator.settle_heap): a freed block of 20 MB
+    serves the next call without new pages; ZOOMNET_MALLOC=0 leaves glibc as it comes."""
+    pages = (19 << 20) // os.sysconf("SC_PAGE_SIZE")  # 4,864 with 4 KB pages
+    if pages < 3_000:
+        pytest.skip("pages this large leave too few faults to tell the two cases apart")
+
+    def run(setting):
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        env.pop("ZOOMNET_MALLOC", None)
+        if setting is not None:
+            env["ZOOMNET_MALLOC"] = setting
+        out = subprocess.run([sys.executable, "-c", _STEADY_PROGRAM], env=env, capture_output=True, text=True, check=True)
+        applied, faults = out.stdout.split()
+        return applied, int(faults)
+
+    applied, faults = run(None)
+    assert applied == "True" and faults < 500
+    applied, faults = run("0")
+    assert applied == "False" and faults > 0.9 * pages

@@ -1,6 +1,14 @@
-"""Keep freed memory in the process for the next training step.
+"""Keep freed memory in the process for the next call and the next training step.
 
-Training on a CPU does this by itself: it runs the nets in chunks whose layer outputs stay
+Building a model sets glibc's thresholds to the values it adapts to by itself once it has
+freed a 32 MB block (:func:`settle_heap`; ``ZOOMNET_MALLOC=0`` leaves glibc alone): the
+same pages serve every call from the first. Without it, inference on the colon preset's
+small views ran its attention nets at half speed in about a third of processes, at
+random (the dynamic thresholds had not yet met a large block), and a ``needle-camelyon``
+training step took 72-79 thousand page faults instead of 112 thousand (1.49 against 1.60 s,
+medians of three alternated runs on the 2-core machine).
+
+Training on a CPU also does this by itself: it runs the nets in chunks whose layer outputs stay
 under ``HEAP_BLOCK_BYTES`` (below), which glibc serves from its heap and reuses. That alone
 made a ``needle-camelyon`` step 2.1x faster than the one-parent-at-a-time code of a81fc15
 (2.76 against 5.89 s on the idle 2-core machine; docs/benchmarks.md, "Heap-sized chunks"),
@@ -47,7 +55,50 @@ _SETTINGS = (
     (_M_TRIM_THRESHOLD, 2**31 - 1),  # free memory at the heap's top stays
     (_M_TOP_PAD, 256 << 20),  # the heap grows 256 MiB at a time (address space; pages come when touched)
 )
+# The default, set once a model is built (:func:`settle_heap`): the thresholds glibc itself
+# ends at once it has freed a block of 32 MB (its dynamic mmap threshold never goes higher,
+# and the trim threshold follows at twice that), from the start. Until then glibc adapts
+# block by block, and where it has not yet seen a large block it can map, unmap and trim
+# the same few hundred kilobytes at every call: the attention nets' 50x50 tile views of
+# the colon preset (an im2col buffer of 720 kB each) took 2x their time in about a third
+# of inference processes, at random (docs/benchmarks.md, "colon-cancer").
+_STEADY = (
+    (_M_MMAP_THRESHOLD, 32 << 20),  # blocks up to 32 MB come from the heap
+    (_M_TRIM_THRESHOLD, 64 << 20),  # up to 64 MB free at the heap's top stay for the next call
+)
 _applied = False
+_settled = False
+
+
+def _mallopt():
+    """glibc's ``mallopt``, or None elsewhere."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return None
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return mallopt
+
+
+def settle_heap() -> bool:
+    """Set glibc's allocator to the thresholds it adapts to by itself (``_STEADY``: blocks up
+    to 32 MB from the heap, up to 64 MB kept at its top), so that repeated calls reuse the
+    same pages from the first one; True when set. Once per process; nothing elsewhere than
+    glibc, where ``ZOOMNET_MALLOC=1`` has set larger ones, or where ``ZOOMNET_MALLOC=0``
+    (or ``off``) asks to leave glibc as it is.
+    """
+    global _settled
+    if _settled or _applied:
+        return _settled
+    if os.environ.get("ZOOMNET_MALLOC", "").strip().lower() in ("0", "off", "false", "no"):
+        return False
+    mallopt = _mallopt()
+    if mallopt is None:
+        return False
+    _settled = all(mallopt(param, value) == 1 for param, value in _STEADY)
+    return _settled
 
 
 def reuse_freed_memory() -> bool:
@@ -59,12 +110,8 @@ def reuse_freed_memory() -> bool:
         return True
     if os.environ.get("ZOOMNET_MALLOC", "").strip().lower() not in ("1", "on", "true", "yes"):
         return False
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    mallopt = _mallopt()
+    if mallopt is None:
         return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     _applied = all(mallopt(param, value) == 1 for param, value in _SETTINGS)
     return _applied

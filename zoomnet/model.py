@@ -470,6 +470,7 @@ class ZoomIn(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
+        allocator.settle_heap()  # the same pages for every call from the first (zoomnet.allocator)
         self.config = config
         c = len(config.pixel_mean)
         def attention_net(name: str) -> nn.Module:
