@@ -43,7 +43,9 @@ def smoothed_log_softmax(logits: torch.Tensor, smooth: float = 0.0) -> torch.Ten
     if smooth <= 0.0:
         return log_p
     n = logits.shape[-1]
-    return torch.logaddexp(log_p + math.log1p(-smooth), log_p.new_tensor(math.log(smooth / n)))  # broadcast
+    # the uniform part as a broadcast scalar (made where log_p lives: no copy from the host)
+    uniform = torch.full((), math.log(smooth / n), dtype=log_p.dtype, device=log_p.device)
+    return torch.logaddexp(log_p + math.log1p(-smooth), uniform)
 
 
 def complement_log_probs(log_p: torch.Tensor) -> torch.Tensor:
