@@ -24,12 +24,12 @@ print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-def _faults(setting: str | None) -> tuple[str, int]:
+def _faults(setting: str | None, program: str = _PROGRAM) -> tuple[str, int]:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("ZOOMNET_MALLOC", None)
     if setting is not None:
         env["ZOOMNET_MALLOC"] = setting
-    out = subprocess.run([sys.executable, "-c", _PROGRAM], env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True, check=True)
     applied, faults = out.stdout.split()
     return applied, int(faults)
 
@@ -64,17 +64,7 @@ def test_steady_thresholds_keep_blocks_below_32_mb_for_the_next_call():
     pages = (19 << 20) // os.sysconf("SC_PAGE_SIZE")  # 4,864 with 4 KB pages
     if pages < 3_000:
         pytest.skip("pages this large leave too few faults to tell the two cases apart")
-
-    def run(setting):
-        env = dict(os.environ, OMP_NUM_THREADS="1")
-        env.pop("ZOOMNET_MALLOC", None)
-        if setting is not None:
-            env["ZOOMNET_MALLOC"] = setting
-        out = subprocess.run([sys.executable, "-c", _STEADY_PROGRAM], env=env, capture_output=True, text=True, check=True)
-        applied, faults = out.stdout.split()
-        return applied, int(faults)
-
-    applied, faults = run(None)
+    applied, faults = _faults(None, _STEADY_PROGRAM)
     assert applied == "True" and faults < 500
-    applied, faults = run("0")
+    applied, faults = _faults("0", _STEADY_PROGRAM)
     assert applied == "False" and faults > 0.9 * pages

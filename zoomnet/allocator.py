@@ -70,16 +70,22 @@ _applied = False
 _settled = False
 
 
-def _mallopt():
-    """glibc's ``mallopt``, or None elsewhere."""
+def _setting() -> str:
+    """``on``, ``off`` or ``""`` (not given), from ``ZOOMNET_MALLOC``."""
+    given = os.environ.get("ZOOMNET_MALLOC", "").strip().lower()
+    return "on" if given in ("1", "on", "true", "yes") else "off" if given in ("0", "off", "false", "no") else ""
+
+
+def _apply(settings: tuple[tuple[int, int], ...]) -> bool:
+    """Pass ``settings`` to glibc's ``mallopt``; True when every one took (never elsewhere)."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return None
+        return False
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
-        return None
+        return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return mallopt
+    return all(mallopt(param, value) == 1 for param, value in settings)
 
 
 def settle_heap() -> bool:
@@ -90,14 +96,8 @@ def settle_heap() -> bool:
     (or ``off``) asks to leave glibc as it is.
     """
     global _settled
-    if _settled or _applied:
-        return _settled
-    if os.environ.get("ZOOMNET_MALLOC", "").strip().lower() in ("0", "off", "false", "no"):
-        return False
-    mallopt = _mallopt()
-    if mallopt is None:
-        return False
-    _settled = all(mallopt(param, value) == 1 for param, value in _STEADY)
+    if not (_settled or _applied) and _setting() != "off":
+        _settled = _apply(_STEADY)
     return _settled
 
 
@@ -106,12 +106,6 @@ def reuse_freed_memory() -> bool:
     blocks for reuse; True when it is so set. Idempotent.
     """
     global _applied
-    if _applied:
-        return True
-    if os.environ.get("ZOOMNET_MALLOC", "").strip().lower() not in ("1", "on", "true", "yes"):
-        return False
-    mallopt = _mallopt()
-    if mallopt is None:
-        return False
-    _applied = all(mallopt(param, value) == 1 for param, value in _SETTINGS)
+    if not _applied and _setting() == "on":
+        _applied = _apply(_SETTINGS)
     return _applied
