@@ -21,7 +21,7 @@ attention that settles on fewer tiles runs fewer).
 
     python benchmarks/colon_ratio.py --rounds 200
     python benchmarks/colon_ratio.py --rounds 150 --view-chunks 1 2 4 --csv docs/benchmarks/colon-view-chunk.csv
-    python benchmarks/colon_ratio.py --rounds 300 --runs runs/colon_zi runs/colon_ats --images colon/test.csv \
+    python benchmarks/colon_ratio.py --rounds 300 --runs runs/colon_zi_s0 runs/colon_ats_s0 --images colon/test.csv \
         --csv docs/benchmarks/colon-ratio-trained.csv
     PYTHONPATH=<other checkout> python benchmarks/colon_ratio.py   # an older commit, same script
 """
