@@ -606,11 +606,10 @@ class ZoomIn(nn.Module):
             if self.config.tissue_mask:
                 tissue.append(tissue_map(torch.cat(tissue_rows, dim=1)))
             g = self._level_grid(0, (height, width))
-            rows, cols = g.rows, g.cols
-            cell = pool_to_grid(full, rows, cols)
-            cell = cell.to(torch.promote_types(cell.dtype, torch.float32))
-            maps.append(sampling.smoothed_log_softmax(cell, self.config.smooth))
-            raws.append(pool_to_grid(torch.cat(learned, dim=1), rows, cols).to(cell.dtype) if split else cell)
+            cell = pool_to_grid(full, g.rows, g.cols)
+            log_p, raw = self._cell_maps(cell, pool_to_grid(torch.cat(learned, dim=1), g.rows, g.cols) if split else cell)
+            maps.append(log_p)
+            raws.append(raw)
         return torch.cat(maps), torch.cat(raws), (torch.stack(tissue) if tissue else None)
 
     def _tissue_cells(self, tissue: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -695,15 +694,10 @@ class ZoomIn(nn.Module):
             G = log_beta.shape[1]
             # draws per parent: its multiplicity, at most its drawable cells (Python numbers
             # where every cell is drawable: no tensor work for a few small integers)
-            if allowed is None:
-                k_list = [min(c, G) for c in nodes.count]
-                exact = torch.tensor([c == G for c in k_list]) if G in k_list else None
-            else:
-                cells = allowed.sum(dim=1)  # (M,) drawable
-                k_t = torch.minimum(torch.tensor(nodes.count), cells)
-                k_list = k_t.tolist()
-                exact = k_t == cells
-                exact = exact if bool(exact.any()) else None
+            cells = [G] * len(keys) if allowed is None else allowed.sum(dim=1).tolist()  # drawable
+            k_list = [min(c, n) for c, n in zip(nodes.count, cells)]
+            takes_all = [k_i == n for k_i, n in zip(k_list, cells)]
+            exact = torch.tensor(takes_all) if any(takes_all) else None
             k, k_max = torch.tensor(k_list), max(k_list)  # (M,)
             if deterministic:
                 order = sampling.top_k_children(log_beta, k_max)  # (M, k_max)
@@ -915,7 +909,8 @@ def conv_layout(x: torch.Tensor) -> torch.Tensor:
     default layout for the batches of small images and narrow nets here (docs/benchmarks.md,
     "One training step"), with the same values to float rounding. Smaller inputs keep the
     default layout, on which PyTorch runs its own direct convolution, faster there (one
-    50x50 view: 1.0 ms against 1.6 ms). Weights keep the default layout (a checkpoint
+    50x50 view: 1.0 ms against 1.6 ms); ``LeNet`` turns any input channels-last itself, for
+    its max pooling. Weights keep the default layout (a checkpoint
     stores them as they are). Elsewhere the input is left as it is.
     """
     if x.device.type == "cpu" and x.dim() == 4 and x.numel() >= 20480:

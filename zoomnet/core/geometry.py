@@ -227,6 +227,9 @@ class AxisPool(NamedTuple):
 
     def apply(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         """Sum the pixels of each cell along ``dim`` of ``x``."""
+        if self.block is not None:  # equal blocks covering the axis (tiles): a reshape and a sum
+            tally_additions(x.numel())  # one addition per pixel
+            return x.unflatten(dim, (self.matrix.shape[0], self.block)).sum(dim + 1)
         if self.segment is not None:
             shape = list(x.shape)
             shape[dim] = self.matrix.shape[0]
@@ -283,10 +286,6 @@ def sum_to_grid(x: torch.Tensor, rows: AxisPool | torch.Tensor, cols: AxisPool |
     """``(M, v_h, v_w)`` -> ``(M, g_h, g_w)``: the sum of each cell's view pixels."""
     rows = rows if isinstance(rows, AxisPool) else AxisPool.of(rows)
     cols = cols if isinstance(cols, AxisPool) else AxisPool.of(cols)
-    if rows.block and cols.block:  # equal blocks covering the view (tiles): a reshape and one sum
-        (m, v_h, v_w), g_h, g_w = x.shape, len(rows.matrix), len(cols.matrix)
-        tally_additions(x.numel() + m * g_h * v_w)  # the additions of the two axes' sums, as below
-        return x.reshape(m, g_h, rows.block, g_w, cols.block).sum(dim=(2, 4))
     return cols.apply(rows.apply(x, 1), 2)
 
 
