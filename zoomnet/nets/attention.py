@@ -47,7 +47,7 @@ class ConvAttention(nn.Module):
         learnt part alone (the logits without the prior), which attention distillation
         trains: anchoring the prior's large logits to sub-tile scores would undo it."""
         learned = self.net(view).squeeze(1)  # (M, h, w)
-        logits = learned if self.prior_gain is None else learned + self.prior_gain * local_contrast(view)
+        logits = learned if self.prior_gain is None else torch.addcmul(learned, local_contrast(view), self.prior_gain)
         return (logits, learned) if split else logits
 
 
