@@ -305,6 +305,28 @@ def test_forward_backward_smoke(kind, feature):
         assert all(len(s) > 0 for s in out.levels[-1].samples)
 
 
+@pytest.mark.parametrize("prior", [0.0, 1.0])
+def test_training_after_predict_reuses_its_caches(prior):
+    """``predict`` runs in inference mode, whose tensors cannot be saved for a backward pass:
+    what it caches (level grids, the prior's neighbourhood counts) must still train."""
+    from zoomnet.nets import attention
+
+    attention._COUNTS.clear()
+    # uneven tiles (24 px over 64 x 96): level 1 pools its cells by index_add, which saves the
+    # cached segment index for the backward pass
+    cfg = ModelConfig(levels=[LevelConfig(0.25, (24, 24), "tiled"), LevelConfig(0.5, (12, 12), (6, 6))],
+                      samples=4, attention_prior=prior)
+    model = build_model(cfg)
+    srcs = [ArraySource(np.random.default_rng(i).integers(0, 255, (64, 96, 3), dtype=np.uint8)) for i in range(2)]
+    out = model.predict(srcs, generator=torch.Generator().manual_seed(0))
+    assert torch.is_inference(out.logits)  # the fast path was taken
+    model.train()
+    out = model(srcs, contrastive=True, generator=torch.Generator().manual_seed(0))
+    (out.logits.logsumexp(1).sum() + out.contrastive_logits.sum()).backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
 def test_chunked_inference_equals_one_pass():
     model, src = counting_setup()
     a = model.predict([src], generator=torch.Generator().manual_seed(3))
