@@ -555,3 +555,25 @@ def test_a_hand_edited_config_json_is_checked_against_the_checkpoint(run, data, 
         assert main(["predict", str(copy), image]) == 2, case
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and needle in err, (case, err)
+
+
+@pytest.mark.parametrize("shape", [(12, 10, 3), (12, 10)])
+def test_array_source_takes_read_only_arrays_quietly(shape):
+    """``np.asarray`` of a PIL image is read-only: torch would warn that the tensor over it
+    is writable, though the source never writes to it."""
+    import warnings
+
+    from zoomnet import ArraySource
+    from zoomnet.core.geometry import Box
+
+    arr = np.random.default_rng(0).integers(0, 255, shape, dtype=np.uint8)
+    arr.flags.writeable = False
+    always = torch.is_warn_always_enabled()
+    torch.set_warn_always(True)  # torch gives this warning once a process: every time here
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            src = ArraySource(arr, rgb=len(shape) == 3)
+    finally:
+        torch.set_warn_always(always)
+    assert torch.equal(src.read(Box(0, 0, 12, 10))[0], torch.from_numpy(arr.copy()).float().reshape(12, 10, -1)[..., 0])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -55,7 +57,9 @@ class ArraySource:
     def __init__(self, image: np.ndarray | torch.Tensor, fill: float = 0.0, rgb: bool = True):
         if isinstance(image, np.ndarray):
             arr = image if image.ndim == 3 else image[..., None]
-            tensor = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)  # (C, H, W)
+            with warnings.catch_warnings():  # read-only arrays (np.asarray of a PIL image) are never written to here
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                tensor = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)  # (C, H, W)
         else:
             tensor = image if image.ndim == 3 else image.unsqueeze(0)
         if rgb and tensor.shape[0] == 1:
