@@ -204,8 +204,12 @@ def measure(name: str, kind: str, repeats: int = 5, model: torch.nn.Module | Non
     for i, image in enumerate(images):
         lazy = None if held else NumpySource(image, scales=tuple(level.scale for level in config.model.levels))
 
-        def run():  # the held image is made inside: it is memory the method holds
+        def run(counted: bool = False):  # the held image is made inside: it is memory the method holds
             src = HeldSource(image) if held else lazy
+            if counted:  # predict's own computation under no_grad: inference mode would show the
+                # counter composite operations whole, not the temporaries inside them
+                with torch.no_grad():
+                    return model([src], generator=torch.Generator().manual_seed(i))
             return model.predict([src], generator=torch.Generator().manual_seed(i))
 
         with FlopCounterMode(display=False) as fc, count_pooling_flops() as pooling:
@@ -214,7 +218,7 @@ def measure(name: str, kind: str, repeats: int = 5, model: torch.nn.Module | Non
         flops.append(fc.get_total_flops() + pooling[0])  # the counter sees no index_add, no running sums: by formula
         attention.append(flops[-1] - counts.get("ZoomIn.feature", 0) - counts.get("ZoomIn.classifier", 0))
         with PeakTensorMemory() as mem:
-            run()
+            run(counted=True)
         peaks.append(mem.peak)
         for _ in range(2 if i == 0 else 1):
             run()
