@@ -79,21 +79,19 @@ def without_replacement_weights(
     >>> [[round(v, 4) for v in row] for row in w.tolist()]
     [[0.75, 0.25], [1.0, 0.0]]
     """
-    m, k_max = draws.shape
+    k_max = draws.shape[1]
     log_b = torch.gather(log_p, 1, draws.to(log_p.device))  # (M, K)
     beta = log_b.exp()
-    b = beta.detach() if beta.requires_grad else beta
-    remaining = (b - torch.cumsum(b, dim=1)).add_(1.0).clamp_min_(0.0)  # sg(R_m): 1 - the exclusive cumsum
-    # w_j = ((k - j) beta_j + R_j) / k for the j-th draw (1-indexed) up to k, else 0: the two
-    # coefficients of each draw, (k - j) / k and [j <= k] / k, are known on the host (a few
-    # small integers) and go to the device in one tensor, so the weights take a fixed
-    # handful of operations
-    ks = [k_max] * m if counts is None else [int(c) for c in counts.tolist()]
-    later = [[max(k - 1 - j, 0) / max(k, 1) for j in range(k_max)] for k in ks]
-    within = [[float(j < k) / max(k, 1) for j in range(k_max)] for k in ks]
-    # (2, M, K); the view keeps that shape when M or K is 0
-    coef = torch.tensor([later, within], dtype=log_p.dtype).view(2, m, k_max).to(log_p.device)
-    return torch.addcmul(coef[1] * _times_unit_ratio(remaining, log_b), coef[0], beta)
+    taken = torch.cumsum(beta.detach(), dim=1) - beta.detach()  # exclusive cumsum, (M, K)
+    remaining = (1.0 - taken).clamp_min(0.0)  # sg(R_m)
+    j = torch.arange(k_max, device=log_p.device)
+    if counts is None:
+        k = torch.full((log_p.shape[0], 1), k_max, dtype=log_p.dtype, device=log_p.device)
+    else:
+        k = counts.to(device=log_p.device, dtype=log_p.dtype)[:, None]  # (M, 1)
+    later = (k - 1 - j).clamp_min(0)  # k - j for the 1-indexed j-th draw, (M, K)
+    w = (later * beta + _times_unit_ratio(remaining, log_b)) / k
+    return w if counts is None else w * (j < k)
 
 
 def exact_weights(log_p: torch.Tensor) -> torch.Tensor:

@@ -306,13 +306,6 @@ def pool_to_grid(
     """
     if rows is None and cols is None:
         return logits.flatten(1)  # dense form: one cell per view pixel
-    if isinstance(rows, AxisPool) and isinstance(cols, AxisPool) and rows.block and cols.block:
-        # equal blocks on both axes (tiles): one logsumexp over each cell's block, in one
-        # operation instead of eleven (a stable peak per cell rather than per view)
-        m, v_h, v_w = logits.shape
-        tally_additions(m * v_h * v_w + m * (v_h // rows.block) * v_w)  # as sum_to_grid's two passes count them
-        blocks = logits.reshape(m, v_h // rows.block, rows.block, v_w // cols.block, cols.block)
-        return blocks.logsumexp(dim=(2, 4)).flatten(1)  # (M, G)
     peak = logits.detach().amax(dim=(1, 2), keepdim=True)  # (M, 1, 1) for a stable exp
     mass = torch.exp(logits - peak)  # (M, v_h, v_w)
     cell_mass = sum_to_grid(mass, rows, cols)  # (M, g_h, g_w)
