@@ -13,7 +13,8 @@ per preset to ``docs/benchmarks/training_step.csv`` (``--csv``).
     python benchmarks/training_step.py --dispatch           # ops dispatched against N and B
 
 Each row also gives the allocator setting (``zoomnet.allocator``: the steady thresholds a
-model sets when built, or what training applies where ``ZOOMNET_MALLOC=1`` is set), the page faults and the system time per step.
+model sets when built, or what training applies where ``ZOOMNET_MALLOC=1`` is set), the
+page faults and the system time per step.
 
 ``--dispatch`` counts the tensor operations dispatched (a ``TorchDispatchMode``: what reaches
 the kernels, views included) by one training step, forward and backward, of the
