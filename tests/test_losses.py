@@ -257,3 +257,42 @@ def test_multiclass_instance_loss_gives_the_subtile_most_like_any_class_its_imag
     bag = torch.logsumexp(leaf_logits.detach()[:, 2], 0) - math.log(4)
     plain = F.softplus(-bag) + F.softplus(leaf_logits.detach()[:, :2]).sum(1).mean() / 2
     assert torch.allclose(losses.instance_loss(leaf_logits.detach(), image, labels, reference=None), plain)
+
+
+def test_contrastive_loss_is_the_mean_over_images():
+    """Over several images, the term is the mean of each image's ``-log(1 - p_y)`` (images of
+    the reference class left out), not their sum."""
+    torch.manual_seed(0)
+    logits = torch.randn(5, 3)
+    labels = torch.tensor([1, 0, 2, 1, 2])
+    each = [float(losses.contrastive_loss(logits[i : i + 1], labels[i : i + 1], 0)) for i in range(5) if labels[i] != 0]
+    assert float(losses.contrastive_loss(logits, labels, 0)) == pytest.approx(sum(each) / len(each), rel=1e-6)
+    every = [float(losses.contrastive_loss(logits[i : i + 1], labels[i : i + 1], None)) for i in range(5)]
+    assert float(losses.contrastive_loss(logits, labels, None)) == pytest.approx(sum(every) / 5, rel=1e-6)
+
+
+def test_mask_loss_normalises_the_coverage():
+    """The target of each map is its coverage divided by its total (coverage fractions of
+    cells do not sum to 1): the cross-entropy with the normalised coverage, averaged over maps."""
+    torch.manual_seed(0)
+    maps = [torch.log_softmax(torch.randn(6), 0), torch.log_softmax(torch.randn(4), 0), torch.log_softmax(torch.randn(6), 0)]
+    covers = [torch.tensor([0.0, 0.5, 0.25, 0.0, 0.0, 1.0]), torch.zeros(4), torch.tensor([0.1, 0.0, 0.0, 0.0, 0.0, 0.1])]
+    want = [-(c / c.sum() * lp).sum() for lp, c in zip(maps, covers) if c.sum() > 0]  # maps with objects only
+    got = losses.mask_attention_loss(maps, covers)
+    assert float(got) == pytest.approx(float(sum(want) / len(want)), rel=1e-6)
+
+
+@pytest.mark.parametrize("same_size", [True, False])
+def test_entropy_regulariser_is_a_batch_mean_of_per_level_mean_entropies(same_size):
+    """Per image: the sum over levels of the mean entropy of that level's maps; then the mean
+    over images, whether the maps of a level share a size or not (images of other sizes)."""
+    torch.manual_seed(0)
+    sizes = [4, 4, 4] if same_size else [4, 9, 6]
+    level1 = [torch.log_softmax(torch.randn(1, g), 1) for g in sizes]
+    level2 = [torch.log_softmax(torch.randn(m, g), 1) for m, g in zip([2, 3, 1], [5, 5, 5] if same_size else [5, 7, 5])]
+
+    def mean_entropy(lp):
+        return float((-(lp.exp() * lp).sum(1)).mean())
+
+    want = sum(mean_entropy(a) + mean_entropy(b) for a, b in zip(level1, level2)) / 3
+    assert float(losses.entropy_regularizer([level1, level2])) == pytest.approx(want, rel=1e-6)

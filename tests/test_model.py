@@ -553,3 +553,70 @@ def test_conv_layout_is_channels_last_on_cpu_for_large_inputs_only():
     assert conv_layout(big).is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(conv_layout(big), big)
     assert conv_layout(small).is_contiguous() and conv_layout(torch.randn(4, 5)).is_contiguous()
+
+
+def test_contrastive_pass_stays_on_tissue_and_inside_the_image():
+    """The complementary sample must keep the restrictions of the ordinary one: no level-1
+    tile off the tissue, no level-2 cell centred outside the image. Every region either pass
+    reads (tile views, full-resolution sub-tiles) is checked through the source."""
+    rng = np.random.default_rng(0)
+    # 100 x 200: tissue on the left 100 columns, glass on the right; 64 px tiles stick out below
+    image = np.full((100, 200, 3), 245, dtype=np.uint8)
+    image[:, :100] = np.stack([rng.integers(150, 230, (100, 100)), rng.integers(60, 120, (100, 100)),
+                               rng.integers(120, 200, (100, 100))], axis=-1)
+    cfg = ModelConfig(levels=[LevelConfig(0.25, (64, 64)), LevelConfig(0.5, (16, 16), (8, 8))], samples=24,
+                      tissue_mask=True, smooth=0.2)
+    for seed in range(4):
+        torch.manual_seed(seed)
+        model = ZoomIn(cfg)
+        src = CountingSource(ArraySource(image, fill=255))
+        out = model([src], contrastive=True, generator=torch.Generator().manual_seed(seed))
+        assert out.contrastive_logits is not None
+        tiles = [b for b, s in src.reads if s is not None and b.height == 64]
+        assert tiles and all(b.left < 100 for b in tiles), tiles  # no tile of glass alone
+        leaves = src.full_resolution_reads()
+        assert leaves
+        for b in leaves:  # every sub-tile centred inside the image, in either pass
+            assert 0 <= b.top + b.height / 2 < 100 and 0 <= b.left + b.width / 2 < 200, b
+
+
+def test_leaf_paths_follow_the_geometry():
+    """Each leaf's path names, level by level, the parent it was drawn in and its own cell:
+    the cells' boxes, computed from the level's geometry, lead from the whole image to the
+    leaf's box."""
+    from zoomnet.core.geometry import cell_boxes
+
+    levels = [LevelConfig(0.125, (64, 64)), LevelConfig(0.25, (32, 32), (16, 16)), LevelConfig(0.5, (12, 12), (8, 8))]
+    cfg = ModelConfig(levels=levels, samples=9)
+    torch.manual_seed(0)
+    model = ZoomIn(cfg)
+    rng = np.random.default_rng(2)
+    sources = [ArraySource(rng.integers(0, 255, (160, 224, 3), dtype=np.uint8)) for _ in range(2)]
+    out = model(sources, generator=torch.Generator().manual_seed(0))
+    assert len(out.leaf_paths) == len(out.leaf_boxes) > 4
+    for path, leaf, b in zip(out.leaf_paths, out.leaf_boxes, out.leaf_image.tolist()):
+        assert len(path) == 3
+        box = Box(0, 0, 160, 224)
+        for level, (image, parent, cell) in enumerate(path):
+            assert image == b and parent == box
+            lv = levels[level]
+            box = Box(*cell_boxes(parent, lv.cell_stride(), lv.region)[cell].tolist())
+        assert box == leaf
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 256])
+def test_a_batch_predicts_what_each_image_predicts_alone(chunk):
+    """Inference over a batch, in chunks of sub-tiles that span images, gives each image the
+    ``z`` and logits it gets alone (deterministic draws do not depend on the batch)."""
+    cfg = ModelConfig(levels=[LevelConfig(0.125, (64, 64)), LevelConfig(0.5, (16, 16), (4.0, 4.0))], samples=12,
+                      chunk=chunk, view_chunk=2)
+    torch.manual_seed(0)
+    model = ZoomIn(cfg).double()
+    rng = np.random.default_rng(5)
+    sources = [ArraySource(rng.integers(0, 255, (192, 256, 3), dtype=np.uint8)) for _ in range(3)]
+    batch = model.predict(sources, deterministic=True)
+    for i, src in enumerate(sources):
+        alone = model.predict([src], deterministic=True)
+        torch.testing.assert_close(batch.z[i], alone.z[0], rtol=0, atol=1e-12)
+        torch.testing.assert_close(batch.logits[i], alone.logits[0], rtol=0, atol=1e-12)
+    assert not torch.allclose(batch.z[0], batch.z[1])  # the images differ, so must their z
