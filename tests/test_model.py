@@ -396,6 +396,7 @@ def test_impossible_settings_are_refused(change, field):
         ModelConfig(**change)
 
 
+@pytest.mark.slow  # a training of 15 epochs
 def test_tiny_model_fits_a_separable_set():
     """Bright square (positive) vs none: a 2-level model reaches 100 % training accuracy."""
     from zoomnet.data.examples import Example

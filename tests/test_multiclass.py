@@ -36,11 +36,12 @@ def test_multiclass_terms_have_gradients_everywhere():
         assert any(g is not None and g.abs().sum() > 0 for g in grads), name
 
 
+@pytest.mark.slow  # a training of 20 epochs
 def test_tiny_multiclass_set_reaches_full_training_accuracy():
     torch.manual_seed(0)
     train = make_shapes(12, classes=3, size=64, seed=0)
     model = ZoomIn(_config())
-    cfg = TrainConfig(epochs=15, batch_size=4, lr=3e-3, attention_lr=1e-2, contrastive_from="auto",
+    cfg = TrainConfig(epochs=20, batch_size=4, lr=3e-3, attention_lr=1e-2, contrastive_from="auto",
                       instance_weight=4.0, distill_weight=1.0, reference_class=None, seed=0)
     history = fit(model, train, [], cfg, log=lambda _: None, progress=False)
     accuracy = [r["train_accuracy"] for r in history]
@@ -126,7 +127,7 @@ def test_attention_learns_only_from_its_epoch(attention_from, frozen_epochs):
     torch.manual_seed(0)
     train = make_shapes(8, classes=3, size=64, seed=0)
     model = ZoomIn(_config())
-    cfg = TrainConfig(epochs=4, batch_size=4, lr=3e-3, attention_lr=1e-2, contrastive_from=None,
+    cfg = TrainConfig(epochs=6, batch_size=4, lr=3e-3, attention_lr=1e-2, contrastive_from=None,
                       instance_weight=4.0, distill_weight=1.0, reference_class=None, seed=0,
                       attention_from=attention_from)
     weights = []
@@ -145,6 +146,7 @@ def test_attention_learns_only_from_its_epoch(attention_from, frozen_epochs):
         assert attention_moved == (epoch > frozen_epochs), (epoch, frozen_epochs)
 
 
+@pytest.mark.slow  # a training of 15 epochs
 def test_tiny_set_with_an_empty_class_and_three_shapes_reaches_full_training_accuracy():
     """The traffic-sign layout in small: class 0 holds nothing (the reference class), classes
     1-3 one shape each. The reference-class terms, with the object-class part of the instance

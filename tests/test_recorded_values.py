@@ -27,6 +27,8 @@ CASES = {
     "colon-cancer": ("colon-cancer", 500, 500, []),
     "colon-cancer-ats": ("colon-cancer", 500, 500, ["model.kind=ats"]),
     "colon-cancer-cnn": ("colon-cancer", 500, 500, ["model.kind=cnn", "model.cnn_scale=0.25"]),
+    # zoomnet 0.1.0's attention net (a 1x1 head): its values were recorded with that release
+    "colon-cancer-head-1x1": ("colon-cancer", 500, 500, ["model.attention_head=1x1"]),
     "needle-camelyon": ("needle-camelyon", 384, 384, []),
     "tiny-objects": ("tiny-objects", 512, 512, []),
     "megapixel-mnist": ("megapixel-mnist", 600, 600, []),

@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from zoomnet.errors import UserError
-from zoomnet.model import ModelConfig, build_model
+from zoomnet.model import ModelConfig, build_model, with_legacy_fields
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -114,9 +114,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Mod
         raise UserError(f"{path}: no such checkpoint; give a run folder's best.safetensors or last.safetensors")
     try:
         meta = read_description(path)
-        recorded = dict(meta["model"])
-        # runs saved before the contrast prior existed were trained without one
-        recorded.setdefault("attention_prior", 0.0)
+        recorded = with_legacy_fields(dict(meta["model"]))  # as earlier releases trained it
         model = build_model(ModelConfig(**recorded))
     except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise UserError(f"{path}: no zoomnet checkpoint description in it or in {path.with_suffix('.json').name} "

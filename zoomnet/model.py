@@ -83,6 +83,11 @@ class ModelConfig:
         feature_kwargs: extra arguments for the feature net.
         classifier_scale: input scale of the linear classifier (features are unit vectors).
         attention_width: hidden channels of the attention nets (8 in the paper).
+        attention_depth: 3x3 convolutions of the attention nets (3 in the paper).
+        attention_head: ``"3x3"``: the last 3x3 convolution gives the logit (the authors'
+            net, 864 multiply-adds per view pixel); ``"1x1"``: a 1x1 convolution after
+            ``attention_depth`` convolutions of ``attention_width`` channels (zoomnet 0.1.0's
+            net, 1,376). A run that does not record it was trained with ``"1x1"``.
         attention_prior: initial gain of the attention nets' contrast prior (0: none): the
             untrained attention is drawn to local detail rather than uniform, so the first
             epochs sample the places where a small object can be (``nets/attention.py``).
@@ -117,6 +122,8 @@ class ModelConfig:
     feature_kwargs: dict = field(default_factory=dict)
     classifier_scale: float = 10.0
     attention_width: int = 8
+    attention_depth: int = 3
+    attention_head: str = "3x3"
     attention_prior: float = 5.0
     smooth: float = 0.0
     pixel_mean: tuple[float, float, float] = (127.5, 127.5, 127.5)
@@ -147,10 +154,15 @@ class ModelConfig:
             raise ValueError("model.levels: zoomin needs at least two levels (one is ats)")
         if self.samples <= 0 or (self.train_samples is not None and self.train_samples <= 0):
             raise ValueError(f"model.samples={self.samples}: the number of draws must be >= 1")
-        for name in ("samples", "chunk", "view_chunk", "num_classes", "attention_width"):
+        for name in ("samples", "chunk", "view_chunk", "num_classes", "attention_width", "attention_depth"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
                 raise ValueError(f"model.{name}={v!r}: give a whole number")
+        if self.attention_width < 1 or not 1 <= self.attention_depth <= 16:
+            raise ValueError(f"model.attention_width={self.attention_width}, attention_depth={self.attention_depth}: "
+                             "give a width >= 1 and a depth from 1 to 16 (the paper: 8 and 3)")
+        if self.attention_head not in ("3x3", "1x1"):
+            raise ValueError(f"model.attention_head={self.attention_head!r}: choose 3x3 (the authors' net) or 1x1")
         if self.strip_rows is not None and (not isinstance(self.strip_rows, int) or self.strip_rows < 1):
             raise ValueError(f"model.strip_rows={self.strip_rows!r}: give a whole number >= 1, or null")
         if self.chunk < 1 or self.view_chunk < 1:
@@ -198,6 +210,22 @@ class ModelConfig:
                 raise ValueError(
                     f"model.levels[{i + 1}].scale={scale}: the view of a {parent} region is empty"
                 )
+
+
+# What a recorded model configuration that lacks these fields was trained with: runs and
+# checkpoints of earlier releases (the contrast prior came later; 0.1.0's attention net had
+# a 1x1 head) are read as they were trained.
+LEGACY_MODEL_FIELDS = {"attention_prior": 0.0, "attention_head": "1x1", "attention_depth": 3}
+
+
+def with_legacy_fields(model: dict) -> dict:
+    """A recorded model configuration (a run's ``config.json`` or a checkpoint's), with the
+    fields it lacks set to what it was trained with (``LEGACY_MODEL_FIELDS``).
+
+    >>> with_legacy_fields({"attention_prior": 5.0})["attention_head"]
+    '1x1'
+    """
+    return {**LEGACY_MODEL_FIELDS, **model}
 
 
 def _restrict(log_p: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
@@ -474,10 +502,12 @@ class ZoomIn(nn.Module):
         self.config = config
         c = len(config.pixel_mean)
         def attention_net(name: str) -> nn.Module:
-            # a user's attention net need not know the prior: it gets none
-            takes_prior = "prior" in inspect.signature(resolve("attention", name)).parameters
-            prior = {"prior": config.attention_prior} if config.attention_prior and takes_prior else {}
-            return build("attention", name, in_channels=c, width=config.attention_width, **prior)
+            # a user's attention net need not know the prior, the depth or the head: it gets
+            # those of them it takes
+            takes = inspect.signature(resolve("attention", name)).parameters
+            extra = {"prior": config.attention_prior} if config.attention_prior and "prior" in takes else {}
+            extra.update({k: v for k, v in (("depth", config.attention_depth), ("head", config.attention_head)) if k in takes})
+            return build("attention", name, in_channels=c, width=config.attention_width, **extra)
 
         self.attention = nn.ModuleList(attention_net(lv.attention) for lv in config.levels)
         self.feature = build("feature", config.feature, in_channels=c, **config.feature_kwargs)

@@ -37,7 +37,7 @@ from zoomnet.config import RunConfig, config_from_dict
 from zoomnet.data.manifest import class_list, load_examples, read_manifest, resolve_reference
 from zoomnet.data.examples import Example
 from zoomnet.errors import ImageError, UserError
-from zoomnet.model import build_model
+from zoomnet.model import build_model, with_legacy_fields
 from zoomnet.train import NonFiniteLoss, evaluate, fit, make_optimizer
 
 
@@ -171,7 +171,7 @@ def first_difference(given: dict, saved: dict, where: str = "") -> str | None:
     """
     derived = {"data.classes", "data.reference_class", "train.reference_class", "train.reference_share",
                "model.num_classes", "train.epochs"}
-    for key in sorted(set(given) | set(saved)):
+    for key in sorted(saved):  # a field the run does not record came later: the run keeps what it had
         name = f"{where}.{key}" if where else key
         if name in derived:
             continue
@@ -239,7 +239,7 @@ def train_run(
         if not (out / "last.safetensors").is_file() or not (out / "config.json").is_file():
             raise UserError(f"{out}: no checkpoint to resume from (last.safetensors); train without --resume first")
         saved = read_run_config(out / "config.json")
-        differs = first_difference(config.to_dict(), saved.to_dict())
+        differs = first_difference(config.to_dict(), json.loads((out / "config.json").read_text()))
         if differs:
             raise UserError(
                 f"--resume {out}: {differs} differs from the run's ({_field(saved, differs)!r} in config.json, "
@@ -419,6 +419,8 @@ def read_run_config(path: Path) -> RunConfig:
         raise UserError(f"{path}: not valid JSON ({exc}); restore the run's config.json") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: holds a {type(data).__name__}, not a configuration; restore the run's config.json")
+    if isinstance(data.get("model"), dict):
+        data["model"] = with_legacy_fields(data["model"])
     try:
         return config_from_dict(data, str(path))
     except (TypeError, AttributeError) as exc:

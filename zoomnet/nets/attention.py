@@ -1,15 +1,19 @@
 """Attention nets ``a_l``: fully convolutional, one logit per view pixel.
 
-The authors' net (Kong & Henao, code for the colon set): three 3x3 convolutions with 8
-channels and ReLU, then a 1x1 convolution to one channel. Its receptive field is 7 pixels
-(a halo of 3 on each side), which strip-wise evaluation of large views relies on.
+The default is the authors' net (Kong & Henao, code for the colon set): three 3x3
+convolutions, 3 -> 8 -> 8 -> 1 channels, with ReLU between them; the last convolution gives
+the logit (864 multiply-adds per view pixel on RGB). ``head="1x1"`` is the variant of
+zoomnet 0.1.0: ``depth`` 3x3 convolutions of ``width`` channels, then a 1x1 convolution to
+the logit (1,376 multiply-adds per pixel at depth 3); a run folder that does not record the
+head was trained with it. Either way the receptive field is ``2 depth + 1`` pixels (a halo
+of ``depth`` on each side), which strip-wise evaluation of large views relies on.
 
 An optional *contrast prior* adds ``gain * local contrast`` to the logits: how far each
 view pixel is from the mean of its 7x7 neighbourhood (normalised units, mean over channels,
 capped at 3). Untrained attention is then not uniform but drawn to detail — objects, tissue,
 strokes — instead of flat background, which is where a tiny object can be at all; the gain
 is learnt with the rest, so training can turn it down where detail is not what matters.
-Its radius is 3, within the net's halo.
+Its radius is 3, within the halo of the default depth.
 """
 
 from __future__ import annotations
@@ -20,24 +24,38 @@ from torch import nn
 from zoomnet.core.geometry import tally_additions
 from zoomnet.nets.registry import register
 
+HEADS = ("3x3", "1x1")  # the authors' net; zoomnet 0.1.0's
+
 
 class ConvAttention(nn.Module):
-    """Three ``3x3`` convs (``width`` channels, ReLU) and a ``1x1`` conv to one logit.
+    """``depth`` 3x3 convolutions with ReLU between them, one logit per pixel.
 
     Args:
         in_channels: image channels.
         width: channels of the hidden convolutions (8 in the paper).
-        depth: number of ``3x3`` convolutions (3 in the paper).
+        depth: number of 3x3 convolutions (3 in the paper).
+        head: ``"3x3"``: the last 3x3 convolution gives the logit (the authors' net);
+            ``"1x1"``: all ``depth`` 3x3 convolutions have ``width`` channels and a 1x1
+            convolution gives the logit.
+        prior: initial gain of the contrast prior (0: none).
     """
 
-    def __init__(self, in_channels: int = 3, width: int = 8, depth: int = 3, prior: float = 0.0):
+    def __init__(self, in_channels: int = 3, width: int = 8, depth: int = 3, prior: float = 0.0, head: str = "3x3"):
         super().__init__()
+        if head not in HEADS:
+            raise ValueError(f"attention head={head!r}: use one of {', '.join(HEADS)}")
+        if depth < 1 or width < 1:
+            raise ValueError(f"attention depth={depth}, width={width}: give at least 1 each")
         layers: list[nn.Module] = []
         c = in_channels
-        for _ in range(depth):
-            layers += [nn.Conv2d(c, width, 3, padding=1), nn.ReLU(inplace=True)]
-            c = width
-        layers.append(nn.Conv2d(c, 1, 1))
+        for i in range(depth):
+            out = 1 if head == "3x3" and i == depth - 1 else width
+            layers.append(nn.Conv2d(c, out, 3, padding=1))
+            if out != 1:
+                layers.append(nn.ReLU(inplace=True))
+            c = out
+        if head == "1x1":
+            layers.append(nn.Conv2d(c, 1, 1))
         self.net = nn.Sequential(*layers)
         self.prior_gain = nn.Parameter(torch.tensor(float(prior))) if prior else None
         self.halo = max(depth, 3) if prior else depth  # receptive-field radius in view pixels
@@ -108,5 +126,6 @@ def _inside_counts(h: int, w: int, radius: int, device: torch.device, dtype: tor
 
 
 @register("attention", "conv")
-def conv_attention(in_channels: int = 3, width: int = 8, depth: int = 3, prior: float = 0.0) -> ConvAttention:
-    return ConvAttention(in_channels, width, depth, prior)
+def conv_attention(in_channels: int = 3, width: int = 8, depth: int = 3, prior: float = 0.0,
+                   head: str = "3x3") -> ConvAttention:
+    return ConvAttention(in_channels, width, depth, prior, head)
