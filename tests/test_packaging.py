@@ -26,7 +26,7 @@ def test_wheel_installs_and_trains_from_a_preset(tmp_path):
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", tmp_path / "dist", ROOT], tmp_path)
     (wheel,) = (tmp_path / "dist").glob("zoomnet-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert "zoomnet/configs/tiny-objects.json" in names and "zoomnet/configs/megapixel-mnist.json" in names
+    assert "zoomnet/config/presets/tiny-objects.json" in names and "zoomnet/config/presets/megapixel-mnist.json" in names
 
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", venv], tmp_path)

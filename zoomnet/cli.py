@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         if args.debug:
             raise
-        print(f"zoomnet: error: {exc}", file=sys.stderr)
+        print(f"zoomnet: error: {exc.for_cli()}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("zoomnet: interrupted", file=sys.stderr)
