@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _results import write_rows  # noqa: E402
-from zoomnet.allocator import reuse_freed_memory  # noqa: E402
+from zoomnet.runtime.allocator import reuse_freed_memory  # noqa: E402
 from zoomnet.bench import SETTINGS, bench_image, setting_config  # noqa: E402
 from zoomnet.config import load_config  # noqa: E402
 from zoomnet.data.examples import Example  # noqa: E402

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(
 
 _PROGRAM = """
 import resource, torch
-from zoomnet.allocator import reuse_freed_memory
+from zoomnet.runtime.allocator import reuse_freed_memory
 applied = reuse_freed_memory()
 torch.empty(16 << 20).fill_(1.0)  # 64 MB, above any mmap threshold glibc picks by itself
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -49,7 +49,7 @@ def test_freed_blocks_are_reused_where_asked_and_only_there():
 
 _STEADY_PROGRAM = """
 import resource, torch
-from zoomnet.allocator import settle_heap
+from zoomnet.runtime.allocator import settle_heap
 applied = settle_heap()
 torch.empty(5 << 20).fill_(1.0)  # 20 MB: mapped afresh by glibc as it comes, from the heap when settled
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -59,7 +59,7 @@ print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 
 def test_steady_thresholds_keep_blocks_below_32_mb_for_the_next_call():
-    """What building a model sets (zoomnet.allocator.settle_heap): a freed block of 20 MB
+    """What every command sets (zoomnet.runtime.allocator.settle_heap): a freed block of 20 MB
     serves the next call without new pages; ZOOMNET_MALLOC=0 leaves glibc as it comes."""
     pages = (19 << 20) // os.sysconf("SC_PAGE_SIZE")  # 4,864 with 4 KB pages
     if pages < 3_000:

@@ -168,7 +168,7 @@ def test_model_never_draws_a_sub_tile_centred_outside_the_image():
 
 
 def test_tile_views_repeat_the_image_edge_over_the_fill():
-    from zoomnet.model import _repeat_edges
+    from zoomnet.model.reading import repeat_edges as _repeat_edges
 
     image = np.random.default_rng(0).integers(0, 255, (200, 150, 3), dtype=np.uint8)
     src = ArraySource(image)

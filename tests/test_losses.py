@@ -49,7 +49,7 @@ def test_mask_loss_prefers_covered_cells():
     assert losses.mask_attention_loss([good], [cover]) < losses.mask_attention_loss([bad], [cover])
     assert float(losses.mask_attention_loss([good], [torch.zeros(4)])) == 0.0
     # a cell the map leaves out (outside the image) is no target, however much it covers
-    from zoomnet.model import _restrict
+    from zoomnet.model.cells import restrict as _restrict
 
     restricted = _restrict(good[None], torch.tensor([[True, True, True, False]]))[0]
     value = losses.mask_attention_loss([restricted], [torch.tensor([0.0, 1.0, 0.0, 0.5])])

@@ -132,7 +132,7 @@ def test_overlapping_tiles_add_the_weights_of_a_shared_sub_tile(monkeypatch, pat
     model = ZoomIn(cfg).double()
     model.config.chunk = 3
     src = ArraySource(np.random.default_rng(1).integers(0, 255, (8, 12, 3), dtype=np.uint8))
-    from zoomnet.model import _attend
+    from zoomnet.model.zoomin import attend as _attend
 
     def probs(view: torch.Tensor, level: int, groups: list[list[int]], out: int | None = None) -> torch.Tensor:
         # the test's pooling: a cell's logit is the logsumexp of its view columns (all rows)
@@ -193,7 +193,8 @@ def sequential_z(model: ZoomIn, sources, n: int) -> torch.Tensor:
     parent by parent, one sub-tile at a time, with the per-parent estimator formulas."""
     from zoomnet.core import expectation
     from zoomnet.core.geometry import cells_in_image
-    from zoomnet.model import _repeat_edges, _restrict
+    from zoomnet.model.cells import restrict as _restrict
+    from zoomnet.model.reading import repeat_edges as _repeat_edges
 
     def drawable(lp: torch.Tensor, box: Box, level: int, parent_hw) -> tuple[torch.Tensor, torch.Tensor]:
         # a parent's map over the cells that reach the image (the others show the fill)
@@ -337,7 +338,7 @@ def test_chunked_inference_equals_one_pass():
 
 @pytest.mark.parametrize("feature", ["lenet", "resnet"])
 def test_training_in_heap_sized_chunks_gives_the_values_and_gradients_of_one_call(monkeypatch, feature):
-    from zoomnet import allocator
+    from zoomnet.model import chunks as allocator
 
     cfg = ModelConfig(levels=[LevelConfig(0.125, (64, 64), "tiled"), LevelConfig(0.5, (16, 16), (4.0, 4.0))],
                       samples=12, feature=feature, num_classes=3)

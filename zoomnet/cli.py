@@ -15,6 +15,7 @@ from pathlib import Path
 from zoomnet import __version__
 from zoomnet.data.writers import KINDS
 from zoomnet.errors import UserError
+from zoomnet.runtime.allocator import settle_heap
 
 
 def strict_json(value) -> str:
@@ -39,7 +40,7 @@ def strict_json(value) -> str:
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    from zoomnet.doctor import print_report
+    from zoomnet.runtime.doctor import print_report
 
     return print_report()
 
@@ -272,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
     args = build_parser().parse_args(argv)
+    settle_heap()  # the same pages for every call from the first (zoomnet.runtime.allocator)
     try:
         return args.func(args)
     except UserError as exc:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from zoomnet.allocator import reuse_freed_memory
+from zoomnet.runtime.allocator import reuse_freed_memory
 from zoomnet.config.train import TrainConfig
 from zoomnet.core import losses, sampling
 from zoomnet.core.geometry import Box
