@@ -584,3 +584,12 @@ def test_array_source_takes_read_only_arrays_quietly(shape):
     finally:
         torch.set_warn_always(always)
     assert torch.equal(src.read(Box(0, 0, 12, 10))[0], torch.from_numpy(arr.copy()).float().reshape(12, 10, -1)[..., 0])
+
+
+def test_a_preset_name_wins_over_a_folder_of_that_name(tmp_path, monkeypatch):
+    """`make-data colon-cancer colon-cancer` then `train --config colon-cancer`: the preset."""
+    from zoomnet.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "colon-cancer").mkdir()
+    assert load_config("colon-cancer").model.levels[1].region == (27, 27)

@@ -42,8 +42,10 @@ def available_presets() -> list[str]:
 
 
 def _read_json(name_or_path: str) -> dict:
+    """The JSON of a preset or of a file. A preset's name wins over a folder of the same name
+    in the working directory (a data set written by ``make-data colon-cancer`` is one)."""
     path = Path(name_or_path)
-    if path.suffix == ".json" or path.exists():
+    if path.suffix == ".json" or (path.exists() and not (path.is_dir() and name_or_path in available_presets())):
         if not path.is_file():
             raise UserError(f"{name_or_path}: no such config file; give a preset ({', '.join(available_presets())}) or a JSON file")
         try:
