@@ -21,9 +21,9 @@ import torch
 
 from zoomnet.config import load_config
 from zoomnet.data.manifest import class_list, load_examples, read_manifest
-from zoomnet.data.writers import write_dataset
+from zoomnet.data.generators import write_dataset
 from zoomnet.model import build_model
-from zoomnet.train import object_hits
+from zoomnet.metrics import object_hits
 
 ROOT = Path(__file__).resolve().parents[1]
 SETS = {"megapixel-mnist": "megapixel-mnist", "tiny-objects": "tiny-objects", "needles": "needle-camelyon"}

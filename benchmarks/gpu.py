@@ -55,7 +55,7 @@ from zoomnet.data.examples import Example  # noqa: E402
 from zoomnet.model import build_model  # noqa: E402
 from zoomnet.sources import ArraySource  # noqa: E402
 from zoomnet.sources.held import NumpySource  # noqa: E402
-from zoomnet.train import make_optimizer, training_loss  # noqa: E402
+from zoomnet.train import make_optimizer, training_step  # noqa: E402
 
 CUDA = torch.device("cuda")  # replaced by --device (cpu: a dry run of the script, no memory figures)
 TRAIN_SIZES = {"needle-camelyon": (1024, 1024), "megapixel-mnist": (1500, 1500), "colon-cancer": (500, 500),
@@ -126,7 +126,7 @@ def inference_row(name: str, kind: str, precision: str, repeats: int) -> dict:
 
 
 def train_row(preset: str, draws: int | None, batch: int, precision: str, device: torch.device, repeats: int) -> dict:
-    reuse_freed_memory()  # as train_epoch does: where ZOOMNET_MALLOC=1 is set
+    reuse_freed_memory()  # as train_run does: where ZOOMNET_MALLOC=1 is set
     overrides = [f"model.train_samples={draws}"] if draws else []
     config = load_config(preset, overrides)
     config.train.reference_class = None if config.model.num_classes > 2 else 0
@@ -134,19 +134,14 @@ def train_row(preset: str, draws: int | None, batch: int, precision: str, device
     rng = np.random.default_rng(0)
     examples = [Example(ArraySource(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)), i % config.model.num_classes,
                         None, f"img{i}") for i in range(batch)]
-    labels = torch.tensor([e.label for e in examples], device=device)
     torch.manual_seed(0)
     model = build_model(config.model).to(device).train()
     optimizer = make_optimizer(model, config.train)
     generator = torch.Generator().manual_seed(0)
 
-    def step():
-        with autocast(device, precision):
-            out = model([e.source for e in examples], generator=generator, contrastive=True)
-        loss, _ = training_loss(model, out, examples, labels, config.train, True)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    def step():  # the training step of `zoomnet train`
+        training_step(model, examples, config.train, optimizer, generator, contrastive=True,
+                      autocast=precision == "bf16")
 
     reset_peak(device)
     seconds = timed(step, device, repeats, warmups=1)
@@ -169,7 +164,6 @@ def diagnose(preset: str, draws: int, batch: int, repeats: int) -> list[dict]:
         rng = np.random.default_rng(0)
         examples = [Example(ArraySource(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)), i % 2, None, f"img{i}")
                     for i in range(batch)]
-        labels = torch.tensor([e.label for e in examples], device=CUDA)
         torch.manual_seed(0)
         model = build_model(config.model).to(CUDA).train()
         optimizer = make_optimizer(model, config.train)
@@ -178,12 +172,8 @@ def diagnose(preset: str, draws: int, batch: int, repeats: int) -> list[dict]:
         def step(same: bool = False):
             if same:
                 state["g"] = torch.Generator().manual_seed(0)
-            with autocast(CUDA, precision):
-                out = model([e.source for e in examples], generator=state["g"], contrastive=True)
-            loss, _ = training_loss(model, out, examples, labels, config.train, True)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
+            training_step(model, examples, config.train, optimizer, state["g"], contrastive=True,
+                          autocast=precision == "bf16")
 
         for name, fn in (("varying draws", step), ("same draws", lambda: step(True))):
             rows.append({"part": "diagnose", "setting": preset, "model": f"{name} N={draws} B={batch}",

@@ -1,23 +1,17 @@
-"""The benchmark harness: its memory measure, and a tiny run of `zoomnet bench`."""
+"""zoomnet.bench: its FLOP and memory measures, and runs of the harness."""
 
 from __future__ import annotations
-
-import pytest
 
 import csv
 import io
 
+import pytest
 import torch
-
-import math
-
-import numpy as np
-
 from zoomnet.bench import COLUMNS, MODELS, PeakTensorMemory
-from zoomnet.metrics import leaf_probabilities, spearman
-from zoomnet.sources.held import NumpySource
-from zoomnet.core.geometry import Box
 from zoomnet.cli import main
+from zoomnet.core.geometry import (
+    pool_to_grid,
+)
 
 
 def test_peak_memory_follows_allocations_and_frees():
@@ -47,44 +41,22 @@ def test_bench_prints_one_csv_row_per_model(capsys):
     assert by["cnn"]["attention_flops"] == "" and int(by["zoomin"]["attention_flops"]) > 0
 
 
-def test_bench_colon_has_nothing_to_train_on(capsys):
-    assert main(["bench", "colon-cancer"]) == 2
-    assert "--skip-training" in capsys.readouterr().err
+def test_bench_names_its_settings_and_models(capsys):
+    assert main(["bench", "colon"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown setting" in err and "colon-cancer" in err and "fmow" in err
+    assert main(["bench", "colon-cancer", "--skip-training", "--models", "unet"]) == 2
+    assert "bench --models: unknown model 'unet'" in capsys.readouterr().err
 
 
-def test_spearman_ranks_ties_by_their_average():
-    # ranks x: 1, 2.5, 2.5, 4; y: 1, 2, 3, 4 -> Pearson of the ranks
-    x, y = [0.1, 0.5, 0.5, 0.9], [1, 2, 3, 4]
-    rx, ry = np.array([1, 2.5, 2.5, 4]), np.array([1, 2, 3, 4])
-    assert math.isclose(spearman(x, y), np.corrcoef(rx, ry)[0, 1])
-    assert math.isclose(spearman(np.exp(y), y), 1.0)  # monotone: 1
-    assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))
+def test_every_preset_has_a_bench_setting_on_its_stand_in():
+    from zoomnet.bench import SETTINGS, setting_config
+    from zoomnet.config import available_presets
 
-
-def test_pyramid_reads_equal_resampling_the_image():
-    rng = np.random.default_rng(0)
-    image = rng.integers(0, 256, (64, 96, 3), dtype=np.uint8)
-    plain, pyramid = NumpySource(image), NumpySource(image, scales=(0.25, 0.5))
-    for box, size in [(Box(0, 0, 64, 96), (16, 24)), (Box(32, 32, 32, 32), (16, 16)), (Box(-8, -8, 16, 16), None)]:
-        assert torch.equal(plain.read(box, size), pyramid.read(box, size))
-
-
-def test_leaf_probabilities_multiply_along_the_path():
-    from zoomnet.model import LevelConfig, ModelConfig, ZoomIn
-    from zoomnet.sources import ArraySource
-
-    torch.manual_seed(0)
-    cfg = ModelConfig(levels=[LevelConfig(0.25, (16, 16), "tiled"), LevelConfig(0.5, (4, 4), "tiled")], samples=6)
-    model = ZoomIn(cfg)
-    src = ArraySource(torch.rand(3, 32, 32) * 255)
-    out = model.predict([src], generator=torch.Generator().manual_seed(0))
-    probs = leaf_probabilities(out)
-    assert len(probs) == len(out.leaf_boxes) > 0
-    for path, p in zip(out.leaf_paths, probs):
-        (b, box1, c1), (_, box2, c2) = path
-        alpha = out.log_maps[0][b][out.parents[0][b].index(box1)].exp().flatten()[c1]
-        beta = out.log_maps[1][b][out.parents[1][b].index(box2)].exp().flatten()[c2]
-        assert math.isclose(p, float(alpha * beta), rel_tol=1e-5)
+    assert {s.preset for s in SETTINGS.values()} == set(available_presets())
+    ats = setting_config("fmow", "ats")
+    assert ats.model.kind == "ats" and ats.model.levels[0].scale == 0.5  # the preset's ats_scale
+    assert setting_config("fmow", "cnn-downsampled").model.cnn_scale == 0.25
 
 
 @pytest.mark.slow  # an end-to-end training: `make test-slow`, run by .ci/run
@@ -107,3 +79,22 @@ def test_bench_trains_tests_and_measures_a_tiny_needles_set(tmp_path, capsys):
     again = {r["model"]: r for r in csv.DictReader(io.StringIO(
         "\n".join(ln for ln in capsys.readouterr().out.splitlines() if not ln.startswith("#"))))}
     assert [again[m]["accuracy"] for m in MODELS] == [rows[m]["accuracy"] for m in MODELS]
+
+
+def test_pooling_and_running_sums_are_counted_as_additions():
+    """The FLOP counter sees convolutions and matrix products; the bench's also counts one
+    addition per element of the linear-time sums (cell pooling, the prior's running sums)."""
+    from zoomnet.bench import flop_counter
+    from zoomnet.core.geometry import pooling_plan
+    from zoomnet.nets.attention import local_contrast
+
+    rows, cols = pooling_plan((64, 48), (1024, 768), (64.0, 64.0))  # 4x4 pixels a cell
+    with flop_counter() as fc:
+        pool_to_grid(torch.zeros(2, 64, 48), rows, cols)
+    assert fc.get_total_flops() == 2 * 64 * 48 + 2 * 16 * 48  # rows of cells, then columns
+    m, c, h, w = 2, 3, 10, 12
+    with flop_counter() as fc:
+        local_contrast(torch.randn(m, c, h, w))
+    # two running sums over the padded view (7 px more on each axis); the mean over channels
+    # is not a sum the counter knows, and is cheap beside them
+    assert fc.get_total_flops() == m * c * ((h + 7) * (w + 7) + (h + 7) * w)

@@ -1,4 +1,4 @@
-"""The model: the estimator as composed by the hierarchy, what it reads, shapes, learning."""
+"""zoomnet.model: the hierarchy, exact by enumeration, batched as the plain sum, reading each region once, staying on tissue and inside the image."""
 
 from __future__ import annotations
 
@@ -8,11 +8,31 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from zoomnet import ArraySource, CountingSource, LevelConfig, ModelConfig, ZoomIn, build_model
+from zoomnet import (
+    ArraySource,
+    CountingSource,
+    LevelConfig,
+    ModelConfig,
+    ZoomIn,
+    build_model,
+)
 from zoomnet.core import sampling
-from zoomnet.core.geometry import Box
+from zoomnet.core.geometry import (
+    Box,
+    cell_boxes,
+)
 from zoomnet.nets import available
+
+
+def test_estimator_stays_float32_under_autocast():
+    from zoomnet import ArraySource, LevelConfig, ModelConfig, ZoomIn
+
+    model = ZoomIn(ModelConfig(levels=[LevelConfig(0.25, (32, 32)), LevelConfig(0.5, (16, 16), (8, 8))], samples=4))
+    src = ArraySource(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model([src], contrastive=True, generator=torch.Generator().manual_seed(0))
+    assert out.log_maps[0][0].dtype == torch.float32 and out.log_maps[1][0].dtype == torch.float32
+    assert out.z.dtype == torch.float32 and torch.isfinite(out.logits).all()
 
 
 def tiny_enumerable_model() -> tuple[ZoomIn, ArraySource]:
@@ -383,45 +403,6 @@ def test_deterministic_and_seeded_predictions_repeat():
     assert torch.equal(c.logits, d.logits)
 
 
-@pytest.mark.parametrize(
-    "change,field",
-    [
-        ({"samples": 0}, "samples"),
-        ({"levels": [LevelConfig(1.5, (8, 8)), LevelConfig(0.5, (4, 4))]}, "scale"),
-        ({"levels": [LevelConfig(0.5, (8, 8), (16, 16)), LevelConfig(0.5, (4, 4))]}, "smaller than its cell stride"),
-        ({"kind": "unet"}, "kind"),
-    ],
-)
-def test_impossible_settings_are_refused(change, field):
-    with pytest.raises(ValueError, match=field):
-        ModelConfig(**change)
-
-
-@pytest.mark.slow  # a training of 15 epochs
-def test_tiny_model_fits_a_separable_set():
-    """Bright square (positive) vs none: a 2-level model reaches 100 % training accuracy."""
-    from zoomnet.data.examples import Example
-    from zoomnet.train import TrainConfig, evaluate, fit
-
-    rng = np.random.default_rng(0)
-    examples = []
-    for i in range(16):
-        img = rng.integers(60, 120, (64, 64, 3)).astype(np.uint8)
-        if i % 2:
-            y, x = rng.integers(4, 44, 2)
-            img[y : y + 16, x : x + 16] = 250
-        examples.append(Example(ArraySource(img), i % 2))
-    cfg = ModelConfig(
-        levels=[LevelConfig(0.25, (32, 32)), LevelConfig(0.5, (16, 16), (8, 8))],
-        samples=4, feature_kwargs={"width": 8, "out_dim": 16},
-    )
-    torch.manual_seed(0)
-    model = ZoomIn(cfg)
-    fit(model, examples, [], TrainConfig(epochs=15, batch_size=8, lr=3e-3, contrastive_from=None, seed=0),
-        log=lambda s: None, progress=False)
-    assert evaluate(model, examples, deterministic=True)["accuracy"] == 1.0
-
-
 @pytest.mark.parametrize("strip", [5, 8, 13])
 def test_strips_equal_the_whole_view(strip):
     """Level-1 attention in strips with a halo equals the whole-view pass (value and gradient)."""
@@ -465,98 +446,6 @@ def test_tissue_mask_keeps_attention_on_tissue(strip):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
-def test_read_many_equals_one_read_per_box():
-    """Batched reads (inside, across the border, resampled or not) give each box's pixels."""
-    from zoomnet.sources.base import read_many
-
-    src = ArraySource(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8), fill=255)
-    boxes = [Box(0, 0, 20, 20), Box(30, 50, 20, 20), Box(40, 60, 20, 20), Box(-5, 10, 20, 20)]
-    for size in (None, (10, 10), (7, 9)):
-        many = read_many(src, boxes, size)
-        one = torch.stack([src.read(b, size) for b in boxes])
-        torch.testing.assert_close(many, one, rtol=0, atol=1e-4)
-    for strip in (300, 50):  # groups of 3 boxes of 20x20 (1,200 pixels); boxes above 200 pixels one at a time
-        src.strip_pixels = strip
-        for size in (None, (10, 10)):
-            torch.testing.assert_close(read_many(src, boxes, size), torch.stack([src.read(b, size) for b in boxes]),
-                                       rtol=0, atol=1e-4)
-    src.strip_pixels = 250_000
-    counting = CountingSource(src)
-    read_many(counting, boxes[:2], (10, 10))
-    assert counting.reads == [(boxes[0], (10, 10)), (boxes[1], (10, 10))]
-
-
-def test_array_source_views_in_strips_equal_the_whole_resampled():
-    """A large view of an in-memory image is resampled band by band from its 8-bit pixels
-    (no float copy of the whole image) to the values of area resampling of the whole box,
-    across the border too."""
-    from zoomnet.sources.array import crop_with_fill, resize
-
-    src = ArraySource(np.random.default_rng(0).integers(0, 256, (600, 700, 3), dtype=np.uint8), fill=255)
-    src.strip_pixels = 20_000  # boxes above 80,000 pixels go in strips of a few rows
-    cases = ((Box(0, 0, 600, 700), (60, 70)), (Box(-40, 25, 600, 700), (120, 140)),  # whole blocks of pixels
-             (Box(-40, 25, 600, 700), (77, 91)), (Box(3, 7, 590, 690), (84, 76)))
-    for box, size in cases:
-        whole = resize(crop_with_fill(src.image, box, 255.0), size)
-        torch.testing.assert_close(src.read(box, size), whole, rtol=0, atol=1e-3)
-
-
-@pytest.mark.parametrize("augment", [0.0, 0.2])
-def test_views_read_ahead_train_the_same_weights(augment):
-    """Reading the next batch's level-1 views in a thread changes nothing: the same pixels
-    (colour jitter included) and the same draws give bit-identical weights."""
-    from zoomnet.data.examples import Example
-    from zoomnet.train import TrainConfig, make_optimizer, train_epoch
-
-    rng = np.random.default_rng(0)
-    examples = [Example(ArraySource(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)), i % 2, None, f"i{i}")
-                for i in range(6)]
-    cfg = TrainConfig(epochs=1, batch_size=2, instance_weight=1.0, distill_weight=1.0, contrastive_from=1)
-    states = []
-    for prefetch in (False, True):
-        torch.manual_seed(0)
-        model = ZoomIn(ModelConfig(levels=[LevelConfig(0.25, (32, 32)), LevelConfig(0.5, (16, 16), (8, 8))], samples=4))
-        train_epoch(model, examples, cfg, make_optimizer(model, cfg), 1, torch.Generator().manual_seed(0),
-                    progress=False, augment=augment, prefetch=prefetch)
-        states.append(model.state_dict())
-    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
-
-
-@pytest.mark.parametrize("pool", ["max", "mean"])
-@pytest.mark.parametrize("size", [27, 32])
-def test_lenet_gives_the_values_and_gradients_of_conv_relu_pool_order(pool, size):
-    """LeNet runs each ReLU after its pool and skips the second pool before a global max;
-    the textbook order (conv, ReLU, pool, twice, then the global pool) gives the same
-    features and gradients, odd sizes (a row the pools drop) included."""
-    import torch.nn.functional as F
-
-    from zoomnet.nets.features import LeNet
-
-    torch.manual_seed(0)
-    net = LeNet(3, 6, 8, True, 1, pool).double()
-    x = torch.randn(5, 3, size, size, dtype=torch.float64)
-
-    def textbook(x):
-        y = F.max_pool2d(F.relu(net.conv1(x)), 2)
-        y = F.max_pool2d(F.relu(net.conv2(y)), 2)
-        return F.normalize(y.mean(dim=(2, 3)) if pool == "mean" else y.amax(dim=(2, 3)), dim=1)
-
-    a, b = net(x), textbook(x)
-    ga = torch.autograd.grad((a * a.detach().roll(1, 1)).sum(), list(net.parameters()))
-    gb = torch.autograd.grad((b * b.detach().roll(1, 1)).sum(), list(net.parameters()))
-    assert torch.allclose(a, b, atol=1e-12)
-    assert all(torch.allclose(u, v, atol=1e-10) for u, v in zip(ga, gb))
-
-
-def test_conv_layout_is_channels_last_on_cpu_for_large_inputs_only():
-    from zoomnet.model import conv_layout
-
-    big, small = torch.randn(8, 3, 64, 64), torch.randn(1, 3, 50, 50)
-    assert conv_layout(big).is_contiguous(memory_format=torch.channels_last)
-    assert torch.equal(conv_layout(big), big)
-    assert conv_layout(small).is_contiguous() and conv_layout(torch.randn(4, 5)).is_contiguous()
-
-
 def test_contrastive_pass_stays_on_tissue_and_inside_the_image():
     """The complementary sample must keep the restrictions of the ordinary one: no level-1
     tile off the tissue, no level-2 cell centred outside the image. Every region either pass
@@ -586,7 +475,6 @@ def test_leaf_paths_follow_the_geometry():
     """Each leaf's path names, level by level, the parent it was drawn in and its own cell:
     the cells' boxes, computed from the level's geometry, lead from the whole image to the
     leaf's box."""
-    from zoomnet.core.geometry import cell_boxes
 
     levels = [LevelConfig(0.125, (64, 64)), LevelConfig(0.25, (32, 32), (16, 16)), LevelConfig(0.5, (12, 12), (8, 8))]
     cfg = ModelConfig(levels=levels, samples=9)
@@ -622,3 +510,38 @@ def test_a_batch_predicts_what_each_image_predicts_alone(chunk):
         torch.testing.assert_close(batch.z[i], alone.z[0], rtol=0, atol=1e-12)
         torch.testing.assert_close(batch.logits[i], alone.logits[0], rtol=0, atol=1e-12)
     assert not torch.allclose(batch.z[0], batch.z[1])  # the images differ, so must their z
+
+
+def test_model_never_draws_a_sub_tile_centred_outside_the_image():
+    """A 200x150 image under 128 px tiles: the tiles stick out by 56 and 106 px; no drawn
+    sub-tile is centred in the fill, and every tile's map is a distribution."""
+    from zoomnet.model import LevelConfig, ModelConfig, ZoomIn
+
+    cfg = ModelConfig(levels=[LevelConfig(0.125, (128, 128)), LevelConfig(0.5, (16, 16), "dense")], samples=200,
+                      attention_prior=5.0)
+    torch.manual_seed(0)
+    model = ZoomIn(cfg).eval()
+    src = ArraySource(np.random.default_rng(0).integers(0, 255, (200, 150, 3), dtype=np.uint8))
+    out = model.predict([src], generator=torch.Generator().manual_seed(0))
+    boxes = [s.box for s in out.levels[-1].samples[0]]
+    assert len(boxes) > 50
+    assert all(0 <= b.top + b.height / 2 < 200 and 0 <= b.left + b.width / 2 < 150 for b in boxes)
+    for maps in out.levels[1].maps[0].values():
+        assert torch.isfinite(maps).all() and abs(float(maps.sum()) - 1) < 1e-5
+
+
+def test_tile_views_repeat_the_image_edge_over_the_fill():
+    from zoomnet.model.reading import repeat_edges as _repeat_edges
+
+    image = np.random.default_rng(0).integers(0, 255, (200, 150, 3), dtype=np.uint8)
+    src = ArraySource(image)
+    box = Box(128, 64, 128, 128)  # rows 200-255 and columns 150-191 lie outside
+    view = src.read(box, (16, 16))[None]
+    out = _repeat_edges(view, [box], 200, 150)[0]
+    rows_in = [i for i in range(16) if 128 + (i + 0.5) * 8 < 200]  # view rows centred inside
+    cols_in = [j for j in range(16) if 64 + (j + 0.5) * 8 < 150]
+    assert len(rows_in) == 9 and len(cols_in) == 11
+    assert torch.equal(out[:, :9, :11], view[0, :, :9, :11])  # inside: untouched
+    assert torch.equal(out[:, 9:, :11], view[0, :, 8:9, :11].expand(-1, 7, -1))  # below: the last row
+    assert torch.equal(out[:, :, 11:], out[:, :, 10:11].expand(-1, -1, 5))  # right: the last column
+    assert torch.equal(_repeat_edges(view, [Box(0, 0, 128, 128)], 200, 150), view)  # inside: the view itself

@@ -73,8 +73,8 @@ def compute(case: str) -> dict:
     from zoomnet.config import load_config
     from zoomnet.data.examples import Example
     from zoomnet.model import build_model
+    from zoomnet.objective import training_loss
     from zoomnet.sources import ArraySource
-    from zoomnet.train import training_loss
 
     preset, height, width, overrides = CASES[case]
     config = load_config(preset, ["train.mask_weight=1", *overrides])

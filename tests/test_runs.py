@@ -1,17 +1,342 @@
-"""Run folders across releases: a folder written by release 0.1.0 (checked in, tiny) still
-predicts the probabilities it predicted then, evaluates, and resumes."""
+"""zoomnet.runs: the run folder (train, resume, crash safety, settings checked against the run), and folders of earlier releases."""
 
 from __future__ import annotations
 
+import csv
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
-
+import torch
 from zoomnet.cli import main
+from zoomnet.errors import UserError
+
+from helpers import _copy_run
+
+
+def test_binary_labels_without_a_negative_class_train_with_the_multiclass_terms(data, tmp_path, capsys):
+    img = data / "set/images/tiny_00000.png"
+    labels = tmp_path / "labels.csv"
+    labels.write_text(f"path,label\n{img},cat\n{img},dog\n")
+    argv = ["train", "--config", str(data / "tiny.json"), "--train", str(labels), "--quiet"]
+    assert main([*argv, "--out", str(tmp_path / "r")]) == 0
+    assert "no reference (negative) class among cat, dog" in capsys.readouterr().out
+    assert json.loads((tmp_path / "r/config.json").read_text())["data"]["reference_class"] == "none"
+    # a named reference class that is not a label is refused in one line
+    assert main([*argv, "--out", str(tmp_path / "r2"), "--set", "data.reference_class=bird"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "'bird' is not a class (cat, dog)" in err
+
+
+def _train_cmd(data: Path, out: Path, epochs: int) -> list[str]:
+    return [sys.executable, "-m", "zoomnet", "train", "--config", str(data / "tiny.json"),
+            "--train", str(data / "set/train.csv"), "--out", str(out), "--epochs", str(epochs), "--quiet",
+            "--device", "cpu", "--set", "model.train_samples=32"]
+
+
+@pytest.mark.slow  # an end-to-end training: `make test-slow`, run by .ci/run
+def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(data, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    whole = tmp_path / "whole"
+    subprocess.run(_train_cmd(data, whole, 4), check=True, env=env, capture_output=True)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cmd(data, killed, 4), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "metrics.csv").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)  # in epoch 2 (or later): the run dies without cleaning up
+    proc.wait()
+    from zoomnet.checkpoint import read_description
+
+    epochs_done = read_description(killed / "last.safetensors")["state"]["epoch"]
+    assert 1 <= epochs_done < 4, "the kill came after the run ended; slow the run down"
+    from zoomnet.checkpoint import load_checkpoint
+
+    load_checkpoint(killed / "last.safetensors")  # whole, loadable
+    subprocess.run(_train_cmd(data, killed, 4)[:-2] + ["--resume", "--set", "model.train_samples=32"],
+                   check=True, env=env, capture_output=True)
+    a, _ = load_checkpoint(whole / "last.safetensors")
+    b, _ = load_checkpoint(killed / "last.safetensors")
+    for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), k  # bitwise: same machine, same threads, same seed
+    rows_a = list(csv.DictReader(open(whole / "metrics.csv")))
+    rows_b = list(csv.DictReader(open(killed / "metrics.csv")))
+    assert [r["loss_ce"] for r in rows_a] == [r["loss_ce"] for r in rows_b]
+
+
+class _Crash(BaseException):
+    """A process killed between two file operations (not an Exception: nothing catches it)."""
+
+
+@pytest.mark.slow  # eight short trainings: `make test-slow`, run by .ci/run
+def test_a_crash_at_any_instant_of_saving_resumes_to_the_same_end(data, tmp_path, monkeypatch):
+    """Kill the run before each rename of the end of one epoch (optimiser state, best and
+    last checkpoints, their readable copies, metrics): the folder predicts, and resuming it
+    gives bitwise the weights, best weights, description and metrics of a run never
+    interrupted, with no temporary file left."""
+    from zoomnet.checkpoint import load_checkpoint, read_description
+
+    # no validation set: the best epoch is by training accuracy, which rises, so later epochs write best weights
+    argv = ["train", "--config", str(data / "tiny.json"), "--train", str(data / "set/train.csv"),
+            "--epochs", "3", "--quiet", "--device", "cpu", "--set", "model.train_samples=8"]
+    real_replace = os.replace
+    renames: list[str] = []
+
+    def counting(src, dst, *a, **k):
+        renames.append(Path(dst).name)
+        return real_replace(src, dst, *a, **k)
+
+    monkeypatch.setattr(os, "replace", counting)
+    assert main([*argv, "--out", str(tmp_path / "whole")]) == 0
+    monkeypatch.setattr(os, "replace", real_replace)
+    # the renames of each epoch end with metrics.csv; test the last epoch that wrote best weights
+    ends = [i for i, name in enumerate(renames) if name == "metrics.csv"]
+    epochs = [renames[a + 1 : b + 1] for a, b in zip([-1, *ends], ends)]
+    chosen = max((e for e in range(1, len(epochs)) if "best.safetensors" in epochs[e]), default=len(epochs) - 1)
+    first = sum(len(e) for e in epochs[:chosen])
+    assert {"last.optim.pt", "prev.optim.pt", "last.safetensors", "metrics.csv"} <= set(epochs[chosen])
+    print("renames at the end of the epoch tested:", epochs[chosen])
+
+    def same(a: Path, b: Path) -> None:
+        for name in ("last.safetensors", "best.safetensors"):
+            x, state_x = load_checkpoint(a / name)
+            y, state_y = load_checkpoint(b / name)
+            for (k, u), (_, v) in zip(x.state_dict().items(), y.state_dict().items()):
+                assert torch.equal(u, v), (name, k)
+            drop = lambda st: {**st, "history": [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s")} for r in st["history"]]}
+            assert drop(state_x) == drop(state_y)
+            assert read_description(b / name) == json.loads((b / name).with_suffix(".json").read_text())
+        strip = lambda p: [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s")} for r in csv.DictReader(open(p))]
+        assert strip(a / "metrics.csv") == strip(b / "metrics.csv")
+
+    for k in range(len(epochs[chosen])):
+        out = tmp_path / f"crash{k}"
+        calls = [0]
+
+        def crashing(src, dst, *a, **kw):
+            calls[0] += 1
+            if calls[0] == first + k + 1:
+                raise _Crash(f"killed before renaming {Path(dst).name}")
+            return real_replace(src, dst, *a, **kw)
+
+        monkeypatch.setattr(os, "replace", crashing)
+        with pytest.raises(_Crash):
+            main([*argv, "--out", str(out)])
+        monkeypatch.setattr(os, "replace", real_replace)
+        (out / ".last.safetensors.x1y2.tmp").write_bytes(b"half")  # what SIGKILL leaves: no cleanup runs
+        # the folder as the crash left it predicts (best weights of an earlier epoch) ...
+        assert main(["predict", str(out), str(data / "set/images/tiny_00000.png"), "--quiet"]) == 0
+        # ... and resumes to the end of the uninterrupted run, leaving no temporary file
+        assert main([*argv, "--out", str(out), "--resume"]) == 0, epochs[chosen][k]
+        same(tmp_path / "whole", out)
+        assert not list(out.glob(".*.tmp"))
+
+
+@pytest.mark.slow  # an end-to-end training: `make test-slow`, run by .ci/run
+def test_same_seed_same_metrics(data, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name in ("a", "b"):
+        subprocess.run(_train_cmd(data, tmp_path / name, 1), check=True, env=env, capture_output=True)
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s")} for r in rows]
+    a = strip(csv.DictReader(open(tmp_path / "a/metrics.csv")))
+    b = strip(csv.DictReader(open(tmp_path / "b/metrics.csv")))
+    assert a == b
+
+
+def test_resume_refuses_a_pickled_optimizer_state(data, run, tmp_path, capsys):
+    copy = tmp_path / "run"
+    copy.mkdir()
+    for f in run.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo owned",))
+
+    torch.save({"optimizer": Payload()}, copy / "last.optim.pt")
+    code = main(["train", "--config", str(data / "tiny.json"), "--train", str(data / "set/train.csv"),
+                 "--out", str(copy), "--resume", "--epochs", "2", "--quiet"])
+    assert code == 2 and "refused" in capsys.readouterr().err
+
+
+def test_resume_refuses_an_optimizer_state_of_another_epoch(data, run, tmp_path, capsys):
+    """The resume state is matched to the checkpoint's epoch; one of another epoch is refused."""
+    copy = tmp_path / "run"
+    copy.mkdir()
+    for f in run.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    state = torch.load(copy / "last.optim.pt", weights_only=True)
+    torch.save({**state, "epoch": 7}, copy / "last.optim.pt")
+    (copy / "prev.optim.pt").unlink(missing_ok=True)
+    code = main(["train", "--config", str(data / "tiny.json"), "--train", str(data / "set/train.csv"),
+                 "--out", str(copy), "--resume", "--epochs", "2", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "no optimiser state of epoch 1" in err and "last.optim.pt: epoch 7" in err
+
+
+def test_zero_epochs_on_the_command_line_is_refused(data, tmp_path, capsys):
+    argv = ["train", "--config", str(data / "tiny.json"), "--train", str(data / "set/train.csv"),
+            "--out", str(tmp_path / "r"), "--quiet", "--epochs", "0"]
+    assert main(argv) == 2 and "--epochs 0" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_run_folder_is_never_overwritten_without_resume_or_force(data, tmp_path, capsys):
+    argv = ["train", "--config", str(data / "tiny.json"), "--train", str(data / "set/train.csv"), "--quiet"]
+    run = tmp_path / "r"
+    assert main([*argv, "--out", str(run)]) == 0
+    before = (run / "last.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main([*argv, "--out", str(run), "--set", "train.lr=0.01"]) == 2
+    assert "holds a run already; continue it with --resume, or start afresh with --force" in capsys.readouterr().err
+    assert (run / "last.safetensors").read_bytes() == before
+    bad = tmp_path / "bad.csv"
+    bad.write_text("path,label\ngone.png,a\n")
+    assert main(["train", "--config", str(data / "tiny.json"), "--train", str(bad), "--quiet", "--out", str(run),
+                 "--force"]) == 2
+    assert (run / "last.safetensors").read_bytes() == before  # a failed --force loses nothing
+    assert main([*argv, "--out", str(run), "--force", "--seed", "5"]) == 0
+    assert json.loads((run / "config.json").read_text())["train"]["seed"] == 5
+    # a folder with a user's files (the manifest itself, say) is refused even with --force
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "train.csv").write_text("path,label\n")
+    capsys.readouterr()
+    assert main([*argv, "--out", str(user), "--force"]) == 2
+    assert "not a run's (train.csv)" in capsys.readouterr().err
+    assert (user / "train.csv").read_text() == "path,label\n" and len(list(user.iterdir())) == 1
+    (tmp_path / "file").write_text("x")
+    assert main([*argv, "--out", str(tmp_path / "file")]) == 2
+    assert "a file, not a folder" in capsys.readouterr().err
+
+
+def test_resume_refuses_settings_that_differ_from_the_run(data, tmp_path, capsys):
+    argv = ["train", "--config", str(data / "tiny.json"), "--train", str(data / "set/train.csv"), "--quiet",
+            "--out", str(tmp_path / "r"), "--set", "model.train_samples=8"]
+    assert main(argv) == 0
+    before = (tmp_path / "r/last.safetensors").read_bytes()
+    for extra, field in ((["--set", "model.train_samples=16"], "model.train_samples"), (["--seed", "7"], "train.seed"),
+                         (["--set", "train.lr=0.5"], "train.lr")):
+        capsys.readouterr()
+        assert main([*argv, "--resume", *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"{field} differs from the run's" in err, err
+    assert (tmp_path / "r/last.safetensors").read_bytes() == before
+    assert main([*argv, "--resume", "--epochs", "2"]) == 0  # the same settings, more epochs
+
+
+def test_a_hand_edited_config_json_is_checked_against_the_checkpoint(run, data, tmp_path, capsys):
+    import shutil
+
+    image = str(data / "set/images/tiny_00000.png")
+    saved = json.loads((run / "config.json").read_text())
+    edits = {
+        "not JSON": ("{model: oops", "not valid JSON"),
+        "a list": ("[1, 2]", "holds a list, not a configuration"),
+        "classes null": ({**saved, "data": {**saved["data"], "classes": None}}, "differ from the classes"),
+        "classes swapped": ({**saved, "data": {**saved["data"], "classes": saved["data"]["classes"][::-1]}},
+                            "differ from the classes"),
+        "too many classes": ({**saved, "data": {**saved["data"], "classes": [*saved["data"]["classes"], "maybe"]}},
+                             "differ from the classes"),
+        "fill as a word": ({**saved, "data": {**saved["data"], "fill": "white"}}, "data.fill='white'"),
+        "model a number": ({**saved, "model": 5}, "not a run configuration"),
+    }
+    for case, (content, needle) in edits.items():
+        copy = tmp_path / case.replace(" ", "-")
+        shutil.copytree(run, copy)
+        (copy / "config.json").write_text(content if isinstance(content, str) else json.dumps(content))
+        capsys.readouterr()
+        assert main(["predict", str(copy), image]) == 2, case
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and needle in err, (case, err)
+
+
+def test_train_writes_the_run_folder(run):
+    for name in ("config.json", "metrics.csv", "last.safetensors", "last.json", "best.safetensors", "last.optim.pt"):
+        assert (run / name).is_file(), name
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["data"]["classes"] == ["negative", "positive"]
+    assert cfg["data"]["reference_class"] == "negative"
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert len(rows) == 1
+    for key in ("loss_ce", "loss_contrastive", "train_accuracy", "val_accuracy", "val_auc", "seconds", "images_per_s"):
+        assert key in rows[0], key
+
+
+def test_resume_continues_the_run(data, run, tmp_path):
+    copy = _copy_run(run, tmp_path / "run")
+    code = main(["train", "--config", str(data / "tiny.json"), "--train", str(data / "set/train.csv"),
+                 "--val", str(data / "set/val.csv"), "--out", str(copy), "--epochs", "2", "--resume", "--quiet"])
+    assert code == 0
+    assert [r["epoch"] for r in csv.DictReader(open(copy / "metrics.csv"))] == ["1", "2"]
+    assert json.loads((copy / "last.json").read_text())["state"]["epoch"] == 2
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data, run, tmp_path, monkeypatch):
+    import zoomnet.train as train_mod
+    from zoomnet.config import load_config
+    from zoomnet.runs import train_run
+
+    copy = _copy_run(run, tmp_path / "run")
+    before = (copy / "last.safetensors").read_bytes()
+    real = train_mod.training_loss
+
+    def poisoned(*args, **kwargs):
+        loss, terms = real(*args, **kwargs)
+        return loss * float("nan"), terms
+
+    monkeypatch.setattr(train_mod, "training_loss", poisoned)
+    config = load_config(str(data / "tiny.json"))
+    with pytest.raises(UserError, match="loss is nan.*last good checkpoint"):
+        train_run(config, data / "set/train.csv", None, copy, resume=True, progress=False, log=lambda s: None,
+                  epochs=2)
+    assert (copy / "last.safetensors").read_bytes() == before
+
+
+def test_the_best_epoch_breaks_ties_of_validation_accuracy_by_validation_loss():
+    from zoomnet.runs import epoch_score
+
+    rows = [{"epoch": 1, "val_accuracy": 1.0, "val_loss": 0.6, "train_accuracy": 0.6},
+            {"epoch": 2, "val_accuracy": 1.0, "val_loss": 0.05, "train_accuracy": 1.0},
+            {"epoch": 3, "val_accuracy": 0.75, "val_loss": 0.01, "train_accuracy": 1.0}]
+    assert max(rows, key=epoch_score)["epoch"] == 2
+    older = [{k: v for k, v in r.items() if k != "val_loss"} for r in rows]  # runs from before the loss was kept
+    assert max(older, key=epoch_score)["epoch"] == 1
+    no_val = [{"epoch": 1, "train_accuracy": 0.9}, {"epoch": 2, "train_accuracy": 0.9}, {"epoch": 3, "train_accuracy": 0.8}]
+    assert max(no_val, key=epoch_score)["epoch"] == 1
+
+
+def test_train_ends_with_the_run_the_best_epoch_and_what_to_type_next(data, tmp_path, capsys):
+    out = tmp_path / "r"
+    argv = ["train", "--config", str(data / "tiny.json"), "--train", str(data / "set/train.csv"),
+            "--val", str(data / "set/val.csv"), "--out", str(out), "--quiet", "--device", "cpu"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert f"run: {out} (best.safetensors from epoch 1: val accuracy" in text
+    assert f"next: zoomnet evaluate {out} {data / 'set/test.csv'}" in text and "zoomnet predict" in text
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert all(0.0 <= float(r["val_loss"]) < 50 for r in rows)  # the tie-break of best.safetensors
+    # TensorBoard is an extra: logged where it is installed, a one-line hint where it is not
+    import importlib.util
+
+    code = main([*argv[:-5], "--out", str(tmp_path / "tb"), "--quiet", "--tensorboard"])
+    if importlib.util.find_spec("tensorboard") is None:
+        assert code == 2 and "pip install tensorboard" in capsys.readouterr().err
+    else:
+        assert code == 0 and list((tmp_path / "tb/tensorboard").glob("events.*"))
+
 
 LEGACY = Path(__file__).with_name("data") / "run-0.1.0"
+
+
 # deterministic p(negative) of release 0.1.0 on the test images of `make-data tiny-objects
 # --num 20 --size 128` (the `data` fixture), printed by `zoomnet predict --deterministic` then
 LEGACY_P_NEGATIVE = {

@@ -1,19 +1,20 @@
 """The ``zoomnet`` command line: a thin layer over functions the tests call directly.
 
-Errors a user can fix print one line, ``zoomnet: error: ...``, and exit with status 2;
-``--debug`` shows the traceback instead.
+One ``add_<command>`` per command declares its flags; one ``_<command>`` calls the engine.
+Errors a user can fix print one line, ``zoomnet: error: ...`` (the engine's message with its
+options written as this command line's flags), and exit with status 2; ``--debug`` shows
+the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
+import math
 import sys
-from pathlib import Path
 
 from zoomnet import __version__
-from zoomnet.data.writers import KINDS
+from zoomnet.data.generators import KINDS
 from zoomnet.errors import UserError
 from zoomnet.runtime.allocator import settle_heap
 
@@ -25,8 +26,6 @@ def strict_json(value) -> str:
     >>> strict_json({"auc": float("nan"), "n": [1.0, float("inf")]})
     '{"auc": null, "n": [1.0, null]}'
     """
-    import math
-
     def clean(v):
         if isinstance(v, float) and not math.isfinite(v):
             return None
@@ -39,6 +38,12 @@ def strict_json(value) -> str:
     return json.dumps(clean(value), allow_nan=False)
 
 
+def _progress(args: argparse.Namespace) -> bool:
+    """Progress bars only for a person watching: not with --quiet, nor into a pipe or file."""
+    return not getattr(args, "quiet", False) and sys.stderr.isatty()
+
+
+# ---------------------------------------------------------------------------- the commands
 def _doctor(args: argparse.Namespace) -> int:
     from zoomnet.runtime.doctor import print_report
 
@@ -46,7 +51,9 @@ def _doctor(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    return run_cli_demo(args.out, num=args.num, epochs=args.epochs, seed=args.seed)
+    from zoomnet.demo import run_demo
+
+    return run_demo(args.out, num=args.num, epochs=args.epochs, seed=args.seed)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -100,8 +107,8 @@ def _emit_prediction(result: dict) -> None:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from zoomnet.metrics import classification_metrics
-    from zoomnet.runs import cohort_metrics, predict_images
+    from zoomnet.metrics import csv_metrics, prediction_metrics
+    from zoomnet.runs import predict_images
 
     inputs = list(args.images) + ([args.manifest] if args.manifest else [])
     if not inputs:
@@ -113,16 +120,7 @@ def _predict(args: argparse.Namespace) -> int:
         attention_tiffs=args.attention_tiffs,
     )
     classes = list(results[0]["probabilities"]) if results else []
-    if args.out and classes:
-        metrics = cohort_metrics(Path(args.out), classes)
-    elif results and all(r.get("true_label") in classes for r in results):
-        import torch
-
-        probs = torch.tensor([[r["probabilities"][c] for c in classes] for r in results])
-        labels = torch.tensor([classes.index(r["true_label"]) for r in results])
-        metrics = {"images": len(results), **classification_metrics(probs, labels)}
-    else:
-        metrics = None
+    metrics = (csv_metrics(args.out, classes) if args.out else prediction_metrics(results, classes)) if classes else None
     if metrics:
         summary = f"{metrics['images']} labelled images: accuracy {metrics['accuracy']:.4f}"
         if "auc" in metrics:
@@ -134,19 +132,13 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _progress(args: argparse.Namespace) -> bool:
-    """Progress bars only for a person watching: not with --quiet, nor into a pipe or file."""
-    return not getattr(args, "quiet", False) and sys.stderr.isatty()
-
-
 def _make_data(args: argparse.Namespace) -> int:
     if args.kind == "gigapixel":
-        from zoomnet.data.gigapixel import write_gigapixel
+        from zoomnet.data.generators.slides import write_gigapixel
 
-        path = write_gigapixel(args.out, size=args.size or 50_000, seed=args.seed)
-        print(f"wrote {path}")
+        print(f"wrote {write_gigapixel(args.out, size=args.size or 50_000, seed=args.seed)}")
         return 0
-    from zoomnet.data.writers import write_dataset
+    from zoomnet.data.generators import write_dataset
 
     write_dataset(args.kind, args.out, num=args.num, size=args.size, seed=args.seed)
     return 0
@@ -163,110 +155,136 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- the flags
+def _device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
+
+
+def _inference(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--deterministic", action="store_true", help="top-k instead of sampling")
+    p.add_argument("--samples", type=int, help="draws N (default: the run's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
+    _device(p)
+
+
+def add_doctor(sub) -> None:
+    p = sub.add_parser("doctor", help="versions, device, CUDA, OpenSlide and codecs: paste it into an issue report")
+    p.set_defaults(func=_doctor)
+
+
+def add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="make-data, train, evaluate and predict with heatmaps on tiny objects")
+    p.add_argument("--out", default="demo-output", help="folder for the data, the run and the heatmaps")
+    p.add_argument("--num", type=int, default=534, help="images in all (60%% train, 20%% val, 20%% test)")
+    p.add_argument("--epochs", type=int, help="training epochs (default: the preset's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of data, initialisation and sampling")
+    p.set_defaults(func=_demo)
+
+
+def add_train(sub) -> None:
+    from zoomnet.config import available_presets
+
+    p = sub.add_parser("train", help="train a model on manifests (CSV: path,label[,mask])")
+    p.add_argument("--config", required=True,
+                   help=f"a preset ({', '.join(available_presets())}) or a JSON file")
+    p.add_argument("--train", required=True, help="training manifest CSV")
+    p.add_argument("--val", help="validation manifest CSV")
+    p.add_argument("--out", required=True, help="run folder to write")
+    p.add_argument("--epochs", type=int, help="override train.epochs")
+    p.add_argument("--seed", type=int, help="override train.seed")
+    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE", help="override config fields")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
+    p.add_argument("--force", action="store_true",
+                   help="start afresh in an --out that holds a run (its files are removed; other files never are)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also log metrics and heatmaps to RUN/tensorboard (pip install tensorboard)")
+    _device(p)
+    p.set_defaults(func=_train)
+
+
+def add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="metrics of a run on a manifest; the last line is JSON")
+    p.add_argument("run", help="run folder")
+    p.add_argument("test", help="manifest CSV")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _inference(p)
+    p.set_defaults(func=_evaluate)
+
+
+def add_probe(sub) -> None:
+    p = sub.add_parser("probe", help="what f and g call single sub-tiles on and off the objects of a "
+                       "manifest with masks: whether f knows the objects when accuracy is flat")
+    p.add_argument("run", help="run folder")
+    p.add_argument("manifest", help="manifest CSV with a mask column")
+    p.add_argument("--per-image", type=int, default=4, help="sub-tiles on objects and off them, each, per image")
+    p.add_argument("--seed", type=int, default=0, help="seed of where the sub-tiles are cut")
+    p.add_argument("--last", action="store_true", help="the last epoch's weights, not the best epoch's")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _device(p)
+    p.set_defaults(func=_probe)
+
+
+def add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="predict images, folders of slides or manifests; one JSON line per image")
+    p.add_argument("run", help="run folder")
+    p.add_argument("images", nargs="*", metavar="INPUT",
+                   help="image files, folders (searched recursively for images and slides) or CSV manifests "
+                        "(column path, optionally label: then the metrics are reported too)")
+    p.add_argument("--manifest", help="a CSV of images to predict (column path, optionally label)")
+    p.add_argument("--out", help="append predictions to this CSV as they finish; images already in it are skipped")
+    p.add_argument("--heatmaps", help="folder for <image stem>.png pictures of where the model looked")
+    p.add_argument("--heatmap-size", type=int, default=2048, help="long side of the heatmap pictures (default 2048)")
+    p.add_argument("--attention-tiffs", help="folder for <image stem>.attention.tif: the attention as a pyramidal "
+                                             "TIFF at the file's level-0 size, to overlay in a slide viewer")
+    p.add_argument("--geojson", help="folder for <image stem>.geojson (QuPath: level-0 pixel coordinates)")
+    p.add_argument("--workers", type=int, default=2, help="threads opening the next images (default 2)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _inference(p)
+    p.set_defaults(func=_predict)
+
+
+def add_bench(sub) -> None:
+    from zoomnet.bench import MODELS, SETTINGS
+
+    p = sub.add_parser("bench", help="accuracy, FLOPs, peak memory and time per image of Zoom-In, ATS and CNNs (CSV)")
+    p.add_argument("setting", help=f"one of: {', '.join(SETTINGS)}")
+    p.add_argument("--skip-training", action="store_true",
+                   help="untrained weights, one image: cost columns only, in seconds")
+    p.add_argument("--seeds", type=int, default=3, help="training seeds per model (default 3)")
+    p.add_argument("--models", nargs="*", help=f"a subset of: {' '.join(MODELS)}")
+    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+                   help="config overrides for every model (ablations), e.g. model.samples=10")
+    p.add_argument("--epochs", type=int, help="training epochs (default per setting)")
+    p.add_argument("--num", type=int, help="images in the synthetic set (default per setting)")
+    p.add_argument("--size", type=int, help="image side (default per setting; smaller for smoke runs)")
+    p.add_argument("--work", default="bench-runs", help="folder for the data and runs (reused when present)")
+    p.add_argument("--cost-images", type=int, default=8, help="test images the trained cost columns average")
+    p.add_argument("--csv", help="also write the output to this file")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per image after warm-up (median)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_bench)
+
+
+def add_make_data(sub) -> None:
+    p = sub.add_parser("make-data", help="write a synthetic data set: images, masks and train/val/test CSVs")
+    p.add_argument("kind", choices=[*KINDS, "gigapixel"],
+                   help="which set (colon-cancer, traffic-signs, fmow, camelyon16: stand-ins with the geometry of "
+                   "the paper's sets; gigapixel: one pyramidal TIFF slide, OUT a .tif path or a folder)")
+    p.add_argument("out", help="folder to write")
+    p.add_argument("--num", type=int, help="number of images in all (default per set)")
+    p.add_argument("--size", type=int, help="image side in pixels (default per set)")
+    p.add_argument("--seed", type=int, default=0, help="seed")
+    p.set_defaults(func=_make_data)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zoomnet", description="Classify very large images by zooming in.")
     parser.add_argument("--version", action="version", version=f"zoomnet {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    def device(p):
-        p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
-
-    def inference(p):
-        p.add_argument("--deterministic", action="store_true", help="top-k instead of sampling")
-        p.add_argument("--samples", type=int, help="draws N (default: the run's)")
-        p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
-        device(p)
-
-    doc = sub.add_parser("doctor", help="versions, device, CUDA, OpenSlide and codecs: paste it into an issue report")
-    doc.set_defaults(func=_doctor)
-
-    demo = sub.add_parser("demo", help="make-data, train, evaluate and predict with heatmaps on tiny objects")
-    demo.add_argument("--out", default="demo-output", help="folder for the data, the run and the heatmaps")
-    demo.add_argument("--num", type=int, default=534, help="images in all (60%% train, 20%% val, 20%% test)")
-    demo.add_argument("--epochs", type=int, help="training epochs (default: the preset's)")
-    demo.add_argument("--seed", type=int, default=0, help="seed of data, initialisation and sampling")
-    demo.set_defaults(func=_demo)
-
-    tr = sub.add_parser("train", help="train a model on manifests (CSV: path,label[,mask])")
-    tr.add_argument("--config", required=True, help="a preset name or a JSON file")
-    tr.add_argument("--train", required=True, help="training manifest CSV")
-    tr.add_argument("--val", help="validation manifest CSV")
-    tr.add_argument("--out", required=True, help="run folder to write")
-    tr.add_argument("--epochs", type=int, help="override train.epochs")
-    tr.add_argument("--seed", type=int, help="override train.seed")
-    tr.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE", help="override config fields")
-    tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
-    tr.add_argument("--force", action="store_true",
-                    help="start afresh in an --out that holds a run (its files are removed; other files never are)")
-    tr.add_argument("--quiet", action="store_true", help="no progress bars")
-    tr.add_argument("--tensorboard", action="store_true",
-                    help="also log metrics and heatmaps to RUN/tensorboard (pip install tensorboard)")
-    device(tr)
-    tr.set_defaults(func=_train)
-
-    ev = sub.add_parser("evaluate", help="metrics of a run on a manifest; the last line is JSON")
-    ev.add_argument("run", help="run folder")
-    ev.add_argument("test", help="manifest CSV")
-    ev.add_argument("--quiet", action="store_true", help="no progress bar")
-    inference(ev)
-    ev.set_defaults(func=_evaluate)
-
-    pb = sub.add_parser("probe", help="what f and g call single sub-tiles on and off the objects of a "
-                        "manifest with masks: whether f knows the objects when accuracy is flat")
-    pb.add_argument("run", help="run folder")
-    pb.add_argument("manifest", help="manifest CSV with a mask column")
-    pb.add_argument("--per-image", type=int, default=4, help="sub-tiles on objects and off them, each, per image")
-    pb.add_argument("--seed", type=int, default=0, help="seed of where the sub-tiles are cut")
-    pb.add_argument("--last", action="store_true", help="the last epoch's weights, not the best epoch's")
-    pb.add_argument("--quiet", action="store_true", help="no progress bar")
-    device(pb)
-    pb.set_defaults(func=_probe)
-
-    pr = sub.add_parser("predict", help="predict images, folders of slides or manifests; one JSON line per image")
-    pr.add_argument("run", help="run folder")
-    pr.add_argument("images", nargs="*", metavar="INPUT",
-                    help="image files, folders (searched recursively for images and slides) or CSV manifests "
-                         "(column path, optionally label: then the metrics are reported too)")
-    pr.add_argument("--manifest", help="a CSV of images to predict (column path, optionally label)")
-    pr.add_argument("--out", help="append predictions to this CSV as they finish; images already in it are skipped")
-    pr.add_argument("--heatmaps", help="folder for <image stem>.png pictures of where the model looked")
-    pr.add_argument("--heatmap-size", type=int, default=2048, help="long side of the heatmap pictures (default 2048)")
-    pr.add_argument("--attention-tiffs", help="folder for <image stem>.attention.tif: the attention as a pyramidal "
-                                              "TIFF at the file's level-0 size, to overlay in a slide viewer")
-    pr.add_argument("--geojson", help="folder for <image stem>.geojson (QuPath: level-0 pixel coordinates)")
-    pr.add_argument("--workers", type=int, default=2, help="threads opening the next images (default 2)")
-    pr.add_argument("--quiet", action="store_true", help="no progress bar")
-    inference(pr)
-    pr.set_defaults(func=_predict)
-
-    bn = sub.add_parser("bench", help="FLOPs, peak memory and time per image of Zoom-In, ATS and CNNs (CSV)")
-    bn.add_argument("setting", help="colon-cancer, needles, needles-hard or megapixel-mnist")
-    bn.add_argument("--skip-training", action="store_true",
-                    help="untrained weights, one image: cost columns only, in seconds")
-    bn.add_argument("--seeds", type=int, default=3, help="training seeds per model (default 3)")
-    bn.add_argument("--models", nargs="*", help="a subset of: zoomin ats ats-fullres cnn cnn-downsampled")
-    bn.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
-                    help="config overrides for every model (ablations), e.g. model.samples=10")
-    bn.add_argument("--epochs", type=int, help="training epochs (default per setting)")
-    bn.add_argument("--num", type=int, help="images in the synthetic set (default per setting)")
-    bn.add_argument("--size", type=int, help="image side (default per setting; smaller for smoke runs)")
-    bn.add_argument("--work", default="bench-runs", help="folder for the data and runs (reused when present)")
-    bn.add_argument("--cost-images", type=int, default=8, help="test images the trained cost columns average")
-    bn.add_argument("--csv", help="also write the output to this file")
-    bn.add_argument("--repeats", type=int, default=5, help="timed runs per image after warm-up (median)")
-    bn.add_argument("--quiet", action="store_true", help="no progress bars")
-    bn.set_defaults(func=_bench)
-
-    md = sub.add_parser("make-data", help="write a synthetic data set: images, masks, train/val/test CSVs")
-    md.add_argument("kind", choices=[*KINDS, "gigapixel"],
-                    help="which set (colon-cancer, traffic-signs, fmow: stand-ins with the geometry of the paper's "
-                    "sets; gigapixel: one pyramidal TIFF slide, OUT a .tif path or a folder)")
-    md.add_argument("out", help="folder to write")
-    md.add_argument("--num", type=int, help="number of images in all (default per set)")
-    md.add_argument("--size", type=int, help="image side in pixels (default per set)")
-    md.add_argument("--seed", type=int, default=0, help="seed")
-    md.set_defaults(func=_make_data)
+    for add in (add_doctor, add_demo, add_train, add_evaluate, add_probe, add_predict, add_bench, add_make_data):
+        add(sub)
     return parser
 
 
@@ -288,31 +306,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-def run_cli_demo(out_dir: str | Path = "demo-output", num: int = 534, epochs: int | None = None, seed: int = 0,
-                 heatmaps: int = 4, extra: list[str] | None = None) -> int:
-    """The demo through the command line, each step printed as the command a user would type:
-    make-data, train, evaluate, predict with heatmaps. Returns the first non-zero exit code."""
-    out = Path(out_dir)
-    data, run = out / "data", out / "run"
-    steps = [
-        ["make-data", "tiny-objects", str(data), "--num", str(num), "--seed", str(seed)],
-        ["train", "--config", "tiny-objects", "--train", str(data / "train.csv"), "--val", str(data / "val.csv"),
-         "--out", str(run), "--seed", str(seed), *(["--epochs", str(epochs)] if epochs else []),
-         "--force", *(extra or [])],  # the demo's own run: a second `make demo` starts it afresh
-        ["evaluate", str(run), str(data / "test.csv"), "--deterministic"],
-    ]
-    for argv in steps:
-        print(f"$ zoomnet {' '.join(argv)}", flush=True)
-        code = main(argv)
-        if code:
-            return code
-    rows = list(csv.DictReader(open(data / "test.csv")))
-    picks = [r for r in rows if r["label"] == "positive"][: (heatmaps + 1) // 2]
-    picks += [r for r in rows if r["label"] == "negative"][: heatmaps // 2]
-    picks += [r for r in rows if r not in picks][: heatmaps - len(picks)]  # a split short of one class
-    argv = ["predict", str(run), *[str(data / r["path"]) for r in picks], "--heatmaps", str(out / "heatmaps"),
-            "--deterministic"]
-    print(f"$ zoomnet {' '.join(argv)}", flush=True)
-    return main(argv)

@@ -1,12 +1,23 @@
-"""Classification and localisation metrics: accuracy, balanced accuracy, confusion, AUC,
-log loss, and Spearman's rho between sampled sub-tiles' attention and object coverage. One module for
-the training loop's validation, ``zoomnet evaluate``, ``zoomnet predict`` with labels and
-``zoomnet bench``."""
+"""Every metric, in one module: accuracy, balanced accuracy, confusion, AUC, log loss; where
+the model looked (sampled sub-tiles on objects, Spearman's rho between attention and object
+coverage, attention entropy); what the sampled sub-tiles tell of the label; and the metrics
+of a predictions CSV. Used by training, ``zoomnet evaluate``, ``zoomnet predict`` with
+labels and ``zoomnet bench``."""
 
 from __future__ import annotations
 
+import csv
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
+
+from zoomnet.core import sampling
+
+if TYPE_CHECKING:
+    from zoomnet.data.examples import Example
+    from zoomnet.model import ZoomInOutput
 
 
 def binary_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
@@ -82,3 +93,90 @@ def leaf_probabilities(out) -> list[float]:
             logp += float(out.log_maps[level][b][m].reshape(-1)[cell])
         probs.append(float(np.exp(logp)))
     return probs
+
+
+def object_hits(out: ZoomInOutput, examples: list[Example]) -> tuple[int, int, int, int]:
+    """Count sampled sub-tiles that overlap an object, on images with an object mask.
+
+    Returns:
+        ``(sub-tiles hitting, sub-tiles, images with a hit, images with objects)``.
+    """
+    if not out.levels:
+        return 0, 0, 0, 0
+    hit_tiles = tiles = hit_images = images = 0
+    for ex, leaves in zip(examples, out.levels[-1].samples):
+        if ex.mask is None:
+            continue
+        if not ex.has_objects():
+            continue
+        images += 1
+        hits = [float(ex.mask.read(s.box).max()) > 0 for s in leaves]
+        hit_tiles += sum(hits)
+        tiles += len(hits)
+        hit_images += any(hits)
+    return hit_tiles, tiles, hit_images, images
+
+
+def attention_entropy(out: ZoomInOutput) -> list[float]:
+    """Per level, the mean entropy of its attention maps over that of a uniform map over
+    the cells the map may draw (1 = uniform, 0 = all mass on one cell; cells it leaves out,
+    outside the image or off the tissue, do not count); maps of one such cell are left out.
+
+    >>> import math
+    >>> uniform = torch.full((1, 4), math.log(0.25))
+    >>> from zoomnet.model import ZoomInOutput
+    >>> attention_entropy(ZoomInOutput(None, None, [], [[uniform]], []))
+    [1.0]
+    >>> three = torch.log(torch.tensor([[1 / 3, 1 / 3, 1 / 3, 0.0]])).clamp_min(-1e4)  # one cell left out
+    >>> round(attention_entropy(ZoomInOutput(None, None, [], [[three]], []))[0], 6)
+    1.0
+    """
+    values = []
+    for level in out.log_maps:
+        ratios = []
+        for lp in level:
+            if not lp.numel():
+                continue
+            lp = lp.detach().float()
+            cells = sampling.drawable(lp).sum(-1)  # (M,) cells each map may draw
+            keep = cells > 1
+            if keep.any():
+                ratios.append(-(lp.exp() * lp).sum(-1)[keep] / cells[keep].double().log().float())
+        values.append(float(torch.cat(ratios).mean()) if ratios else float("nan"))
+    return values
+
+
+def subtile_signal(leaf_logits: torch.Tensor, leaf_image: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean over images of the best ``p(image label)`` among its sampled sub-tiles: ``1 /
+    classes`` while ``f`` sees nothing in them, near 1 once each image has a telling one."""
+    probs = torch.softmax(leaf_logits.detach().float(), dim=1)
+    p_label = probs.gather(1, labels[leaf_image][:, None]).squeeze(1)  # (L,)
+    best = torch.full((len(labels),), float("nan")).scatter_reduce(
+        0, leaf_image.cpu(), p_label.cpu(), reduce="amax", include_self=False
+    )
+    return float(best[~best.isnan()].mean()) if (~best.isnan()).any() else float("nan")
+
+
+def prediction_metrics(rows: list[dict], classes: list[str]) -> dict | None:
+    """Metrics of predictions that all carry a true label in ``classes`` (None otherwise):
+    ``rows`` of ``{"true_label": ..., "probabilities": {class: p}}`` (``zoomnet predict``'s
+    results), or of a predictions CSV (``true_label`` and ``p_<class>`` columns).
+
+    >>> prediction_metrics([{"true_label": "a", "probabilities": {"a": 0.9, "b": 0.1}}], ["a", "b"])["accuracy"]
+    1.0
+    """
+    if not rows or any(r.get("true_label") not in classes for r in rows):
+        return None
+
+    def p(row: dict, c: str) -> float:
+        return float(row["probabilities"][c]) if "probabilities" in row else float(row[f"p_{c}"])
+
+    probs = torch.tensor([[p(r, c) for c in classes] for r in rows])
+    labels = torch.tensor([classes.index(r["true_label"]) for r in rows])
+    return {"images": len(rows), **classification_metrics(probs, labels)}
+
+
+def csv_metrics(out_csv: str | Path, classes: list[str]) -> dict | None:
+    """:func:`prediction_metrics` of a predictions CSV whose rows all carry a true label."""
+    with Path(out_csv).open(newline="") as fh:
+        return prediction_metrics(list(csv.DictReader(fh)), classes)

@@ -14,8 +14,7 @@ pixels (paper, eq. 1; averaging would wash out a small object).
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import torch
 
@@ -228,48 +227,14 @@ class AxisPool(NamedTuple):
     def apply(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         """Sum the pixels of each cell along ``dim`` of ``x``."""
         if self.block is not None:  # equal blocks covering the axis (tiles): a reshape and a sum
-            tally_additions(x.numel())  # one addition per pixel
             return x.unflatten(dim, (self.matrix.shape[0], self.block)).sum(dim + 1)
         if self.segment is not None:
             shape = list(x.shape)
             shape[dim] = self.matrix.shape[0]
-            tally_additions(x.numel())  # one addition per pixel
             return x.new_zeros(shape).index_add(dim, self.segment.to(x.device), x)
         if self.pick is not None:
             return x.index_select(dim, self.pick.to(x.device))
         return torch.movedim(torch.movedim(x, dim, -1) @ self.matrix.to(x).T, -1, dim)  # counted as a matmul
-
-
-_POOL_TALLY: list[int] = []  # additions of the pooling, while count_pooling_flops is open
-
-
-def tally_additions(adds: int) -> None:
-    """Add ``adds`` to the open :func:`count_pooling_flops` count (if any): how linear-time
-    sums that the FLOP counter cannot see (``index_add``, running sums) report their work."""
-    if _POOL_TALLY:
-        _POOL_TALLY[-1] += adds
-
-
-@contextmanager
-def count_pooling_flops() -> Iterator[list[int]]:
-    """Count the additions of cell pooling done inside the block (``torch.utils.flop_counter``
-    sees matrix products, not ``index_add``), and of the attention nets' contrast prior (its
-    box filter is running sums, not a convolution): the count is ``tally[0]`` after the block.
-
-    >>> logits = torch.zeros(1, 4, 4)
-    >>> rows, cols = pooling_plan((4, 4), (8, 8), (4.0, 4.0))
-    >>> with count_pooling_flops() as tally:
-    ...     _ = pool_to_grid(logits, rows, cols)
-    >>> tally[0]  # 16 pixels into 2 rows of cells, then 8 into 2 x 2 cells
-    24
-    """
-    _POOL_TALLY.append(0)
-    out = [0]
-    try:
-        yield out
-    finally:
-        out[0] = _POOL_TALLY.pop()
-        tally_additions(out[0])  # an enclosing count sees it too
 
 
 def pooling_plan(

@@ -53,3 +53,23 @@ def read_many(source: ImageSource, boxes: Sequence[Box], out_size: tuple[int, in
     if len(boxes) == 1:
         return source.read(boxes[0], out_size)[None]
     return torch.stack([source.read(box, out_size) for box in boxes])
+
+
+@runtime_checkable
+class FileFrame(Protocol):
+    """What a source read from a file also says (optional; ``zoomnet.sources.base`` has the
+    helpers that fall back to the source's own frame): where its boxes lie in the file's
+    level-0 pixels (the frame slide viewers show; a source seen at another resolution maps
+    its boxes there), and what it has decoded."""
+
+    def level0_size(self) -> tuple[int, int]:
+        """``(height, width)`` of the file's level 0."""
+        ...
+
+    def level0_box(self, box: Box) -> Box:
+        """``box`` of this source's frame in the file's level-0 pixels (not clipped)."""
+        ...
+
+    def io_counts(self) -> tuple[int, int]:
+        """``(pixels decoded, compressed bytes read)`` so far."""
+        ...

@@ -2,28 +2,21 @@
 
 Paths are absolute or relative to the CSV's folder. Labels are class names or integers; the
 class list is the sorted set of training labels (numerically sorted when all are integers)
-unless the config gives one, and it is saved with the run. Images open lazily, on first
-read, and stay open in a small per-process cache, so a DataLoader worker or a long cohort
-never holds more than a few decoded images.
+unless the config gives one, and it is saved with the run. Images open lazily
+(:class:`zoomnet.sources.lazy.LazyImage`), masks map to their image's frame
+(:class:`zoomnet.sources.mask.MaskSource`).
 """
 
 from __future__ import annotations
 
 import csv
-import math
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from zoomnet.core.geometry import Box
 from zoomnet.data.examples import Example
-from zoomnet.errors import ImageError, UserError
-from zoomnet.core.source import ImageSource, read_many
-from zoomnet.sources.open import PLAIN, image_size, open_image
-from zoomnet.sources.rescaled import RescaledSource
+from zoomnet.errors import UserError
+from zoomnet.sources.lazy import LazyImage
+from zoomnet.sources.mask import MaskSource
 
 
 @dataclass
@@ -132,64 +125,6 @@ def resolve_reference(classes: list[str], given: str | None) -> str | None:
     return given
 
 
-_OPEN: OrderedDict[tuple, ImageSource] = OrderedDict()
-_LOCK = threading.Lock()  # prediction opens the next files in threads
-CACHE_SIZE = 16
-
-
-class LazyImage:
-    """An image source that opens its file on first read and keeps it in a per-process LRU.
-
-    Its size is read from the file's header without decoding the pixels.
-    """
-
-    def __init__(self, path: Path, given: str, fill: float = 0.0, target_mpp: float | None = None,
-                 max_pixels: int = 256_000_000):
-        self.path, self.given, self.fill, self.target_mpp = Path(path), given, float(fill), target_mpp
-        self.max_pixels = max_pixels
-        try:
-            # plain images: the size from the header, pixels decoded on first read; lazy
-            # formats (TIFF, slides) open cheaply, so open them once and keep them cached
-            if target_mpp or self.path.suffix.lower() not in PLAIN:
-                src = self.opened()
-                self.height, self.width = src.height, src.width
-            else:
-                self.height, self.width = image_size(self.path)
-        except ImageError as exc:
-            raise ImageError(str(exc).replace(str(self.path), given, 1)) from None
-        self.channels = 3
-        self.pixels_read = 0
-
-    def opened(self) -> ImageSource:
-        """The open source (opened now if it is not in the per-process cache)."""
-        key = (str(self.path), self.fill, self.target_mpp, self.max_pixels)
-        with _LOCK:
-            if key in _OPEN:
-                _OPEN.move_to_end(key)
-                return _OPEN[key]
-        try:
-            src = open_image(self.path, fill=self.fill, max_pixels=self.max_pixels)
-            if self.target_mpp:
-                src = RescaledSource(src, self.target_mpp, self.given)
-        except ImageError as exc:
-            raise ImageError(str(exc).replace(str(self.path), self.given, 1)) from None
-        with _LOCK:
-            _OPEN[key] = src
-            while len(_OPEN) > CACHE_SIZE:
-                _OPEN.popitem(last=False)
-        return src
-
-    def read(self, box: Box, out_size: tuple[int, int] | None = None) -> torch.Tensor:
-        out = self.opened().read(box, out_size)
-        self.pixels_read += int(out.shape[-1] * out.shape[-2])
-        return out
-
-    def read_many(self, boxes, out_size: tuple[int, int] | None = None) -> torch.Tensor:
-        out = read_many(self.opened(), boxes, out_size)  # (M, C, h, w)
-        self.pixels_read += int(out.shape[0] * out.shape[-1] * out.shape[-2])
-        return out
-
-
 def load_examples(
     csv_path: str | Path, classes: list[str], fill: float = 0.0, role: str = "training",
     target_mpp: float | None = None, max_pixels: int = 256_000_000,
@@ -209,37 +144,6 @@ def load_examples(
                 f"({', '.join(classes)}) of the {role} run; fix the label or retrain with it"
             )
         image = LazyImage(r.path, r.given, fill, target_mpp, max_pixels)
-        mask = None if r.mask is None else _MaskView(LazyImage(r.mask, str(r.mask), max_pixels=max_pixels), image)
+        mask = None if r.mask is None else MaskSource(LazyImage(r.mask, str(r.mask), max_pixels=max_pixels), image)
         out.append(Example(image, index[r.label], mask, r.given))
     return out
-
-
-class _MaskView:
-    """A mask file read as one channel with values in {0, 1} (any non-zero pixel is object),
-    in the frame of its image: the mask may be stored at another size (a slide's mask at
-    1/16 of level 0, say) and the image may be seen at ``data.target_mpp``; a box of the
-    model's frame maps to the mask by the ratio of their sizes. The mask opens through the
-    same lazy sources as images, so a pyramidal mask of a slide reads only the tiles a box
-    touches.
-    """
-
-    def __init__(self, src: LazyImage, image):
-        self.src = src
-        self.height, self.width, self.channels, self.fill = image.height, image.width, 1, 0.0
-        self.ry, self.rx = src.height / image.height, src.width / image.width
-
-    def read(self, box: Box, out_size: tuple[int, int] | None = None) -> torch.Tensor:
-        top, left, h, w = (int(v) for v in box)
-        if (self.ry, self.rx) == (1.0, 1.0):
-            native = Box(top, left, h, w)
-        else:
-            y0, x0 = math.floor(top * self.ry), math.floor(left * self.rx)
-            y1, x1 = math.ceil((top + h) * self.ry), math.ceil((left + w) * self.rx)
-            native = Box(y0, x0, max(1, y1 - y0), max(1, x1 - x0))
-        binary = (self.src.read(native)[:1] > 0).float()  # (1, h', w')
-        size = out_size or (h, w)
-        if tuple(binary.shape[-2:]) == tuple(size):
-            return binary
-        from zoomnet.sources.array import resize
-
-        return resize(binary, size)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from zoomnet.core.geometry import tally_additions
 from zoomnet.nets.registry import register
 
 HEADS = ("3x3", "1x1")  # the authors' net; zoomnet 0.1.0's
@@ -79,10 +78,9 @@ def local_contrast(view: torch.Tensor, radius: int = 3, cap: float = 3.0) -> tor
     >>> round(float(c[0, 4, 4]), 3), float(c[0, 0, 0])
     (1.959, 0.0)
     """
-    # running sums along rows and columns of the default layout: on a channels-last view (the
-    # layout of a large view's convolutions on a CPU) they stride over the channels; with a
-    # copy in the default layout first, the prior takes a third less time forward and a sixth
-    # less forward and backward (benchmarks/local_contrast.py)
+    # the running sums go along rows and columns; on a channels-last view (what a large
+    # view's convolutions take on a CPU) they would stride over the channels, so they run on
+    # a copy in the default layout
     return _contrast(view.contiguous(), radius, cap)
 
 
@@ -90,15 +88,11 @@ def _contrast(view: torch.Tensor, radius: int, cap: float) -> torch.Tensor:
     """:func:`local_contrast` in the view's own memory layout."""
     m, c, h, w = view.shape
     # neighbourhood sums as a box filter, one axis at a time by differences of running sums
-    # (a row's sum, never the whole view's, so float32 keeps its precision; forward and
-    # backward 1.4-3.3x faster on CPU than a depthwise convolution of ones, which is several
-    # times faster than avg_pool2d: benchmarks/local_contrast.py): S[i + 2r + 1] - S[i] of
+    # (linear in the view whatever the radius, where a convolution of ones is not; a row's
+    # sum, never the whole view's, so float32 keeps its precision): S[i + 2r + 1] - S[i] of
     # the running sum S of the axis zero-padded by r + 1 before and r after; both axes are
     # padded at once, and the padded rows' sums along the first axis are zero
     n = 2 * radius + 1
-    # the counter of FLOPs sees convolutions, not running sums: theirs by formula (the sums
-    # and differences of both axes)
-    tally_additions(m * c * ((h + n) * (w + n) + 2 * (h + n) * w + h * w))
     running = torch.nn.functional.pad(view, (radius + 1, radius, radius + 1, radius)).cumsum(3)
     running = (running[..., n:] - running[..., :w]).cumsum(2)  # (M, C, h + n, w)
     sums = running[:, :, n:] - running[:, :, :h]  # (M, C, h, w)

@@ -1,5 +1,6 @@
-"""The source interface the model reads pixels through (defined in :mod:`zoomnet.core.source`)
-and a source that records what is read."""
+"""The source interface the model reads pixels through (defined in :mod:`zoomnet.core.source`),
+what sources read from files also say (their file's level-0 frame, what they decoded), and
+a source that records what is read."""
 
 from __future__ import annotations
 
@@ -8,9 +9,49 @@ from typing import Sequence
 import torch
 
 from zoomnet.core.geometry import Box
-from zoomnet.core.source import ImageSource, read_many
+from zoomnet.core.source import FileFrame, ImageSource, read_many
 
-__all__ = ["CountingSource", "ImageSource", "read_many"]
+__all__ = ["CountingSource", "FileBacked", "FileFrame", "ImageSource", "io_counts", "level0_box", "level0_size",
+           "read_many"]
+
+
+class FileBacked:
+    """What a source decoded from a file says of itself (:class:`FileFrame`): its frame is
+    the file's level 0, and it counts the pixels it decodes and the bytes it reads."""
+
+    height: int
+    width: int
+    pixels_decoded: int = 0
+    bytes_read: int = 0
+
+    def level0_size(self) -> tuple[int, int]:
+        return self.height, self.width
+
+    def level0_box(self, box: Box) -> Box:
+        return Box(*(int(v) for v in box))
+
+    def io_counts(self) -> tuple[int, int]:
+        return self.pixels_decoded, self.bytes_read
+
+
+def level0_size(source: ImageSource) -> tuple[int, int]:
+    """``(height, width)`` of the file a source reads at level 0 (its own size otherwise)."""
+    return source.level0_size() if isinstance(source, FileFrame) else (source.height, source.width)
+
+
+def level0_box(source: ImageSource, box: Box) -> Box:
+    """``box`` of the model's frame in level-0 pixels of the file, clipped to the image."""
+    native = source.level0_box(box) if isinstance(source, FileFrame) else Box(*box)
+    height, width = level0_size(source)
+    top, left = max(0, native.top), max(0, native.left)
+    bottom, right = min(height, native.top + native.height), min(width, native.left + native.width)
+    return Box(top, left, max(0, bottom - top), max(0, right - left))
+
+
+def io_counts(source: ImageSource) -> tuple[int, int]:
+    """``(pixels decoded, bytes read)`` of a source read from a file (a source in memory:
+    its pixels, no bytes)."""
+    return source.io_counts() if isinstance(source, FileFrame) else (source.height * source.width, 0)
 
 
 class CountingSource:

@@ -18,6 +18,7 @@ from PIL import Image, ImageOps
 
 from zoomnet.errors import ImageError
 from zoomnet.sources.array import ArraySource
+from zoomnet.sources.base import FileBacked
 
 MAX_PIXELS = 100_000_000
 CONVERT_HINT = (
@@ -41,7 +42,7 @@ def to_rgb_array(img: Image.Image, name: str) -> np.ndarray:
     return np.array(img, dtype=np.uint8)  # a writable copy (torch.from_numpy warns otherwise)
 
 
-class PillowSource(ArraySource):
+class PillowSource(ArraySource, FileBacked):
     """A plain image file, decoded once into memory.
 
     Args:
@@ -75,5 +76,6 @@ class PillowSource(ArraySource):
                 f"{name}: cannot read the image ({type(exc).__name__}: {exc}); the file is corrupt, "
                 "truncated or not an image: re-export it"
             ) from None
-        self.bytes_read = os.path.getsize(path)
         super().__init__(array, fill=fill)
+        self.bytes_read = os.path.getsize(path)
+        self.pixels_decoded = self.height * self.width  # decoded whole

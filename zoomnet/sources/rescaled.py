@@ -16,7 +16,7 @@ import torch
 
 from zoomnet.core.geometry import Box
 from zoomnet.errors import ImageError
-from zoomnet.sources.base import ImageSource
+from zoomnet.sources.base import FileFrame, ImageSource, io_counts, level0_size
 
 
 def plausible_mpp(mpp: float) -> bool:
@@ -74,7 +74,12 @@ class RescaledSource:
     def read(self, box: Box, out_size: tuple[int, int] | None = None) -> torch.Tensor:
         return self.inner.read(self.native_box(box), out_size or (int(box[2]), int(box[3])))
 
-    def __getattr__(self, name):  # I/O counters and the like come from the wrapped source
-        if name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
+    def level0_size(self) -> tuple[int, int]:
+        return level0_size(self.inner)
+
+    def level0_box(self, box: Box) -> Box:
+        native = self.native_box(box)
+        return self.inner.level0_box(native) if isinstance(self.inner, FileFrame) else native
+
+    def io_counts(self) -> tuple[int, int]:
+        return io_counts(self.inner)

@@ -21,6 +21,7 @@ import torch
 from zoomnet.core.geometry import Box
 from zoomnet.errors import ImageError
 from zoomnet.sources.array import resize
+from zoomnet.sources.base import FileBacked
 
 VENDOR = {".ndpi", ".mrxs", ".vms", ".vmu", ".scn", ".bif", ".svslide"}
 
@@ -38,7 +39,7 @@ def _install_hint() -> str:
     return "install the slide extra: pip install 'zoomnet[slides]'"
 
 
-class OpenSlideSource:
+class OpenSlideSource(FileBacked):
     """A slide read through OpenSlide at the pyramid level that fits each request.
 
     Args:

@@ -34,6 +34,7 @@ import torch
 from zoomnet.core.geometry import Box
 from zoomnet.errors import ImageError
 from zoomnet.sources.array import resize
+from zoomnet.sources.base import FileBacked
 
 
 # tifffile reports damage it works around through logging; without a handler Python would
@@ -158,7 +159,7 @@ def _mpp(tif, page) -> float | None:
     return None
 
 
-class TiffSource:
+class TiffSource(FileBacked):
     """A (pyramidal) TIFF read lazily by tiles.
 
     Decoded tiles stay in a small LRU cache (``cache_tiles``, 64 by default: 12 MB of

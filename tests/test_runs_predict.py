@@ -1,27 +1,20 @@
-"""Prediction of cohorts (folders, manifests with and without labels, resuming into a CSV)
-and GeoJSON in level-0 pixels of the original file."""
+"""zoomnet.runs.predict: cohorts of images and slides, streamed into a CSV that resumes, with their pictures and GeoJSON."""
 
 from __future__ import annotations
 
-import csv
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import tifffile
 import torch
 from PIL import Image
-
 from zoomnet.cli import main
 from zoomnet.core.geometry import Box
-from zoomnet.data.manifest import LazyImage
 from zoomnet.sources import ArraySource
+from zoomnet.sources.lazy import LazyImage
 
-
-def _rows(path: Path) -> list[dict]:
-    with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
+from helpers import _rows
 
 
 def test_folder_and_manifests_stream_into_a_csv_that_resumes(data, run, tmp_path, capsys):
@@ -134,60 +127,3 @@ def test_slide_heatmap_is_readable_and_the_attention_tiff_overlays_level0(data, 
     brightness = level0.astype(float).sum(-1)
     inside = brightness[int(i * t_h) : int((i + 1) * t_h), int(j * t_w) : int((j + 1) * t_w)].mean()
     assert inside > brightness.mean()
-
-
-def test_a_small_mask_maps_onto_a_rescaled_slide(tmp_path):
-    """A 0.25 um/px slide seen at 0.5 um/px, its mask stored at a quarter of level 0: a box of
-    the model's frame reads the mask where the object is, and nowhere else."""
-    from zoomnet.data.manifest import load_examples
-
-    slide = np.full((400, 400, 3), 200, np.uint8)
-    tifffile.imwrite(tmp_path / "s.tif", slide, resolution=(40000.0, 40000.0), resolutionunit="CENTIMETER")
-    mask = np.zeros((100, 100), np.uint8)
-    mask[60:70, 20:30] = 255  # level 0 rows 240-280, columns 80-120: model frame 120-140, 40-60
-    Image.fromarray(mask).save(tmp_path / "m.png")
-    (tmp_path / "set.csv").write_text("path,label,mask\ns.tif,positive,m.png\n")
-    (ex,) = load_examples(tmp_path / "set.csv", ["negative", "positive"], target_mpp=0.5)
-    assert (ex.mask.height, ex.mask.width) == (ex.source.height, ex.source.width) == (200, 200)
-    assert float(ex.mask.read(Box(120, 40, 20, 20)).min()) == 1.0
-    assert float(ex.mask.read(Box(0, 0, 100, 200)).max()) == 0.0
-    assert ex.mask.read(Box(100, 20, 60, 60), (6, 6))[0, 2:4, 2:4].min() > 0  # resampled onto a grid
-    assert ex.has_objects()
-
-
-def test_make_data_splits_keep_every_class_in_every_part(tmp_path):
-    assert main(["make-data", "tiny-objects", str(tmp_path / "set"), "--num", "20", "--size", "128"]) == 0
-    for part in ("train", "val", "test"):
-        labels = {r["label"] for r in _rows(tmp_path / "set" / f"{part}.csv")}
-        assert labels == {"negative", "positive"}, part
-
-
-def test_exif_orientation_is_read_as_displayed(tmp_path):
-    from zoomnet.sources.open import image_size, open_image
-
-    shown = np.zeros((40, 60, 3), np.uint8)
-    shown[:10, :20] = 255  # a white block at the top left, as displayed
-    stored = np.rot90(shown, k=1).copy()  # stored turned; EXIF 6 turns it back (90 degrees clockwise)
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    for name in ("turned.jpg", "turned.png"):
-        Image.fromarray(stored).save(tmp_path / name, exif=exif.tobytes(), **({"quality": 100} if name.endswith("jpg") else {}))
-        assert image_size(tmp_path / name) == (40, 60)
-        pixels = open_image(tmp_path / name).read(Box(0, 0, 40, 60))
-        assert pixels.shape == (3, 40, 60)
-        assert float(pixels[:, :10, :20].mean()) > 200 and float(pixels[:, 20:, 30:].mean()) < 50, name
-
-
-def test_target_resolution_refuses_an_implausible_pixel_size(tmp_path):
-    from zoomnet.errors import ImageError
-
-    image = np.full((300, 300, 3), 128, np.uint8)
-    tifffile.imwrite(tmp_path / "screen.tif", image, resolution=(72.0, 72.0), resolutionunit="INCH")
-    tifffile.imwrite(tmp_path / "coarse.tif", image, resolution=(1000.0, 1000.0), resolutionunit="CENTIMETER")
-    for name, needle in (("screen.tif", "no slide's or scene's pixel size"), ("coarse.tif", "coarser than")):
-        try:
-            LazyImage(tmp_path / name, name, target_mpp=0.5)
-        except ImageError as exc:
-            assert needle in str(exc) and name in str(exc)
-        else:
-            raise AssertionError(f"{name} was accepted")

@@ -1,12 +1,18 @@
-"""Geometry: cells, boxes, pooling, and reading past the image."""
+"""zoomnet.core.geometry: grids, cell boxes, cells inside the image, pooling of view pixels into cells."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-
-from zoomnet.core.geometry import Box, cell_boxes, cell_of_point, grid_shape, pool_to_grid, pooling_matrix
+from zoomnet.core.geometry import (
+    Box,
+    cell_boxes,
+    cell_of_point,
+    grid_shape,
+    pool_to_grid,
+    pooling_matrix,
+)
 from zoomnet.sources import ArraySource
 
 
@@ -100,16 +106,6 @@ def test_linear_pooling_sums_the_members_of_the_matrix(view, parent, stride):
     assert torch.allclose(a, b) and torch.allclose(ga, gb)
 
 
-def test_pooling_flops_are_counted_by_formula():
-    from zoomnet.core.geometry import count_pooling_flops, pooling_plan
-
-    rows, cols = pooling_plan((64, 48), (1024, 768), (64.0, 64.0))  # 4x4 pixels a cell
-    with count_pooling_flops() as outer:
-        with count_pooling_flops() as inner:
-            pool_to_grid(torch.zeros(2, 64, 48), rows, cols)
-    assert inner[0] == outer[0] == 2 * 64 * 48 + 2 * 16 * 48
-
-
 @pytest.mark.parametrize("seed", range(6))
 def test_cells_in_image_keep_every_covered_pixel_and_drop_cells_centred_outside(seed):
     """Random parents, strides and image sizes: every image pixel that some cell covers is
@@ -147,41 +143,6 @@ def test_cells_in_image_keep_every_covered_pixel_and_drop_cells_centred_outside(
         elif allowed[c]:
             others = every[allowed & (every != c)]
             assert (pixels([c]) & ~pixels(others)).any()
-
-
-def test_model_never_draws_a_sub_tile_centred_outside_the_image():
-    """A 200x150 image under 128 px tiles: the tiles stick out by 56 and 106 px; no drawn
-    sub-tile is centred in the fill, and every tile's map is a distribution."""
-    from zoomnet.model import LevelConfig, ModelConfig, ZoomIn
-
-    cfg = ModelConfig(levels=[LevelConfig(0.125, (128, 128)), LevelConfig(0.5, (16, 16), "dense")], samples=200,
-                      attention_prior=5.0)
-    torch.manual_seed(0)
-    model = ZoomIn(cfg).eval()
-    src = ArraySource(np.random.default_rng(0).integers(0, 255, (200, 150, 3), dtype=np.uint8))
-    out = model.predict([src], generator=torch.Generator().manual_seed(0))
-    boxes = [s.box for s in out.levels[-1].samples[0]]
-    assert len(boxes) > 50
-    assert all(0 <= b.top + b.height / 2 < 200 and 0 <= b.left + b.width / 2 < 150 for b in boxes)
-    for maps in out.levels[1].maps[0].values():
-        assert torch.isfinite(maps).all() and abs(float(maps.sum()) - 1) < 1e-5
-
-
-def test_tile_views_repeat_the_image_edge_over_the_fill():
-    from zoomnet.model.reading import repeat_edges as _repeat_edges
-
-    image = np.random.default_rng(0).integers(0, 255, (200, 150, 3), dtype=np.uint8)
-    src = ArraySource(image)
-    box = Box(128, 64, 128, 128)  # rows 200-255 and columns 150-191 lie outside
-    view = src.read(box, (16, 16))[None]
-    out = _repeat_edges(view, [box], 200, 150)[0]
-    rows_in = [i for i in range(16) if 128 + (i + 0.5) * 8 < 200]  # view rows centred inside
-    cols_in = [j for j in range(16) if 64 + (j + 0.5) * 8 < 150]
-    assert len(rows_in) == 9 and len(cols_in) == 11
-    assert torch.equal(out[:, :9, :11], view[0, :, :9, :11])  # inside: untouched
-    assert torch.equal(out[:, 9:, :11], view[0, :, 8:9, :11].expand(-1, 7, -1))  # below: the last row
-    assert torch.equal(out[:, :, 11:], out[:, :, 10:11].expand(-1, -1, 5))  # right: the last column
-    assert torch.equal(_repeat_edges(view, [Box(0, 0, 128, 128)], 200, 150), view)  # inside: the view itself
 
 
 def test_tiles_that_cut_the_view_into_equal_blocks_pool_by_a_reshape():

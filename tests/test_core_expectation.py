@@ -1,10 +1,4 @@
-"""Exact-enumeration tests of the estimator (docs/design.md, "The estimator").
-
-Every ordered outcome of the draws is enumerated with its probability, so E[value] and
-E[gradient] are computed exactly (no Monte-Carlo noise) and compared with the exact
-aggregate ``sum_c alpha_c sum_c' beta_c' f`` and its gradient, to 1e-10 in float64. The two
-wrong variants named in docs/design.md must fail the same comparison.
-"""
+"""zoomnet.core.expectation: the estimator, exactly unbiased in value and gradient (checked by enumerating every draw)."""
 
 from __future__ import annotations
 
@@ -13,7 +7,6 @@ import math
 
 import pytest
 import torch
-
 from zoomnet.core import expectation
 
 TOL = 1e-10
@@ -154,6 +147,8 @@ def expected_and_exact(tree: Tree, n: int, outer_fn, weights_fn):
 # Level 1: 3 cells and N = 3 draws; level 2: parents with 2, 3 and 4 cells, so a parent can be
 # drawn more often than it has cells (3 > 2: exact sum), exactly as often (3 = 3), and less.
 TWO_LEVELS = [3, [2, 3, 4]]
+
+
 THREE_LEVELS = [2, [2, 3], 2]
 
 

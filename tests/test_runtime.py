@@ -1,17 +1,79 @@
-"""The allocator settings keep freed blocks: a large tensor allocated where a larger
-one was freed touches no new pages. Each case runs in its own process, since the setting
-is process-wide."""
+"""zoomnet.runtime: the allocator settings, several processes under torch.distributed, the doctor's report."""
+
+from __future__ import annotations
 
 import os
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
+from zoomnet.cli import main
+
+
+def _ddp_worker(rank: int, world: int, root: str, port: int) -> None:
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+    from zoomnet.config import load_config
+    from zoomnet.data.manifest import load_examples
+    from zoomnet.model import build_model
+    from zoomnet.train import make_optimizer, train_epoch
+
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    config = load_config(str(Path(root) / "tiny.json"))
+    torch.manual_seed(0)  # the same initial weights on both ranks (DDP also broadcasts them)
+    model = build_model(config.model)
+    wrapped = DistributedDataParallel(model)
+    examples = load_examples(Path(root) / "set/train.csv", ["negative", "positive"])
+    optimizer = make_optimizer(model, config.train)
+    generator = torch.Generator().manual_seed(rank)  # different data and draws per rank
+    train_epoch(wrapped, examples, config.train, optimizer, 1, generator, progress=False, rank=rank, world=world)
+    torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, Path(root) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow  # an end-to-end training: `make test-slow`, run by .ci/run
+def test_ddp_two_cpu_processes_keep_identical_weights(data):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, str(data), port), nprocs=2, join=True)
+    a = torch.load(data / "rank0.pt", weights_only=True)
+    b = torch.load(data / "rank1.pt", weights_only=True)
+    torch.manual_seed(0)
+    from zoomnet.config import load_config
+    from zoomnet.model import build_model
+
+    initial = build_model(load_config(str(data / "tiny.json")).model).state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k  # identical on both ranks ...
+    assert any(not torch.equal(a[k], initial[k]) for k in a)  # ... and trained
+
+
+def test_doctor_reports_what_a_bug_report_needs(capsys):
+
+    assert main(["doctor"]) == 0
+    text = capsys.readouterr().out
+    for key in ("zoomnet", "python", "torch", "device", "tifffile", "TIFF codecs", "OpenSlide", "presets"):
+        assert any(line.startswith(key) for line in text.splitlines()), key
+    assert "megapixel-mnist" in text and "tiny-objects" in text
+
 
 pytestmark = pytest.mark.skipif(
     platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt only"
 )
+
 
 _PROGRAM = """
 import resource, torch

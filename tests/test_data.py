@@ -1,19 +1,37 @@
-"""The stand-ins of the paper's data sets that ``make-data`` writes: geometry, classes, and
-masks that mark the objects the label depends on."""
+"""zoomnet.data: manifests, splits and the synthetic sets of make-data."""
 
 from __future__ import annotations
 
 import csv
+import json
 
 import numpy as np
 import pytest
+import torch.nn.functional as F
 from PIL import Image
-
 from zoomnet.cli import main
-from zoomnet.data import standins
+from zoomnet.core.geometry import Box
+from zoomnet.data.generators import standins
+from zoomnet.sources import open_image
+
+from helpers import _rows
 
 
-def _rows(folder):
+def test_make_data_writes_manifests(data):
+    for split in ("train", "val", "test"):
+        rows = list(csv.DictReader(open(data / "set" / f"{split}.csv")))
+        assert rows and set(rows[0]) == {"path", "label", "mask"}
+        assert (data / "set" / rows[0]["path"]).is_file() and (data / "set" / rows[0]["mask"]).is_file()
+
+
+def test_make_data_splits_keep_every_class_in_every_part(tmp_path):
+    assert main(["make-data", "tiny-objects", str(tmp_path / "set"), "--num", "20", "--size", "128"]) == 0
+    for part in ("train", "val", "test"):
+        labels = {r["label"] for r in _rows(tmp_path / "set" / f"{part}.csv")}
+        assert labels == {"negative", "positive"}, part
+
+
+def _split_rows(folder):
     return [r for part in ("train", "val", "test") for r in csv.DictReader(open(folder / f"{part}.csv"))]
 
 
@@ -25,7 +43,7 @@ def _rows(folder):
 def test_make_data_writes_each_stand_in(tmp_path, kind, num, size, classes, shape):
     out = tmp_path / kind
     assert main(["make-data", kind, str(out), "--num", str(num), "--size", str(size), "--seed", "1"]) == 0
-    rows = _rows(out)
+    rows = _split_rows(out)
     assert len(rows) == num and {r["label"] for r in rows} <= classes
     for r in rows:
         img = np.asarray(Image.open(out / r["path"]))
@@ -55,7 +73,7 @@ def test_camelyon16_stand_in_is_pyramidal_slides_with_masks(tmp_path):
 
     out = tmp_path / "c16"
     assert main(["make-data", "camelyon16", str(out), "--num", "2", "--size", "1024"]) == 0
-    rows = _rows(out)
+    rows = _split_rows(out)
     assert sorted(r["label"] for r in rows) == ["normal", "tumor"]
     for r in rows:
         mask = np.asarray(Image.open(out / r["mask"])) > 0
@@ -67,9 +85,10 @@ def test_camelyon16_stand_in_is_pyramidal_slides_with_masks(tmp_path):
 def test_needles_hard_has_smaller_lesions_and_lone_nuclei_everywhere(monkeypatch):
     """``needles-hard``: lesions smaller than ``needles``', and negatives hold lone nuclei of
     the lesions' look, so that the presence of dark nuclei alone does not give the label away."""
-    from zoomnet.data import writers
+    from zoomnet.data.generators import needles as writers
+    from zoomnet.data.generators.textures import histology_texture
 
-    texture = writers.histology_texture()
+    texture = histology_texture()
     easy = [writers.needles_image(np.random.default_rng(s), texture, 512, True)[1].mean() for s in range(6)]
     hard = [writers.needles_image(np.random.default_rng(s), texture, 512, True, hard=True)[1].mean() for s in range(6)]
     assert all(0 < h for h in hard) and max(hard) < 0.0025 and min(easy) > 0.0009, (hard, easy)
@@ -82,3 +101,24 @@ def test_needles_hard_has_smaller_lesions_and_lone_nuclei_everywhere(monkeypatch
         assert not mask.any() and img.shape == (512, 512, 3)
         assert len(painted) >= expected and (expected or not painted)
         assert all(strength == (0.6 if hard_set else 1.0) for _, strength in painted)
+
+
+def test_make_data_gigapixel_writes_a_consistent_pyramid(tmp_path):
+
+    from zoomnet.cli import main
+
+    path = tmp_path / "slide.tif"
+    assert main(["make-data", "gigapixel", str(path), "--size", "1500", "--seed", "1"]) == 0
+    src = open_image(path)
+    assert (src.height, src.width) == (1500, 1500) and src.levels >= 3 and src.mpp == pytest.approx(0.5)
+    lesions = json.loads(path.with_suffix(".lesions.json").read_text())["lesions"]
+    assert len(lesions) == 3
+    # a coarse level agrees with level 0 averaged down (JPEG at quality 85, texture detail)
+    box = Box(256, 256, 512, 512)
+    coarse = src.read(box, (64, 64))  # from the 1/8 level
+    fine = F.avg_pool2d(src.read(box)[None], 8)[0]
+    assert float((coarse - fine).abs().mean()) < 8.0
+    # the lesion is dark at full resolution
+    les = lesions[0]
+    patch = src.read(Box(int(les["y"]) - 10, int(les["x"]) - 10, 20, 20))
+    assert float(patch.mean()) < float(src.read(Box(0, 0, 1500, 1500), (64, 64)).mean())

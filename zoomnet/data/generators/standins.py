@@ -1,7 +1,6 @@
 """Stand-ins for the paper's data sets: synthetic images with the geometry of each (image
 size, object size and count, number of classes), written by ``zoomnet make-data`` so that
-every shipped preset can be trained end to end on a CPU (docs/benchmarks.md, "Every
-preset on its stand-in").
+every shipped preset can be trained end to end on a CPU (docs/results.md).
 
 - ``colon-cancer``: 500x500 H&E-like tissue (the real IHC texture of the ``scikit-image``
   wheel, recoloured) with about 150 scattered round nuclei and 1-2 glands (a ring of round
@@ -190,3 +189,39 @@ def fmow_scene(rng: np.random.Generator, height: int, width: int, kind: str) -> 
         region[fp] = STRUCTURE_COLOUR
         mask[cy : cy + d, cx : cx + d] |= fp.astype(np.uint8)
     return np.clip(img, 0, 255).astype(np.uint8), mask
+
+
+def write_colon(save, n: int, size: int | None, rng: np.random.Generator) -> list[tuple[str, str, str]]:
+    """``n`` colon-cancer tiles through ``save(name, image, mask, label)``; the manifest rows."""
+    from zoomnet.data.generators.textures import histology_texture
+
+    texture = histology_texture()
+    rows = []
+    for i in range(n):
+        label = COLON_CLASSES[int(rng.random() < 0.5)]
+        img, mask = colon_image(rng, texture, size or 500, label == "epithelial")
+        rows.append(save(f"colon-cancer_{i:05d}", img, mask, label))
+    return rows
+
+
+def write_traffic(save, n: int, size: int | None, rng: np.random.Generator) -> list[tuple[str, str, str]]:
+    """``n`` street scenes (``size``: their height; 4:3) through ``save``; the manifest rows."""
+    rows = []
+    for i in range(n):
+        label = SIGN_CLASSES[int(rng.integers(0, len(SIGN_CLASSES)))]
+        height = size or 960
+        img, mask = traffic_scene(rng, height, height * 4 // 3, label)
+        rows.append(save(f"traffic-signs_{i:05d}", img, mask, label))
+    return rows
+
+
+def write_fmow(save, n: int, size: int | None, rng: np.random.Generator) -> list[tuple[str, str, str]]:
+    """``n`` aerial scenes of 0.6-1.4 times ``size`` on each side through ``save``; the rows."""
+    rows = []
+    for i in range(n):
+        label = FMOW_CLASSES[int(rng.integers(0, len(FMOW_CLASSES)))]
+        side = size or 1000
+        h, w = (int(v) for v in rng.integers(int(side * 0.6), int(side * 1.4) + 1, 2))
+        img, mask = fmow_scene(rng, h, w, label)
+        rows.append(save(f"fmow_{i:05d}", img, mask, label))
+    return rows

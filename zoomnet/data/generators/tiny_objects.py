@@ -174,3 +174,15 @@ def make_shapes(
         image = np.clip(img, 0, 255).astype(np.uint8)
         out.append(Example(ArraySource(image), label, ArraySource(mask, rgb=False), f"shapes-{seed}-{i}"))
     return out
+
+
+def write_images(save, n: int, size: int | None, seed: int) -> list[tuple[str, str, str]]:
+    """``n`` images of ``make-data tiny-objects`` (1-3 rings in a positive image) through
+    ``save(name, image, mask, label)``; each image is a function of ``seed`` and its index."""
+    settings = TinyObjects(size=size or 512, targets=(1, 3))
+    rows = []
+    for i in range(n):
+        ex = make_tiny_objects(1, settings, seed=seed * 100003 + i)[0]
+        rows.append(save(f"tiny_{i:05d}", ex.source.image.permute(1, 2, 0).numpy(), ex.mask.image[0].numpy(),
+                         "positive" if ex.label else "negative"))
+    return rows

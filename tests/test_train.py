@@ -1,23 +1,125 @@
-"""Multi-class learning without a reference class: the instance and distillation terms in
-their multi-class form train a Zoom-In model on a tiny set of shapes to 100 % training
-accuracy."""
+"""zoomnet.train, .objective and .dynamics: the training step, the epoch, the loss terms a batch gets and when they start."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from zoomnet import (
+    ArraySource,
+    LevelConfig,
+    ModelConfig,
+    ZoomIn,
+)
+from zoomnet.data.generators.tiny_objects import make_shapes
+from zoomnet.errors import UserError
+from zoomnet.objective import training_loss
+from zoomnet.train import TrainConfig, evaluate, fit
 
-from zoomnet.data.synthetic import make_shapes
-from zoomnet.model import LevelConfig, ModelConfig, ZoomIn
-from zoomnet.train import TrainConfig, evaluate, fit, training_loss
+from helpers import _config, _copy_run
 
 
-def _config(size: int = 64) -> ModelConfig:
-    return ModelConfig(
-        levels=[LevelConfig(0.25, (size // 2, size // 2), "tiled"), LevelConfig(0.5, (24, 24), (8, 8))],
-        num_classes=3, samples=8, train_samples=16, smooth=0.1,
-        feature_kwargs={"width": 16, "out_dim": 16, "pool": "max"},
+def test_a_training_step_under_autocast_takes_its_loss_outside_it():
+    # as train_epoch does on CUDA: the forward under bfloat16 autocast, the loss (which runs
+    # the classifier on the sub-tiles' features for the instance term) after it
+    from zoomnet import ArraySource, LevelConfig, ModelConfig, ZoomIn
+    from zoomnet.config import TrainConfig
+    from zoomnet.data.examples import Example
+    from zoomnet.objective import training_loss
+
+    model = ZoomIn(ModelConfig(levels=[LevelConfig(0.25, (32, 32)), LevelConfig(0.5, (16, 16), (8, 8))], samples=4))
+    rng = np.random.default_rng(0)
+    batch = [Example(ArraySource(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)), y, None, f"i{y}") for y in (0, 1)]
+    cfg = TrainConfig(instance_weight=1.0, distill_weight=1.0, reference_class=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model([e.source for e in batch], contrastive=True, generator=torch.Generator().manual_seed(0))
+    assert out.leaf_features.dtype == torch.float32
+    loss, terms = training_loss(model, out, batch, torch.tensor([0, 1]), cfg, True)
+    loss.backward()
+    assert torch.isfinite(loss) and terms["instance"] > 0
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.feature.parameters())
+
+
+def test_exploding_gradients_stop_the_run_and_non_finite_weights_are_never_saved(data, run, tmp_path, monkeypatch):
+    import zoomnet.train as train_mod
+    from zoomnet.checkpoint import save_checkpoint
+    from zoomnet.config import load_config
+    from zoomnet.runs import load_run, train_run
+
+    copy = _copy_run(run, tmp_path / "run")
+    before = (copy / "best.safetensors").read_bytes()
+    real = train_mod.training_loss
+
+    class Blow(torch.autograd.Function):  # the value passes, the gradient becomes infinite
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * float("inf")
+
+    def exploding(*args, **kwargs):
+        loss, terms = real(*args, **kwargs)
+        return Blow.apply(loss), terms
+
+    monkeypatch.setattr(train_mod, "training_loss", exploding)
+    with pytest.raises(UserError, match="gradients are not finite.*epoch 2.*last good checkpoint"):
+        train_run(load_config(str(data / "tiny.json")), data / "set/train.csv", None, copy, resume=True,
+                  progress=False, log=lambda s: None, epochs=2)
+    assert (copy / "best.safetensors").read_bytes() == before
+    model, _ = load_run(copy)
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    with pytest.raises(ValueError, match="not finite"):
+        save_checkpoint(model, copy / "best.safetensors")
+    assert (copy / "best.safetensors").read_bytes() == before
+
+
+@pytest.mark.slow  # a training of 15 epochs
+def test_tiny_model_fits_a_separable_set():
+    """Bright square (positive) vs none: a 2-level model reaches 100 % training accuracy."""
+    from zoomnet.data.examples import Example
+    from zoomnet.train import TrainConfig, evaluate, fit
+
+    rng = np.random.default_rng(0)
+    examples = []
+    for i in range(16):
+        img = rng.integers(60, 120, (64, 64, 3)).astype(np.uint8)
+        if i % 2:
+            y, x = rng.integers(4, 44, 2)
+            img[y : y + 16, x : x + 16] = 250
+        examples.append(Example(ArraySource(img), i % 2))
+    cfg = ModelConfig(
+        levels=[LevelConfig(0.25, (32, 32)), LevelConfig(0.5, (16, 16), (8, 8))],
+        samples=4, feature_kwargs={"width": 8, "out_dim": 16},
     )
+    torch.manual_seed(0)
+    model = ZoomIn(cfg)
+    fit(model, examples, [], TrainConfig(epochs=15, batch_size=8, lr=3e-3, contrastive_from=None, seed=0),
+        log=lambda s: None, progress=False)
+    assert evaluate(model, examples, deterministic=True)["accuracy"] == 1.0
+
+
+@pytest.mark.parametrize("augment", [0.0, 0.2])
+def test_views_read_ahead_train_the_same_weights(augment):
+    """Reading the next batch's level-1 views in a thread changes nothing: the same pixels
+    (colour jitter included) and the same draws give bit-identical weights."""
+    from zoomnet.data.examples import Example
+    from zoomnet.train import TrainConfig, make_optimizer, train_epoch
+
+    rng = np.random.default_rng(0)
+    examples = [Example(ArraySource(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)), i % 2, None, f"i{i}")
+                for i in range(6)]
+    cfg = TrainConfig(epochs=1, batch_size=2, instance_weight=1.0, distill_weight=1.0, contrastive_from=1)
+    states = []
+    for prefetch in (False, True):
+        torch.manual_seed(0)
+        model = ZoomIn(ModelConfig(levels=[LevelConfig(0.25, (32, 32)), LevelConfig(0.5, (16, 16), (8, 8))], samples=4))
+        train_epoch(model, examples, cfg, make_optimizer(model, cfg), 1, torch.Generator().manual_seed(0),
+                    progress=False, augment=augment, prefetch=prefetch)
+        states.append(model.state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
 
 def test_multiclass_terms_have_gradients_everywhere():
@@ -50,24 +152,6 @@ def test_tiny_multiclass_set_reaches_full_training_accuracy():
     assert evaluate(model, train, batch_size=8, deterministic=True)["accuracy"] >= 0.9
 
 
-def test_contrast_prior_draws_untrained_attention_to_objects():
-    """Before any training the prior alone multiplies how often sub-tiles hit the shapes
-    (fixed seeds; 8 images x 16 draws; measured 2.5x and more)."""
-    from zoomnet.train import object_hits
-
-    batch = make_shapes(8, classes=3, size=128, object_size=(10, 12), seed=3)
-    rates = {}
-    for prior in (0.0, 5.0):
-        torch.manual_seed(0)
-        cfg = _config(128)
-        cfg.attention_prior = prior
-        model = ZoomIn(cfg)
-        out = model.predict([e.source for e in batch], samples=16, generator=torch.Generator().manual_seed(0))
-        hit, tiles, *_ = object_hits(out, batch)
-        rates[prior] = hit / tiles
-    assert rates[5.0] > 2 * rates[0.0], rates
-
-
 def test_distillation_trains_the_learnt_logits_not_the_prior():
     torch.manual_seed(0)
     model = ZoomIn(_config())
@@ -86,7 +170,7 @@ def test_distillation_trains_the_learnt_logits_not_the_prior():
 
 
 def test_flat_learning_warning_names_what_is_stuck():
-    from zoomnet.train import flat_learning_warning
+    from zoomnet.dynamics import flat_learning_warning
 
     stuck = {"epoch": 2, "train_accuracy": 0.1, "attention_entropy_1": 0.99, "attention_entropy_2": 0.98,
              "subtile_signal": 0.1}
@@ -99,30 +183,12 @@ def test_flat_learning_warning_names_what_is_stuck():
     assert flat_learning_warning(learning, 10, 0.12) is None
 
 
-@pytest.mark.parametrize("shape", [(4, 3, 40, 33), (2, 1, 5, 9), (1, 3, 1, 1), (3, 3, 7, 2)])
-def test_local_contrast_matches_the_mean_of_pixels_inside_each_neighbourhood(shape):
-    """The fast neighbourhood mean (running sums along each axis divided by the pixels
-    inside) is the 7x7 average pool that leaves the padding out, at the border and on tiny
-    views; the FLOP count sees the running sums' additions by formula."""
-    from zoomnet.core.geometry import count_pooling_flops
-    from zoomnet.nets.attention import local_contrast
-
-    view = torch.randn(*shape, generator=torch.Generator().manual_seed(0)) * 2
-    mean = torch.nn.functional.avg_pool2d(view, 7, stride=1, padding=3, count_include_pad=False)
-    expected = (view - mean).abs().mean(dim=1).clamp(max=3.0)
-    with count_pooling_flops() as tally:
-        got = local_contrast(view)
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
-    m, c, h, w = shape  # padded by 4 before and 3 after on each axis: running sum, then differences
-    assert tally[0] == m * c * ((h + 7) * (w + 7) + (h + 7) * w + (h + 7) * w + h * w)
-
-
 @pytest.mark.parametrize("attention_from, frozen_epochs", [(3, 2), ("auto", None)])
 def test_attention_learns_only_from_its_epoch(attention_from, frozen_epochs):
     """``train.attention_from``: the attention nets keep their built weights until their
     epoch (a number, or the epoch after the sampled sub-tiles first carry the label), while
     the feature net learns from the first step."""
-    from zoomnet.train import signal_started
+    from zoomnet.dynamics import signal_started
 
     torch.manual_seed(0)
     train = make_shapes(8, classes=3, size=64, seed=0)
@@ -163,27 +229,3 @@ def test_tiny_set_with_an_empty_class_and_three_shapes_reaches_full_training_acc
     accuracy = [r["train_accuracy"] for r in history]
     assert accuracy[-1] == 1.0 and accuracy[0] < 0.8, accuracy
     assert evaluate(model, train, batch_size=8, deterministic=True)["accuracy"] >= 0.9
-
-
-def test_probe_cuts_subtiles_on_and_off_the_objects_and_counts_them_by_row():
-    import numpy as np
-
-    from zoomnet.probe import crops, probe
-
-    data = make_shapes(6, classes=4, size=64, seed=2, empty_class=True)
-    region = (24, 24)
-    for e in data:
-        for box, on_object in crops(e, region, 3, np.random.default_rng(0)):
-            assert 0 <= box.top <= 64 - 24 and 0 <= box.left <= 64 - 24 and (box.height, box.width) == region
-            assert bool(e.mask.read(box).gt(0).any()) == on_object
-    torch.manual_seed(0)
-    config = _config()
-    config.num_classes = 4
-    classes = ["empty", "ring", "disc", "cross"]
-    result = probe(ZoomIn(config), data, classes, per_image=3, seed=0)
-    counts = np.array(result["counts"])
-    assert result["rows"] == [*classes, "off objects"] and counts.shape == (5, 4) and result["images"] == 6
-    assert counts[0].sum() == 0  # images of the empty class hold no object to cut
-    objects = sum(e.label != 0 for e in data)
-    assert counts[1:4].sum() == 3 * objects and counts[4].sum() == 3 * len(data)
-    assert result["object_accuracy"] == np.trace(counts[:4]) / counts[:4].sum()

@@ -1,4 +1,4 @@
-"""Loss terms: values on hand-made inputs and the direction of their gradients."""
+"""zoomnet.core.losses: each loss term on hand-made inputs, batched forms against image-by-image ones."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-
 from zoomnet.core import losses
 from zoomnet.core.geometry import Box
 

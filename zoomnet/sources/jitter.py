@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from zoomnet.core.geometry import Box
-from zoomnet.core.source import ImageSource
+from zoomnet.core.source import ImageSource, read_many
 
 
 class JitteredSource:
@@ -37,6 +37,4 @@ class JitteredSource:
         return self.jitter(self.inner.read(box, out_size))  # (C, h, w)
 
     def read_many(self, boxes, out_size: tuple[int, int] | None = None) -> torch.Tensor:
-        from zoomnet.core.source import read_many
-
         return self.jitter(read_many(self.inner, boxes, out_size))  # (M, C, h, w)

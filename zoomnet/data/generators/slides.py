@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from zoomnet.data.writers import histology_texture
+from zoomnet.data.generators.textures import histology_texture
 
 TILE = 256
 WHITE = np.array([242.0, 240.0, 244.0])
@@ -177,3 +177,18 @@ def write_gigapixel(out: str | Path, size: int = 50_000, seed: int = 0, quality:
             draw.ellipse([x - r, y - r, x + r, y + r], fill=255)
         img.save(mask)
     return out
+
+
+def write_cohort(out: Path, n: int, size: int | None, seed: int, rng: np.random.Generator,
+                 progress: bool = True) -> list[tuple[str, str, str]]:
+    """``make-data camelyon16``: ``n`` pyramidal TIFF slides of ``size`` (8192) px, every other
+    one with 1-3 lesions of 100-250 px radius, masks at 1/16; the manifest rows."""
+    rows = []
+    for i in tqdm(range(n), desc="camelyon16", unit="slide", disable=not progress):
+        positive = i % 2 == 1  # balanced: every other slide holds 1-3 lesions
+        name = f"slide_{i:05d}"
+        write_gigapixel(out / "images" / f"{name}.tif", size=size or 8192, seed=seed * 100003 + i, progress=False,
+                        lesions=int(rng.integers(1, 4)) if positive else 0, mask=out / "masks" / f"{name}.png",
+                        lesion_radius=(100.0, 250.0))
+        rows.append((f"images/{name}.tif", "tumor" if positive else "normal", f"masks/{name}.png"))
+    return rows

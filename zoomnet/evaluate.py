@@ -1,0 +1,60 @@
+"""The one evaluation loop: validation during training, ``zoomnet evaluate``, the bench."""
+
+from __future__ import annotations
+
+import torch
+from tqdm import tqdm
+
+from zoomnet.data.examples import Example, batches_by_size
+from zoomnet.metrics import classification_metrics, leaf_probabilities, object_hits, spearman
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module, examples: list[Example], batch_size: int = 16, deterministic: bool = False,
+    samples: int | None = None, seed: int = 0, progress: bool = False, desc: str = "evaluate",
+    localization: bool = False,
+) -> dict:
+    """The one evaluation loop (validation in :func:`fit`, ``zoomnet evaluate``, the bench).
+
+    Returns:
+        :func:`zoomnet.metrics.classification_metrics` (``accuracy``, ``balanced_accuracy``,
+        ``confusion``, ``auc`` when binary), ``hit_rate`` (share of sampled sub-tiles on an
+        object, images with objects), ``images_hit`` (share of those images with at least
+        one such sub-tile), ``images_with_objects``, ``probabilities`` (``(n, classes)`` in
+        the order of ``examples``) and ``labels``; with ``localization``, ``spearman``:
+        Spearman's rho between each sampled sub-tile's attention probability and the
+        fraction of it that objects cover, over images with objects.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    model = getattr(model, "module", model)
+    probs = torch.zeros(len(examples), model.config.num_classes)
+    hits = [0, 0, 0, 0]
+    leaf_p, covers = [], []
+    batches = batches_by_size(examples, batch_size, shuffle=False)
+    bar = tqdm(total=len(examples), desc=desc, unit="image", disable=not progress, leave=False)
+    for idx in batches:
+        bar.update(len(idx))
+        batch = [examples[i] for i in idx]
+        out = model.predict([ex.source for ex in batch], deterministic=deterministic, samples=samples, generator=generator)
+        probs[idx] = torch.softmax(out.logits.float(), dim=1).cpu()
+        hits = [a + b for a, b in zip(hits, object_hits(out, batch))]
+        if localization and out.leaf_paths:
+            for path, box, p in zip(out.leaf_paths, out.leaf_boxes, leaf_probabilities(out)):
+                ex = batch[path[0][0]]
+                if ex.mask is not None and ex.has_objects():
+                    leaf_p.append(p)
+                    covers.append(float(ex.mask.read(box).mean()))
+    bar.close()
+    labels = torch.tensor([ex.label for ex in examples], dtype=torch.long)
+    result = {
+        **classification_metrics(probs, labels),
+        "hit_rate": hits[0] / max(hits[1], 1),
+        "images_hit": hits[2] / max(hits[3], 1),
+        "images_with_objects": hits[3],
+        "probabilities": probs,
+        "labels": labels,
+    }
+    if localization:
+        result["spearman"] = spearman(leaf_p, covers) if leaf_p else float("nan")
+    return result

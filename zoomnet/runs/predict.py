@@ -1,0 +1,244 @@
+"""``predict_images``: a run's predictions on images, folders of slides and manifests, with
+the pictures and files of where it looked, appended to a CSV as they come so that a cohort
+resumes where it stopped."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from zoomnet.checkpoint import atomic_write_bytes
+from zoomnet.config import RunConfig
+from zoomnet.data.examples import Example
+from zoomnet.data.manifest import read_manifest
+from zoomnet.data.prefetch import prefetched
+from zoomnet.errors import OUT_CSV, ImageError, UserError
+from zoomnet.model import view_size
+from zoomnet.outputs import geojson_of, render_batch, write_attention_tiff
+from zoomnet.runs.loading import check_image_sizes, load_run
+from zoomnet.runtime.allocator import settle_heap
+from zoomnet.sources.base import io_counts
+from zoomnet.sources.lazy import LazyImage
+from zoomnet.sources.open import PLAIN, TIFF
+from zoomnet.sources.slide import VENDOR
+
+
+def expand_inputs(inputs: list[str]) -> list[tuple[str, Path, str]]:
+    """Images to predict, as ``(name as given, path, label or "")``: image files as they
+    are, folders searched recursively for images and slides (by suffix, sorted), CSV
+    manifests with a ``path`` column and optionally ``label``.
+
+    Raises:
+        UserError: an input that does not exist, or a folder without images.
+    """
+    known = PLAIN | TIFF | VENDOR
+    out: list[tuple[str, Path, str]] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in known)
+            if not found:
+                raise UserError(f"{item}: a folder with no images ({', '.join(sorted(known))}) in it or below")
+            out += [(str(f), f, "") for f in found]
+        elif path.suffix.lower() == ".csv":
+            out += [(r.given, r.path, r.label) for r in read_manifest(path, labels=False)]
+        else:
+            out.append((item, path, ""))
+    return out
+
+
+def output_name(given: str, taken: dict[str, str]) -> str:
+    """A file stem for an image's heatmap and GeoJSON, unique within one prediction run
+    (two ``slide.svs`` in different folders get ``slide`` and ``slide-<hash>``).
+
+    >>> taken = {}
+    >>> output_name("a/slide.svs", taken), output_name("b/slide.ome.tif", taken)[:6]
+    ('slide', 'slide-')
+    """
+    stem = Path(given).name
+    for suffix in (".ome.tiff", ".ome.tif"):
+        if stem.lower().endswith(suffix):
+            stem = stem[: -len(suffix)]
+            break
+    else:
+        stem = Path(given).stem
+    if taken.setdefault(stem, given) != given:
+        stem = f"{stem}-{hashlib.sha1(given.encode()).hexdigest()[:8]}"
+        taken[stem] = given
+    return stem
+
+
+def done_paths(out_csv: Path, header: list[str]) -> set[str]:
+    """Paths already in a predictions CSV written with ``header`` (for resuming)."""
+    if not out_csv.is_file() or out_csv.stat().st_size == 0:
+        return set()
+    with out_csv.open(newline="") as fh:
+        reader = csv.reader(fh)
+        found = next(reader, [])
+        if found != header:
+            raise UserError(
+                f"{out_csv}: exists with other columns ({', '.join(found[:6])}...); give a new {{out}}, "
+                "or delete it to start over", out=OUT_CSV,
+            )
+        return {row[0] for row in reader if len(row) == len(header)}
+
+
+@dataclass
+class _Outputs:
+    """Where the pictures and files of one prediction run go (None: not asked for)."""
+
+    heatmaps: Path | None = None
+    geojson: Path | None = None
+    attention_tiffs: Path | None = None
+    heatmap_size: int = 2048
+    names: dict[str, str] = field(default_factory=dict)
+
+    def write(self, model, config: RunConfig, src, out, given: str, result: dict, probs: list[float]) -> None:
+        """Write what was asked for one image; record each file's path in ``result``."""
+        if not out.levels:  # the CNN baseline looks everywhere
+            return
+        stem = output_name(given, self.names)
+        strides = [lv.cell_stride() for lv in config.model.levels]
+        if self.heatmaps is not None:
+            title = f"{given}: {result['label']} (p = {max(probs):.2f})"
+            (picture,) = render_batch(model, [src], out, [self.heatmaps / f"{stem}.png"], [title],
+                                      display=self.heatmap_size)
+            result["heatmap"] = str(picture)
+        if self.attention_tiffs is not None:
+            target = self.attention_tiffs / f"{stem}.attention.tif"
+            result["attention_tiff"] = str(write_attention_tiff(src, out, 0, target, strides))
+        if self.geojson is not None:
+            self.geojson.mkdir(parents=True, exist_ok=True)
+            target = self.geojson / f"{stem}.geojson"
+            collection = geojson_of(out, 0, src, config.data.classes, probs, strides, given)
+            atomic_write_bytes(target, json.dumps(collection).encode())
+            result["geojson"] = str(target)
+
+
+def _predict_one(model, config: RunConfig, src, views, given: str, label: str, tick: float, outputs: _Outputs,
+                 **draws) -> dict:
+    """One image's result: its class, probabilities, time, what it read, and its files."""
+    classes = config.data.classes
+    out = model.predict([src], views=views, **draws)
+    probs = torch.softmax(out.logits.float(), dim=1)[0].tolist()
+    pixels, read = io_counts(src)
+    result = {
+        "path": given,
+        "label": classes[int(torch.tensor(probs).argmax())],
+        "probabilities": dict(zip(classes, probs)),
+        "seconds": time.perf_counter() - tick,
+        "pixels_read": pixels,
+        "bytes_read": read,
+    }
+    if label:
+        result["true_label"] = label
+    outputs.write(model, config, src, out, given, result, probs)
+    return result
+
+
+def _open_csv(out_csv: Path | None, items: list, images: list[str], header: list[str]) -> set[str]:
+    """Check a predictions CSV to append to; return the paths it already holds."""
+    if out_csv is None:
+        return set()
+    if any(out_csv.resolve() == p.resolve() for _, p, _ in items) or any(
+        Path(i).suffix.lower() == ".csv" and out_csv.resolve() == Path(i).resolve() for i in images
+    ):
+        raise UserError(f"{{out}} {out_csv}: that is one of the inputs; write the predictions to a new file",
+                        out=OUT_CSV)
+    done = done_paths(out_csv, header)
+    out_csv.parent.mkdir(parents=True, exist_ok=True)
+    return done
+
+
+def predict_images(
+    run_dir: str | Path, images: list[str], deterministic: bool = False, samples: int | None = None,
+    seed: int = 0, device: str = "cpu", heatmaps: str | Path | None = None, geojson: str | Path | None = None,
+    emit: Callable[[dict], None] | None = None, progress: bool = False, out_csv: str | Path | None = None,
+    workers: int = 2, heatmap_size: int = 2048, attention_tiffs: str | Path | None = None,
+) -> list[dict]:
+    """Predict images, folders and manifests; one result dict per image (also passed to
+    ``emit`` as it comes).
+
+    With ``out_csv`` each result is appended to that CSV as soon as it is known, and images
+    already in it are skipped, so a crashed or interrupted cohort resumes where it stopped.
+    ``workers`` threads open the next files and read their level-1 views while the model
+    works on the current one. A result's ``true_label`` is the manifest's label, if any.
+    ``heatmaps`` pictures are at most ``heatmap_size`` px on the long side;
+    ``attention_tiffs`` get a pyramidal TIFF of the attention at the file's level-0 size.
+
+    Raises:
+        UserError: an unreadable input (with one image), or an ``out_csv`` that is an input.
+    """
+    settle_heap()
+    model, config = load_run(run_dir, device)
+    items = expand_inputs(images)
+    header = ["path", "true_label", "predicted", *[f"p_{c}" for c in config.data.classes], "seconds"]
+    out_csv = Path(out_csv) if out_csv is not None else None
+    done = _open_csv(out_csv, items, images, header)
+    todo = [it for it in items if it[0] not in done]
+    outputs = _Outputs(*(Path(p) if p is not None else None for p in (heatmaps, geojson, attention_tiffs)),
+                       heatmap_size=heatmap_size)
+    draws = dict(deterministic=deterministic, samples=samples, generator=torch.Generator().manual_seed(seed))
+
+    def prepare(item):  # in a worker thread: open the file and read its level-1 view
+        given, path, _ = item
+        src = LazyImage(path, given, config.data.fill, config.data.target_mpp, config.data.max_pixels)
+        check_image_sizes([Example(src, 0, None, given)], config.model, f"the model in {run_dir}")
+        views = None
+        if config.model.kind != "cnn":
+            vs = view_size(config.model.levels[0].scale, src.height, src.width)
+            if not (config.model.strip_rows and vs[0] > config.model.strip_rows):  # huge views: read in strips
+                views = model.read_views([src])
+        return src, views
+
+    results, failed = [], []
+    slowest = (0.0, "")
+    fh = out_csv.open("a", newline="") if out_csv is not None else None
+    try:
+        writer = csv.writer(fh) if fh else None
+        if writer and not done:
+            writer.writerow(header)
+            fh.flush()
+        bar = tqdm(total=len(items), initial=len(items) - len(todo), desc="predict", unit="image", disable=not progress)
+        for (given, _, label), prepared in prefetched(prepare, todo, workers=workers, ahead=workers + 1,
+                                                     name="zoomnet-open"):
+            tick = time.perf_counter()
+            try:
+                src, views = prepared.result()
+            except (ImageError, UserError) as exc:
+                if len(items) == 1:
+                    raise
+                failed.append(given)
+                print(f"zoomnet: skipped {exc}", file=sys.stderr, flush=True)
+                bar.update(1)
+                continue
+            result = _predict_one(model, config, src, views, given, label, tick, outputs, **draws)
+            if writer:
+                writer.writerow([given, label, result["label"], *[f"{p:.6f}" for p in result["probabilities"].values()],
+                                 f"{result['seconds']:.3f}"])
+                fh.flush()
+            results.append(result)
+            if emit:
+                emit(result)
+            slowest = max(slowest, (result["seconds"], Path(given).name))
+            bar.set_postfix_str(f"slowest {slowest[1]} {slowest[0]:.1f}s", refresh=False)
+            bar.update(1)
+        bar.close()
+    finally:
+        if fh:
+            fh.close()
+    if failed:
+        raise UserError(
+            f"{len(failed)} of {len(items)} images could not be read (first: {failed[0]}); the others are "
+            + (f"in {out_csv}; fix or remove those files and run the same command to finish" if out_csv else "above")
+        )
+    return results
