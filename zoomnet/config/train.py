@@ -53,9 +53,9 @@ class TrainConfig:
             the others half the weight each (``losses.instance_loss``). None: unweighted.
         seed: seed of shuffling and sampling.
         bf16: bfloat16 autocast of the nets when training on CUDA (the estimator and losses
-            stay float32). It halves activation memory; for the shipped nets it is no
-            faster than float32, and several times slower at one image per batch
-            (docs/benchmarks.md, "On a GPU"), so it is off unless memory is short.
+            stay float32). It halves activation memory, but for nets as narrow as the
+            shipped ones it does not speed a step up, and with one image per batch each
+            step's new shapes cost more than it saves: off unless memory is short.
     """
 
     epochs: int = 10

@@ -74,38 +74,10 @@ def instance_loss(
     leaf_logits: torch.Tensor, leaf_image: torch.Tensor, labels: torch.Tensor, reference: int | None,
     reference_share: float | None = None, one_class_per_image: bool = False,
 ) -> torch.Tensor:
-    """Multiple-instance loss on the sampled sub-tiles: each image is a bag of its sub-tiles,
+    """Multiple-instance loss on the sampled sub-tiles: each image is a bag of its sub-tiles;
     the mean over bags (computed for all bags at once: a fixed number of operations
-    whatever the batch).
-
-    Without a reference class (one class against the rest): the log-sum-exp pool of class
-    ``y``'s logits is positive (a mean while no sub-tile stands out, a max once one does);
-    for every other class each sub-tile is a negative instance, which gives the background
-    the place the reference class holds in a binary task. With one: a reference image's
-    sub-tiles are all of the reference class (cross-entropy), and another image's bag is
-    the log-sum-exp pool of its sub-tiles' margins ``log p(y) / (1 - p(y))`` (every
-    sub-tile of a positive bag shares the push, so an object seen only in positive bags
-    rises from the first hit). The margin is taken against every other class, not the
-    reference class alone: with two classes that is ``logit y - logit reference``, and with
-    several object classes (50, 70, 80 km/h signs and "no sign") it is what teaches the
-    sub-tiles to tell the object classes apart, where a margin against the reference class
-    alone lets every sign rise for every object class at once.
-
-    With several object classes an object bag adds a second part, which object class its
-    object is: the cross-entropy among the object classes of the bag's most object-like
-    sub-tile (highest ``1 - p(reference)``, detached), weighted by how far that score stands
-    above the bag's mean. Which sub-tiles hold an object is learnt first and cleanly (every
-    sub-tile of a reference image is background); this part then gives the sign its
-    image's class with up to the weight of a whole example, where the pooled margin gives
-    each sub-tile ``1 / n`` of it until the sign stands out. While every sub-tile looks
-    alike the part is silent (at full weight from the first step, its noise slowed the
-    learning of where objects are). With one object class the part is zero. Without a
-    reference class, and only with ``one_class_per_image`` (every object of an image is of
-    its class), every bag takes the same part, among all classes, at its sub-tile most like
-    any class (highest ``sigmoid(max logit)``): it tells the objects apart where ``f`` has
-    found them but calls them all one class. Where images also hold other classes' objects
-    (Megapixel MNIST's minority digits) that sub-tile is often one of those, and the part
-    teaches it the wrong class.
+    whatever the batch). With a reference class, :func:`_reference_bags`; without one
+    (every image holds evidence of its class), :func:`_one_vs_rest_bags`.
 
     Args:
         leaf_logits: ``(L, classes)``, the classifier applied to each sub-tile's feature.
@@ -121,39 +93,79 @@ def instance_loss(
             every sub-tile of the many positive bags that missed the object toward "object"
             harder than the few reference bags push back: background scores rise, and the
             distillation sends the attention to it.
-        one_class_per_image: without a reference class, add the object-class part (above).
+        one_class_per_image: without a reference class, every object of an image is of its
+            class (fMoW: copies of one structure): each bag also learns which class its
+            most class-like sub-tile is (see :func:`_one_vs_rest_bags`).
     """
     if leaf_logits.shape[0] == 0:
         return leaf_logits.new_zeros(())
-    B, C = labels.shape[0], leaf_logits.shape[1]
+    B = labels.shape[0]
     image = leaf_image.to(leaf_logits.device)
     y = labels.to(leaf_logits.device)[image]  # (L,) the label of each sub-tile's image
     n = torch.zeros(B, device=leaf_logits.device, dtype=leaf_logits.dtype).index_add(
         0, image, torch.ones_like(image, dtype=leaf_logits.dtype))  # (B,) sub-tiles per bag
-    own = leaf_logits.gather(1, y[:, None]).squeeze(1)  # (L,)
-    label_column = F.one_hot(y, C).bool()  # (L, C)
     if reference is None:
-        bag = _bag_logsumexp(own, image, B) - torch.log(n.clamp_min(1))
-        others = F.softplus(leaf_logits).masked_fill(label_column, 0.0).sum(1) / max(C - 1, 1)  # (L,)
-        per_bag = F.softplus(-bag) + _bag_mean(others, image, n)
-        if one_class_per_image:
-            score = torch.sigmoid(leaf_logits.detach().amax(dim=1))  # (L,) one against the rest: shows some class
-            per_bag = per_bag + _standout_cross_entropy(score, torch.logsumexp(leaf_logits, dim=1) - own, image, n)
+        per_bag = _one_vs_rest_bags(leaf_logits, image, y, n, one_class_per_image)
     else:
-        margin = own - torch.logsumexp(leaf_logits.masked_fill(label_column, -torch.inf), dim=1)  # (L,) y vs rest
-        bag = _bag_logsumexp(margin, image, B) - torch.log(n.clamp_min(1))
-        reference_column = torch.arange(C, device=leaf_logits.device) == reference  # (C,)
-        objects_lse = torch.logsumexp(leaf_logits.masked_fill(reference_column, -torch.inf), dim=1)  # (L,)
-        object_margin = objects_lse - leaf_logits[:, reference]  # (L,) log-odds of "an object"
-        ce = F.softplus(object_margin)  # (L,) cross-entropy towards the reference class
-        score = torch.sigmoid(object_margin.detach())  # (L,) p(not reference)
-        which = _standout_cross_entropy(score, objects_lse - own, image, n)  # (B,) 0 with one object class
-        is_reference = labels.to(n.device) == reference
-        per_bag = torch.where(is_reference, _bag_mean(ce, image, n), F.softplus(-bag) + which)
-        if reference_share is not None and 0.0 < reference_share < 1.0:
-            weight = torch.where(is_reference, 0.5 / reference_share, 0.5 / (1.0 - reference_share))
-            per_bag = per_bag * weight.to(per_bag.dtype)
+        per_bag = _reference_bags(leaf_logits, image, y, n, labels.to(n.device) == reference, reference,
+                                  reference_share)
     return per_bag[n > 0].mean()
+
+
+def _one_vs_rest_bags(leaf_logits: torch.Tensor, image: torch.Tensor, y: torch.Tensor, n: torch.Tensor,
+                      one_class_per_image: bool) -> torch.Tensor:
+    """``(B,)`` per-bag losses without a reference class, one class against the rest: the
+    log-sum-exp pool of class ``y``'s logits is positive (a mean while no sub-tile stands
+    out, a max once one does); for every other class each sub-tile is a negative instance,
+    which gives the background the place the reference class holds in a binary task.
+
+    With ``one_class_per_image``, every bag also takes, among all classes, the cross-entropy
+    of its sub-tile most like any class (highest ``sigmoid(max logit)``): it tells the
+    objects apart where ``f`` has found them but calls them all one class. Where images
+    also hold other classes' objects (Megapixel MNIST's minority digits) that sub-tile is
+    often one of those, and the part would teach it the wrong class: leave it off there.
+    """
+    B, C = n.shape[0], leaf_logits.shape[1]
+    own = leaf_logits.gather(1, y[:, None]).squeeze(1)  # (L,)
+    bag = _bag_logsumexp(own, image, B) - torch.log(n.clamp_min(1))
+    others = F.softplus(leaf_logits).masked_fill(F.one_hot(y, C).bool(), 0.0).sum(1) / max(C - 1, 1)  # (L,)
+    per_bag = F.softplus(-bag) + _bag_mean(others, image, n)
+    if one_class_per_image:
+        score = torch.sigmoid(leaf_logits.detach().amax(dim=1))  # (L,) one against the rest: shows some class
+        per_bag = per_bag + _standout_cross_entropy(score, torch.logsumexp(leaf_logits, dim=1) - own, image, n)
+    return per_bag
+
+
+def _reference_bags(leaf_logits: torch.Tensor, image: torch.Tensor, y: torch.Tensor, n: torch.Tensor,
+                    is_reference: torch.Tensor, reference: int, reference_share: float | None) -> torch.Tensor:
+    """``(B,)`` per-bag losses with a reference class: a reference image's sub-tiles are all
+    of the reference class (cross-entropy), and another image's bag is the log-sum-exp pool
+    of its sub-tiles' margins ``log p(y) / (1 - p(y))`` (every sub-tile of a positive bag
+    shares the push, so an object seen only in positive bags rises from the first hit). The
+    margin is taken against every other class, not the reference class alone: with several
+    object classes (50, 70, 80 km/h signs and "no sign") that is what teaches the sub-tiles
+    to tell the object classes apart.
+
+    With several object classes an object bag adds which object class its object is: the
+    cross-entropy among the object classes of the bag's most object-like sub-tile (highest
+    ``1 - p(reference)``, detached), weighted by how far that score stands above the bag's
+    mean (silent while every sub-tile looks alike; zero with one object class).
+    """
+    B, C = n.shape[0], leaf_logits.shape[1]
+    own = leaf_logits.gather(1, y[:, None]).squeeze(1)  # (L,)
+    margin = own - torch.logsumexp(leaf_logits.masked_fill(F.one_hot(y, C).bool(), -torch.inf), dim=1)  # (L,)
+    bag = _bag_logsumexp(margin, image, B) - torch.log(n.clamp_min(1))
+    reference_column = torch.arange(C, device=leaf_logits.device) == reference  # (C,)
+    objects_lse = torch.logsumexp(leaf_logits.masked_fill(reference_column, -torch.inf), dim=1)  # (L,)
+    object_margin = objects_lse - leaf_logits[:, reference]  # (L,) log-odds of "an object"
+    ce = F.softplus(object_margin)  # (L,) cross-entropy towards the reference class
+    score = torch.sigmoid(object_margin.detach())  # (L,) p(not reference)
+    which = _standout_cross_entropy(score, objects_lse - own, image, n)  # (B,) 0 with one object class
+    per_bag = torch.where(is_reference, _bag_mean(ce, image, n), F.softplus(-bag) + which)
+    if reference_share is not None and 0.0 < reference_share < 1.0:
+        weight = torch.where(is_reference, 0.5 / reference_share, 0.5 / (1.0 - reference_share))
+        per_bag = per_bag * weight.to(per_bag.dtype)
+    return per_bag
 
 
 def _standout_cross_entropy(

@@ -9,13 +9,13 @@ def conv_layout(x: torch.Tensor) -> torch.Tensor:
     """A network input ``(M, C, h, w)`` in the memory layout its convolutions run fastest in.
 
     On a CPU, for inputs of at least 20,480 values, that is channels-last: oneDNN's
-    convolutions, their backward pass and max pooling run 1.5-2x faster on it than on the
-    default layout for the batches of small images and narrow nets here (docs/benchmarks.md,
-    "One training step"), with the same values to float rounding. Smaller inputs keep the
-    default layout, on which PyTorch runs its own direct convolution, faster there (one
-    50x50 view: 1.0 ms against 1.6 ms); ``LeNet`` turns any input channels-last itself, for
-    its max pooling. Weights keep the default layout (a checkpoint
-    stores them as they are). Elsewhere the input is left as it is.
+    convolutions, their backward pass and max pooling are fastest on it for the batches of
+    small images and narrow nets here, with the same values to float rounding. Smaller
+    inputs keep the default layout, on which PyTorch runs its own direct convolution, the
+    faster one for a single small view (the experiment page "training-step" has the
+    figures); ``LeNet`` turns any input channels-last itself, for its max pooling. Weights
+    keep the default layout (a checkpoint stores them as they are). Elsewhere the input is
+    left as it is.
     """
     if x.device.type == "cpu" and x.dim() == 4 and x.numel() >= 20480:
         return x.contiguous(memory_format=torch.channels_last)

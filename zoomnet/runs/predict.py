@@ -10,6 +10,7 @@ import json
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -145,6 +146,20 @@ def _predict_one(model, config: RunConfig, src, views, given: str, label: str, t
     return result
 
 
+def _open(item: tuple[str, Path, str], model, config: RunConfig, where: str):
+    """In a worker thread: open an image and read its level-1 view (a view read in strips,
+    huge, is left to the model)."""
+    given, path, _ = item
+    src = LazyImage(path, given, config.data.fill, config.data.target_mpp, config.data.max_pixels)
+    check_image_sizes([Example(src, 0, None, given)], config.model, where)
+    views = None
+    if config.model.kind != "cnn":
+        vs = view_size(config.model.levels[0].scale, src.height, src.width)
+        if not (config.model.strip_rows and vs[0] > config.model.strip_rows):
+            views = model.read_views([src])
+    return src, views
+
+
 def _open_csv(out_csv: Path | None, items: list, images: list[str], header: list[str]) -> set[str]:
     """Check a predictions CSV to append to; return the paths it already holds."""
     if out_csv is None:
@@ -157,6 +172,47 @@ def _open_csv(out_csv: Path | None, items: list, images: list[str], header: list
     done = done_paths(out_csv, header)
     out_csv.parent.mkdir(parents=True, exist_ok=True)
     return done
+
+
+class _Cohort:
+    """The results of a prediction run as they come: appended to the CSV (flushed, so a
+    killed run loses at most the image in hand), counted on the progress bar, the images
+    that could not be read set aside."""
+
+    def __init__(self, out_csv: Path | None, header: list[str], done: set[str], total: int, todo: int,
+                 progress: bool):
+        self.fh = out_csv.open("a", newline="") if out_csv is not None else None
+        self.writer = csv.writer(self.fh) if self.fh else None
+        if self.writer and not done:
+            self.writer.writerow(header)
+            self.fh.flush()
+        self.bar = tqdm(total=total, initial=total - todo, desc="predict", unit="image", disable=not progress)
+        self.results: list[dict] = []
+        self.failed: list[str] = []
+        self.slowest = (0.0, "")
+
+    def __enter__(self) -> "_Cohort":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
+        if self.fh:
+            self.fh.close()
+
+    def skip(self, given: str, exc: Exception) -> None:
+        self.failed.append(given)
+        print(f"zoomnet: skipped {exc}", file=sys.stderr, flush=True)
+        self.bar.update(1)
+
+    def add(self, result: dict, label: str) -> None:
+        if self.writer:
+            self.writer.writerow([result["path"], label, result["label"],
+                                  *[f"{p:.6f}" for p in result["probabilities"].values()], f"{result['seconds']:.3f}"])
+            self.fh.flush()
+        self.results.append(result)
+        self.slowest = max(self.slowest, (result["seconds"], Path(result["path"]).name))
+        self.bar.set_postfix_str(f"slowest {self.slowest[1]} {self.slowest[0]:.1f}s", refresh=False)
+        self.bar.update(1)
 
 
 def predict_images(
@@ -189,26 +245,8 @@ def predict_images(
                        heatmap_size=heatmap_size)
     draws = dict(deterministic=deterministic, samples=samples, generator=torch.Generator().manual_seed(seed))
 
-    def prepare(item):  # in a worker thread: open the file and read its level-1 view
-        given, path, _ = item
-        src = LazyImage(path, given, config.data.fill, config.data.target_mpp, config.data.max_pixels)
-        check_image_sizes([Example(src, 0, None, given)], config.model, f"the model in {run_dir}")
-        views = None
-        if config.model.kind != "cnn":
-            vs = view_size(config.model.levels[0].scale, src.height, src.width)
-            if not (config.model.strip_rows and vs[0] > config.model.strip_rows):  # huge views: read in strips
-                views = model.read_views([src])
-        return src, views
-
-    results, failed = [], []
-    slowest = (0.0, "")
-    fh = out_csv.open("a", newline="") if out_csv is not None else None
-    try:
-        writer = csv.writer(fh) if fh else None
-        if writer and not done:
-            writer.writerow(header)
-            fh.flush()
-        bar = tqdm(total=len(items), initial=len(items) - len(todo), desc="predict", unit="image", disable=not progress)
+    prepare = partial(_open, model=model, config=config, where=f"the model in {run_dir}")
+    with _Cohort(out_csv, header, done, len(items), len(todo), progress) as cohort:
         for (given, _, label), prepared in prefetched(prepare, todo, workers=workers, ahead=workers + 1,
                                                      name="zoomnet-open"):
             tick = time.perf_counter()
@@ -217,28 +255,15 @@ def predict_images(
             except (ImageError, UserError) as exc:
                 if len(items) == 1:
                     raise
-                failed.append(given)
-                print(f"zoomnet: skipped {exc}", file=sys.stderr, flush=True)
-                bar.update(1)
+                cohort.skip(given, exc)
                 continue
             result = _predict_one(model, config, src, views, given, label, tick, outputs, **draws)
-            if writer:
-                writer.writerow([given, label, result["label"], *[f"{p:.6f}" for p in result["probabilities"].values()],
-                                 f"{result['seconds']:.3f}"])
-                fh.flush()
-            results.append(result)
+            cohort.add(result, label)
             if emit:
                 emit(result)
-            slowest = max(slowest, (result["seconds"], Path(given).name))
-            bar.set_postfix_str(f"slowest {slowest[1]} {slowest[0]:.1f}s", refresh=False)
-            bar.update(1)
-        bar.close()
-    finally:
-        if fh:
-            fh.close()
-    if failed:
+    if cohort.failed:
         raise UserError(
-            f"{len(failed)} of {len(items)} images could not be read (first: {failed[0]}); the others are "
-            + (f"in {out_csv}; fix or remove those files and run the same command to finish" if out_csv else "above")
+            f"{len(cohort.failed)} of {len(items)} images could not be read (first: {cohort.failed[0]}); the others "
+            + (f"are in {out_csv}; fix or remove those files and run the same command to finish" if out_csv else "are above")
         )
-    return results
+    return cohort.results

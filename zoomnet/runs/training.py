@@ -127,6 +127,18 @@ def _tidy_resumed(out: Path, history: list[dict]) -> None:
         refresh_readable_copy(out / name)
 
 
+def _examples(config: RunConfig, train_csv, val_csv) -> tuple[list[Example], list[Example]]:
+    """The training and validation examples, checked; the reference class's share set."""
+    data, classes = config.data, config.data.classes
+    train = load_examples(train_csv, classes, data.fill, "training", data.target_mpp, data.max_pixels)
+    val = load_examples(val_csv, classes, data.fill, "training", data.target_mpp, data.max_pixels) if val_csv else []
+    check_image_sizes(train + val, config.model, "the model")
+    if config.train.reference_class is not None and train:  # the instance loss weighs reference and object bags
+        share = sum(e.label == config.train.reference_class for e in train) / len(train)
+        config.train.reference_share = round(share, 6)
+    return train, val
+
+
 class _Saver:
     """Rank 0's end of an epoch: the optimiser state, the best and last checkpoints and the
     metrics, in an order such that a crash at any instant resumes to the same end (the
@@ -188,13 +200,7 @@ def train_run(
             raise UserError("{epochs}: give at least 1", epochs=epochs_option(epochs))
         config.train.epochs = epochs
     classes = _classes(config, train_csv, resume, log)
-    data = config.data
-    train = load_examples(train_csv, classes, data.fill, "training", data.target_mpp, data.max_pixels)
-    val = load_examples(val_csv, classes, data.fill, "training", data.target_mpp, data.max_pixels) if val_csv else []
-    check_image_sizes(train + val, config.model, "the model")
-    if config.train.reference_class is not None and train:  # the instance loss weighs reference and object bags
-        share = sum(e.label == config.train.reference_class for e in train) / len(train)
-        config.train.reference_share = round(share, 6)
+    train, val = _examples(config, train_csv, val_csv)
     state = _start(config, out, resume, dev, rank, log)
     if rank == 0:
         if resume:

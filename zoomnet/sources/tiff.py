@@ -67,6 +67,35 @@ def _decoder_pool(workers: int) -> ThreadPoolExecutor:
         return _POOLS[workers]
 
 
+_HINT = "; save it as 8-bit or 16-bit RGB or grayscale"
+
+
+def _sample_scale(series, dtype: np.dtype, name: str) -> float:
+    """The factor taking the samples to 0..255: 16-bit from 0..65535, 1-bit to 0/255,
+    floating point by its range (0..1 scaled, 0..255 as it is, decided once from the
+    coarsest level); types without a display range are refused."""
+    hint = _HINT
+    if dtype.kind in "iu" and (dtype.kind == "i" or dtype.itemsize > 2):
+        raise ImageError(f"{name}: {dtype} samples have no display range{hint}")
+    if dtype == np.uint16:
+        return 1 / 257.0
+    if dtype == np.bool_:
+        return 255.0
+    if dtype.kind == "f":
+        coarsest = series.levels[-1]
+        if int(np.prod(coarsest.shape)) > 64_000_000:
+            raise ImageError(f"{name}: floating-point samples in a {coarsest.shape} image without a pyramid: their "
+                             f"range cannot be checked cheaply{hint}")
+        values = coarsest.asarray()
+        low, high = float(np.nanmin(values)), float(np.nanmax(values))
+        if not (np.isfinite(low) and np.isfinite(high)) or low < 0 or high > 255:
+            raise ImageError(f"{name}: floating-point samples from {low:g} to {high:g} are neither 0..1 nor 0..255{hint}")
+        return 255.0 if high <= 1.0 else 1.0
+    if dtype != np.uint8:
+        raise ImageError(f"{name}: {dtype} samples are not supported{hint}")
+    return 1.0
+
+
 def sample_rule(tif, series, planar: bool, name: str):
     """A function from a raw block ``(h, w[, S])`` to ``(h, w, 3)`` float32 in 0..255, or an
     :class:`ImageError` naming the file and what to convert it to."""
@@ -76,26 +105,8 @@ def sample_rule(tif, series, planar: bool, name: str):
     if photometric == 6 and int(page.compression) in (6, 7, 33007):  # YCbCr JPEG tiles decode to RGB
         photometric = 2
     samples = int(page.samplesperpixel)
-    hint = "; save it as 8-bit or 16-bit RGB or grayscale"
-    if dtype.kind in "iu" and (dtype.kind == "i" or dtype.itemsize > 2):
-        raise ImageError(f"{name}: {dtype} samples have no display range{hint}")
-    scale = 1.0
-    if dtype == np.uint16:
-        scale = 1 / 257.0
-    elif dtype == np.bool_:
-        scale = 255.0
-    elif dtype.kind == "f":
-        coarsest = series.levels[-1]
-        if int(np.prod(coarsest.shape)) > 64_000_000:
-            raise ImageError(f"{name}: floating-point samples in a {coarsest.shape} image without a pyramid: their "
-                             f"range cannot be checked cheaply{hint}")
-        values = coarsest.asarray()
-        low, high = float(np.nanmin(values)), float(np.nanmax(values))
-        if not (np.isfinite(low) and np.isfinite(high)) or low < 0 or high > 255:
-            raise ImageError(f"{name}: floating-point samples from {low:g} to {high:g} are neither 0..1 nor 0..255{hint}")
-        scale = 255.0 if high <= 1.0 else 1.0
-    elif dtype != np.uint8:
-        raise ImageError(f"{name}: {dtype} samples are not supported{hint}")
+    scale = _sample_scale(series, dtype, name)
+    hint = _HINT
     if photometric == 3:  # palette: indices into a 16-bit colour map
         colormap = page.colormap
         if samples != 1 or colormap is None or np.asarray(colormap).ndim != 2 or np.asarray(colormap).shape[0] != 3:
