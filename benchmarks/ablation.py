@@ -5,7 +5,7 @@ Each variant trains Zoom-In with `zoomnet bench needles --models zoomin --set ..
 same synthetic set, epochs and seeds as the main table; runs are reused when present) and
 reports test accuracy, the share of positive test images where a sampled sub-tile overlaps
 a lesion, and Spearman's rho between sampled sub-tiles' attention and their lesion
-coverage. Writes `docs/benchmarks/ablation.csv`.
+coverage. Writes `docs/experiments/ablation/ablation.csv`.
 
     python benchmarks/ablation.py --seeds 1
     python benchmarks/ablation.py --seeds 1 --variants "N=10" "no contrastive"

@@ -4,7 +4,7 @@ the attention nets' contrast prior (docs/design.md, "Starting by itself").
 For each synthetic set (written with `make-data` into a temporary folder) and its preset,
 the share of sub-tiles drawn with the preset's training draws that overlap an object of the
 mask, over the first training images, with the same initial weights for every gain. Writes
-`docs/benchmarks/attention_prior.csv`.
+`docs/experiments/attention-prior/attention_prior.csv`.
 
     python benchmarks/attention_prior.py            # gains 0, 3, 5; 24 images a set
 """
@@ -50,7 +50,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gains", type=float, nargs="*", default=[0.0, 3.0, 5.0])
     parser.add_argument("--images", type=int, default=24, help="images with objects per set")
-    parser.add_argument("--out", default=str(ROOT / "docs/benchmarks/attention_prior.csv"))
+    parser.add_argument("--out", default=str(ROOT / "docs/experiments/attention-prior/attention_prior.csv"))
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

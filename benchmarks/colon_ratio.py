@@ -5,7 +5,7 @@ shared machine a change of load between the two blocks moves the ratio by more t
 gap being measured (1.1x to 1.9x on the 2-core development machine in one hour). Here each
 round runs Zoom-In once and ATS once on the same bench image and untrained weights (seed
 0), in alternating order, and the figure is the median over rounds of the per-round ratio.
-Writes ``docs/benchmarks/colon-ratio.csv`` (``--csv``).
+Writes ``docs/experiments/colon-cancer/colon-ratio.csv`` (``--csv``).
 
 ``--view-chunks 1 2 4`` measures Zoom-In with each of these ``model.view_chunk`` values
 (how many level-2 tile views go through the attention net in one call; the preset's is
@@ -20,9 +20,9 @@ tile views Zoom-In's level-2 attention ran on per image (4 at most: a trained le
 attention that settles on fewer tiles runs fewer).
 
     python benchmarks/colon_ratio.py --rounds 200
-    python benchmarks/colon_ratio.py --rounds 150 --view-chunks 1 2 4 --csv docs/benchmarks/colon-view-chunk.csv
+    python benchmarks/colon_ratio.py --rounds 150 --view-chunks 1 2 4 --csv docs/experiments/colon-cancer/colon-view-chunk.csv
     python benchmarks/colon_ratio.py --rounds 300 --runs runs/colon_zi_s0 runs/colon_ats_s0 --images colon/test.csv \
-        --csv docs/benchmarks/colon-ratio-trained.csv
+        --csv docs/experiments/colon-cancer/colon-ratio-trained.csv
     PYTHONPATH=<other checkout> python benchmarks/colon_ratio.py   # an older commit, same script
 """
 
@@ -112,7 +112,7 @@ def main() -> None:
         parser.add_argument("--images", help="manifest of the images for --runs (e.g. the test split)")
         parser.add_argument("--num-images", type=int, default=20, help="how many of them, one per round in turn")
 
-    args = alternated_arguments(__doc__, ROOT / "docs/benchmarks/colon-ratio.csv", extra=extra)
+    args = alternated_arguments(__doc__, ROOT / "docs/experiments/colon-cancer/colon-ratio.csv", extra=extra)
     if args.runs:
         if not args.images:
             raise SystemExit("--runs needs --images MANIFEST")

@@ -12,7 +12,7 @@ depend on the weights), it measures
 - `bytes_read_frac`: compressed tile bytes read / file size; `decoded_frac`: pixels of the
   decoded tiles / level-0 pixels.
 
-Rows go to a CSV (default docs/benchmarks/gigapixel.csv) with the machine described in
+Rows go to a CSV (default docs/experiments/gigapixel/gigapixel.csv) with the machine described in
 comment lines; a run that exceeds `--timeout` seconds is reported as such.
 
     python benchmarks/gigapixel.py --sizes 10000 25000 50000 --data /tmp/zbench
@@ -89,7 +89,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10000, 25000, 50000])
     parser.add_argument("--models", nargs="+", default=["zoomin", "ats"])
     parser.add_argument("--data", default="/tmp/zbench", help="folder for slides and run folders")
-    parser.add_argument("--out", default=str(ROOT / "docs/benchmarks/gigapixel.csv"))
+    parser.add_argument("--out", default=str(ROOT / "docs/experiments/gigapixel/gigapixel.csv"))
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds before a run counts as too slow")
     parser.add_argument("--child", nargs=2, metavar=("RUN", "SLIDE"), help=argparse.SUPPRESS)
     args = parser.parse_args()

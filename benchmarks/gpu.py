@@ -21,7 +21,7 @@ runs on, for float32 and for bfloat16 autocast (the nets only; the estimator sta
   slide written by ``zoomnet make-data gigapixel`` (``--slide-size``), on CUDA: seconds
   (second call) and peak CUDA memory.
 
-    python benchmarks/gpu.py --out docs/benchmarks/gpu.csv --slide-size 25000
+    python benchmarks/gpu.py --out docs/experiments/gpu/gpu.csv --slide-size 25000
 
 Every row is printed as it is measured; a row that fails prints its error and the run goes on.
 """
@@ -227,7 +227,7 @@ def gigapixel_rows(slide: Path, work: Path) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(ROOT / "docs/benchmarks/gpu.csv"))
+    parser.add_argument("--out", default=str(ROOT / "docs/experiments/gpu/gpu.csv"))
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--slide-size", type=int, default=25000, help="0: no gigapixel rows")
     parser.add_argument("--work", default="/tmp/zoomnet-gpu")

@@ -5,7 +5,7 @@ figure is the median time of each and their ratio. Views that the attention nets
 the channels-last layout (large ones, on a CPU) are also timed in that layout: the running
 sums on a copy in the default layout (what ``local_contrast`` does) against the same sums
 strided over the channels, forward only (inference) and forward and backward. Writes
-``docs/benchmarks/local_contrast.csv`` (``--csv``).
+``docs/experiments/attention-prior/local_contrast.csv`` (``--csv``).
 
     python benchmarks/local_contrast.py
 """
@@ -62,7 +62,7 @@ def alternated(forms: dict, view: torch.Tensor, rounds: int, backward: bool) -> 
 
 
 def main() -> None:
-    args = alternated_arguments(__doc__, ROOT / "docs/benchmarks/local_contrast.csv")
+    args = alternated_arguments(__doc__, ROOT / "docs/experiments/attention-prior/local_contrast.csv")
     rows = []
     for name, shape in SHAPES.items():
         view = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).requires_grad_()

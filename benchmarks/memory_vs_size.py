@@ -4,7 +4,7 @@ The `needle-camelyon` settings (Zoom-In: 128 px tiles at 1/4, 32 px sub-tiles on
 grid of 1/2, N = 30; ATS at 1/2 with the same patches, N and feature net) on square images
 of 1k^2 to 16k^2 (`--sizes`), untrained weights, the image held lazily (numpy, read by
 crops). Peak memory is `zoomnet.bench.PeakTensorMemory` (live tensors, weights excluded).
-Writes `docs/benchmarks/memory_vs_size.csv` and a plot `memory_vs_size.png` beside it.
+Writes `docs/experiments/memory-vs-size/memory_vs_size.csv` and a plot `memory_vs_size.png` beside it.
 
     python benchmarks/memory_vs_size.py --sizes 1024 2048 4096 8192 16384
 """
@@ -82,7 +82,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
-    parser.add_argument("--out", default=str(ROOT / "docs/benchmarks/memory_vs_size.csv"))
+    parser.add_argument("--out", default=str(ROOT / "docs/experiments/memory-vs-size/memory_vs_size.csv"))
     args = parser.parse_args()
     torch.set_num_threads(2)
     rows = []

@@ -1,8 +1,8 @@
 """Accuracy against peak inference memory, one point per model, from `zoomnet bench` CSVs.
 
-    python benchmarks/plot_accuracy.py docs/benchmarks/needles.csv docs/benchmarks/megapixel-mnist.csv
+    python benchmarks/plot_accuracy.py docs/experiments/needles/needles.csv docs/experiments/megapixel-mnist/megapixel-mnist.csv
 
-Writes `docs/benchmarks/accuracy_vs_memory.png` (one panel per CSV; Pillow only). Models
+Writes `docs/experiments/needles/accuracy_vs_memory.png` (one panel per CSV; Pillow only). Models
 without an accuracy (the full-resolution CNN, cost only) are left out.
 """
 

@@ -9,7 +9,7 @@ torch thread, this prints the FLOPs that ``FlopCounterMode`` sees, the pooling a
 counted as one per summed element (``zoomnet.bench.flop_counter``, less what
 ``FlopCounterMode`` sees) and the best of 3 inference times, with the
 matrix products forced and with the linear pooling; rows go to
-``docs/benchmarks/pooling.csv``.
+``docs/experiments/pooling/pooling.csv``.
 
     python benchmarks/pooling.py --sizes 2048 4096
 """
@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096])
-    parser.add_argument("--out", default=str(ROOT / "docs/benchmarks/pooling.csv"))
+    parser.add_argument("--out", default=str(ROOT / "docs/experiments/pooling/pooling.csv"))
     args = parser.parse_args()
     torch.set_num_threads(1)
     linear = AxisPool.of.__func__

@@ -4,7 +4,7 @@
 thread while the current batch trains. This trains one epoch over the first ``--images``
 rows of a manifest with a preset, alternately without and with the read-ahead
 (``--rounds`` times each, the same weights and draws every time), and prints images/s;
-rows go to ``docs/benchmarks/prefetch.csv``.
+rows go to ``docs/experiments/reading-ahead/prefetch.csv``.
 
     python benchmarks/prefetch.py m2k/train.csv --preset megapixel-mnist --images 32 --threads 1
 """
@@ -34,7 +34,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default=str(ROOT / "docs/benchmarks/prefetch.csv"))
+    parser.add_argument("--out", default=str(ROOT / "docs/experiments/reading-ahead/prefetch.csv"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     config = load_config(args.preset)

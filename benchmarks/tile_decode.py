@@ -5,7 +5,7 @@
 slides from ``zoomnet make-data camelyon16`` / ``gigapixel``, with ``tile_workers`` 1 and 4
 alternated: (a) reads of random 1024x1024 level-0 boxes (16-25 tiles each, cache cleared),
 in boxes/s; (b) one training epoch of the ``camelyon16`` preset over the slides of a
-manifest, in images/s. Rows go to ``docs/benchmarks/tile_decode.csv``.
+manifest, in images/s. Rows go to ``docs/experiments/reading-ahead/tile_decode.csv``.
 
     python benchmarks/tile_decode.py c16/train.csv --slides 6 --threads 1
 """
@@ -62,7 +62,7 @@ def main() -> None:
     parser.add_argument("--slides", type=int, default=6)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
-    parser.add_argument("--out", default=str(ROOT / "docs/benchmarks/tile_decode.csv"))
+    parser.add_argument("--out", default=str(ROOT / "docs/experiments/reading-ahead/tile_decode.csv"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     config = load_config("camelyon16")

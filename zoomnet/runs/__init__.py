@@ -3,7 +3,7 @@ use a finished run (:mod:`.loading`), predict cohorts (:mod:`.predict`); the fol
 and their order (:mod:`.folder`)."""
 
 from zoomnet.runs.folder import RUN_FILES, epoch_score, first_difference, prepare_run_folder, read_run_config
-from zoomnet.runs.loading import check_image_sizes, evaluate_run, load_run, probe_run
+from zoomnet.runs.loading import check_image_sizes, evaluate_run, load_run, open_run_image, probe_run
 from zoomnet.runs.predict import expand_inputs, predict_images
 from zoomnet.runs.training import train_run
 from zoomnet.runtime.device import resolve_device
@@ -16,6 +16,7 @@ __all__ = [
     "expand_inputs",
     "first_difference",
     "load_run",
+    "open_run_image",
     "predict_images",
     "prepare_run_folder",
     "probe_run",

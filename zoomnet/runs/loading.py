@@ -59,6 +59,19 @@ def load_run(run_dir: str | Path, device: str = "cpu", which: str = "best") -> t
     return model.eval(), config
 
 
+def open_run_image(path: str | Path, config: RunConfig):
+    """An image or slide file opened as a run reads it (its fill value, resolution and read
+    limit), lazily: only what the model asks for is decoded.
+
+    Raises:
+        ImageError: a missing, unreadable or unsupported file.
+    """
+    from zoomnet.sources.lazy import LazyImage
+
+    data = config.data
+    return LazyImage(Path(path), str(path), data.fill, data.target_mpp, data.max_pixels)
+
+
 def evaluate_run(
     run_dir: str | Path, test_csv: str | Path, deterministic: bool = False, samples: int | None = None,
     seed: int = 0, device: str = "cpu", batch_size: int = 8, progress: bool = False,
