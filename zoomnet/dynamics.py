@@ -83,7 +83,7 @@ def flat_learning_warning(row: dict, num_classes: int, majority: float) -> str |
         f"after epoch {row['epoch']} training accuracy is {row['train_accuracy']:.3f} (majority class "
         f"{majority:.3f}), attention entropy {'/'.join(f'{v:.2f}' for v in entropy)} of uniform per level, "
         f"best sampled sub-tile p(label) {row['subtile_signal']:.2f} (chance {chance:.2f}): {what}. Try more "
-        "training draws (--set model.train_samples=...), sub-tiles that hold a whole object "
+        "training draws (model.train_samples=...), sub-tiles that hold a whole object "
         "(model.levels.-1.region), the instance and distillation terms (train.instance_weight=4 "
         "train.distill_weight=1), or a mask column in the manifest to see hit rates; docs/design.md, "
         "'When accuracy is flat'"
