@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
+from safetensors import safe_open
 from zoomnet.checkpoint import load_checkpoint, save_checkpoint
 from zoomnet.errors import UserError
 
@@ -58,3 +60,25 @@ def test_a_checkpoint_from_before_the_contrast_prior_loads_without_one(tmp_path)
     loaded, _ = load_checkpoint(path)
     assert loaded.config.attention_prior == 0.0
     assert all(net.prior_gain is None for net in loaded.attention)
+
+
+def test_a_checkpoint_with_non_finite_weights_is_refused_at_load(run, tmp_path, capsys):
+    """Weights that hold NaN or Inf (a file damaged, or written by other code) are named at
+    load, not met as a sampler's traceback."""
+    from safetensors.torch import load_file, save_file
+
+    from zoomnet.cli import main
+
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    for name in ("best.safetensors", "last.safetensors"):
+        path = out / name
+        with safe_open(str(path), "pt") as fh:
+            meta = fh.metadata()
+        tensors = load_file(str(path))
+        key = next(k for k, v in tensors.items() if v.is_floating_point())
+        tensors[key][...] = float("nan")
+        save_file(tensors, str(path), metadata=meta)
+    assert main(["predict", str(out), str(run.parent / "set/images/tiny_00001.png"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "best.safetensors" in err and "NaN or infinite" in err

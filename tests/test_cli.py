@@ -84,12 +84,36 @@ def bad_inputs(data: Path, tmp: Path) -> dict[str, tuple[list[str], str]]:
         "resume without checkpoint": (["train", "--config", cfg, "--train", good, "--out", str(tmp / "none"),
                                        "--resume"], "no checkpoint"),
         "no such run": (["evaluate", str(tmp / "norun"), good], "norun"),
+        "a column twice": (["train", "--config", cfg, "--train",
+                            str(write_csv(tmp / "twice.csv", ["path", "label", "path"], [[img, "a", img]])),
+                            "--out", str(tmp / "r")], "the column 'path' appears twice"),
+        "a mask of another shape": (["train", "--config", cfg, "--train",
+                                     str(write_csv(tmp / "masked.csv", ["path", "label", "mask"],
+                                                   [[img, "a", _mask(tmp, (40, 128))], [img, "b", ""]])),
+                                     "--out", str(tmp / "r")], "not the same shape at any scale"),
+        "a missing image, named as written and resolved": (
+            ["train", "--config", cfg, "--train",
+             str(write_csv(tmp / "rel.csv", ["path", "label"], [["sub/gone.png", "a"], [img, "b"]])),
+             "--out", str(tmp / "r")], f"sub/gone.png (resolved to {tmp / 'sub/gone.png'})"),
+        "evaluate with no draws": (["evaluate", str(tmp / "norun"), good, "--samples", "0"],
+                                   "--samples 0: the number of draws must be at least 1"),
     }
+
+
+def _mask(tmp: Path, size: tuple[int, int]) -> str:
+    """A mask file of ``size`` (height, width)."""
+    import numpy as np
+    from PIL import Image
+
+    path = tmp / f"mask-{size[0]}x{size[1]}.png"
+    Image.fromarray(np.zeros(size, np.uint8)).save(path)
+    return str(path)
 
 
 @pytest.mark.parametrize("case", [
     "missing csv", "misnamed column", "empty csv", "unknown val label", "missing image", "unknown preset",
-    "unknown field", "impossible setting", "resume without checkpoint", "no such run",
+    "unknown field", "impossible setting", "resume without checkpoint", "no such run", "a column twice",
+    "a mask of another shape", "a missing image, named as written and resolved", "evaluate with no draws",
 ])
 def test_bad_input_gives_one_clear_line(case, data, tmp_path, capsys):
     argv, needle = bad_inputs(data, tmp_path)[case]

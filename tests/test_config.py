@@ -78,3 +78,34 @@ def test_a_preset_name_wins_over_a_folder_of_that_name(tmp_path, monkeypatch):
 def test_impossible_settings_are_refused(change, field):
     with pytest.raises(ValueError, match=field):
         ModelConfig(**change)
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=True)
+                       | st.text(max_size=8), lambda inner: st.lists(inner, max_size=3), max_leaves=6)
+_FIELDS = {
+    "model": ["kind", "levels", "samples", "train_samples", "feature", "feature_kwargs", "smooth", "pixel_mean",
+              "chunk", "strip_rows", "tissue_mask", "attention_depth", "attention_head", "num_classes"],
+    "train": ["epochs", "batch_size", "lr", "contrastive_from", "attention_from", "clip", "seed", "bf16"],
+    "data": ["fill", "classes", "target_mpp", "max_pixels", "augment", "reference_class"],
+}
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from([(g, f) for g, fs in _FIELDS.items() for f in fs]), max_size=4), st.data())
+def test_fuzz_the_config_loader(fields, data):
+    """Any value in any field gives a configuration or one UserError, never another exception."""
+    from zoomnet.config import config_from_dict, defaults
+    from zoomnet.errors import UserError
+
+    config = defaults()
+    for group, name in fields:
+        config[group][name] = data.draw(_VALUES)
+    try:
+        built = config_from_dict(config, "fuzz.json")
+    except UserError as exc:
+        assert str(exc).startswith("fuzz.json: ") and "\n" not in str(exc)
+    else:
+        assert built.model.samples >= 1 and built.train.epochs >= 1

@@ -122,3 +122,32 @@ def test_make_data_gigapixel_writes_a_consistent_pyramid(tmp_path):
     les = lesions[0]
     patch = src.read(Box(int(les["y"]) - 10, int(les["x"]) - 10, 20, 20))
     assert float(patch.mean()) < float(src.read(Box(0, 0, 1500, 1500), (64, 64)).mean())
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.lists(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=12), max_size=4),
+                max_size=5),
+       st.binary(max_size=40))
+def test_fuzz_the_manifest_reader(tmp_path, cells, junk):
+    """Any CSV (any cells, stray quotes and bytes, BOMs, missing columns) gives manifest rows
+    or one UserError, never another exception."""
+    import csv as _csv
+    import io
+
+    from zoomnet.data.manifest import read_manifest
+    from zoomnet.errors import UserError
+
+    buf = io.StringIO()
+    _csv.writer(buf).writerows([["path", "label"], *cells])
+    path = tmp_path / "fuzz.csv"
+    path.write_bytes(buf.getvalue().encode("utf-8", "surrogatepass") + junk)
+    try:
+        rows = read_manifest(path)
+    except UserError as exc:
+        assert str(exc) and "\n" not in str(exc).strip()
+    else:
+        assert rows and all(r.path and r.label for r in rows)

@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import shutil
+import shlex
 import signal
 import subprocess
 import sys
@@ -247,7 +248,7 @@ def test_a_hand_edited_config_json_is_checked_against_the_checkpoint(run, data, 
         "too many classes": ({**saved, "data": {**saved["data"], "classes": [*saved["data"]["classes"], "maybe"]}},
                              "differ from the classes"),
         "fill as a word": ({**saved, "data": {**saved["data"], "fill": "white"}}, "data.fill='white'"),
-        "model a number": ({**saved, "model": 5}, "not a run configuration"),
+        "model a number": ({**saved, "model": 5}, "model=5: give an object of fields"),
     }
     for case, (content, needle) in edits.items():
         copy = tmp_path / case.replace(" ", "-")
@@ -371,3 +372,173 @@ def test_a_legacy_run_folder_evaluates_and_resumes(data, tmp_path, capsys):
     rows = (run / "metrics.csv").read_text().strip().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3"]  # epochs 1-2 kept, 3 trained
     assert (LEGACY / "metrics.csv").read_text().strip().splitlines()[1] == rows[1]
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and p.name != ".lock"}
+
+
+@pytest.mark.slow  # one short training per failing write
+def test_a_full_disk_at_any_write_of_an_epoch_end_keeps_the_epoch_before(data, tmp_path, monkeypatch, capsys):
+    """ENOSPC (then EFBIG and EIO) at each write of epoch 2's end: one line names the folder,
+    the cause and the epoch of the last checkpoint; that checkpoint is whole (epoch 1's bit
+    for bit, or epoch 2's where it got in before the failure), with the optimiser state of
+    its epoch; no temporary file is left, and the run resumes to its end."""
+    import errno
+
+    from zoomnet.checkpoint import load_checkpoint
+
+    argv = ["train", "--config", str(data / "tiny.json"), "--train", str(data / "set/train.csv"), "--quiet",
+            "--device", "cpu", "--set", "model.train_samples=8"]
+    real_fsync = os.fsync
+    counted = [0]
+
+    def counting(fd):
+        counted[0] += 1
+        return real_fsync(fd)
+
+    base = tmp_path / "base"
+    assert main([*argv, "--out", str(base), "--epochs", "1"]) == 0
+    monkeypatch.setattr(os, "fsync", counting)
+    probe = tmp_path / "probe"
+    shutil.copytree(base, probe)
+    assert main([*argv, "--out", str(probe), "--epochs", "2", "--resume"]) == 0
+    writes = counted[0]
+    assert writes >= 4  # optimiser state, last checkpoint and its copy, metrics (and best)
+    causes = [errno.ENOSPC, errno.EFBIG, errno.EIO]
+    for k in range(1, writes + 1):
+        out = tmp_path / f"full{k}"
+        shutil.copytree(base, out)
+        before = _snapshot(out)
+        calls = [0]
+
+        def failing(fd, k=k):
+            calls[0] += 1
+            if calls[0] == k:
+                code = causes[k % len(causes)]
+                raise OSError(code, os.strerror(code))
+            return real_fsync(fd)
+
+        monkeypatch.setattr(os, "fsync", failing)
+        capsys.readouterr()
+        assert main([*argv, "--out", str(out), "--epochs", "2", "--resume"]) == 2
+        err = capsys.readouterr().err.strip()
+        cause = os.strerror(causes[k % len(causes)])
+        assert len(err.splitlines()) == 1 and str(out) in err and cause in err and "--resume" in err, err
+        monkeypatch.setattr(os, "fsync", real_fsync)
+        after = _snapshot(out)
+        assert after["config.json"] == before["config.json"]
+        _, state = load_checkpoint(out / "last.safetensors")
+        assert f"of epoch {state['epoch']}" in err
+        if state["epoch"] == 1:  # the failure came before the new checkpoint: epoch 1's files, bit for bit
+            assert after["last.safetensors"] == before["last.safetensors"] and after["metrics.csv"] == before["metrics.csv"]
+            assert before["last.optim.pt"] in (after.get("last.optim.pt"), after.get("prev.optim.pt")), k
+        else:
+            assert state["epoch"] == 2 and "last.optim.pt" in after
+        assert not list(out.glob(".*.tmp")), k
+        assert main([*argv, "--out", str(out), "--epochs", "2", "--resume"]) == 0, k
+        assert len((out / "metrics.csv").read_text().strip().splitlines()) == 3
+
+
+def test_an_out_folder_that_cannot_be_written_is_refused_before_training(data, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    code = main(["train", "--config", str(data / "tiny.json"), "--train", str(data / "set/train.csv"),
+                 "--out", str(blocker / "run"), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "--out" in err and "is a file, not a folder" in err
+
+
+def test_a_second_process_training_into_the_same_folder_is_refused(data, run, tmp_path, capsys):
+    """The run's lock: held, a second training is refused in one line; a process killed while
+    holding it leaves none behind (the system releases it)."""
+    from zoomnet.runs.folder import run_lock
+
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    argv = ["train", "--config", str(data / "tiny.json"), "--train", str(data / "set/train.csv"), "--out", str(out),
+            "--quiet", "--resume", "--epochs", "2"]
+    with run_lock(out):
+        assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "another process is training into this folder" in err
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom pathlib import Path\n"
+                               "from zoomnet.runs.folder import run_lock\nwith run_lock(Path(sys.argv[1])):\n"
+                               "    print('held', flush=True); time.sleep(60)", str(out)], stdout=subprocess.PIPE,
+                              text=True)
+    assert holder.stdout.readline().strip() == "held"
+    holder.kill()  # SIGKILL: no cleanup runs in the holder
+    holder.wait()
+    assert main(argv) == 0
+
+
+def test_ctrl_c_during_training_says_how_to_resume(data, run, tmp_path, monkeypatch, capsys):
+    import zoomnet.runs.training as training
+
+    out = tmp_path / "a run with spaces"
+    shutil.copytree(run, out)
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "fit", interrupted)
+    argv = ["train", "--config", str(data / "tiny.json"), "--train", str(data / "set/train.csv"), "--out", str(out),
+            "--quiet", "--resume", "--epochs", "3"]
+    assert main(argv) == 130
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "interrupted" in err
+    assert f"'{out}'" in err and "--resume" in err, err  # a path with spaces, quoted
+    monkeypatch.undo()
+    command = shlex.split(err.split("continue with: ", 1)[1])
+    assert command[0] == "zoomnet" and main(command[1:]) == 0  # the printed command resumes
+
+
+@pytest.mark.slow  # a training in a child process
+def test_sigterm_during_training_leaves_a_run_that_resumes(data, tmp_path):
+    out = tmp_path / "run"
+    cmd = _train_cmd(data, out, 40)
+    child = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "last.safetensors").is_file() and time.time() < deadline:
+        time.sleep(0.2)
+    assert (out / "last.safetensors").is_file()
+    child.send_signal(signal.SIGTERM)
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == 143, err
+    line = [ln for ln in err.splitlines() if ln.startswith("zoomnet: terminated")]
+    assert len(line) == 1 and "continue with:" in line[0], err
+    resumed = subprocess.run([*cmd, "--resume", "--epochs", "2"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+
+
+def test_out_of_memory_in_training_names_what_to_lower(data, tmp_path, monkeypatch, capsys):
+    import zoomnet.train as train
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train, "training_step", oom)
+    code = main(["train", "--config", str(data / "tiny.json"), "--train", str(data / "set/train.csv"),
+                 "--out", str(tmp_path / "r"), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "out of memory" in err and "train.batch_size" in err and "model.train_samples" in err
+
+
+def test_a_validation_manifest_that_is_the_training_one_gets_a_warning(data, tmp_path, capsys):
+    code = main(["train", "--config", str(data / "tiny.json"), "--train", str(data / "set/train.csv"),
+                 "--val", str(data / "set/train.csv"), "--out", str(tmp_path / "r"), "--quiet"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert [ln for ln in out.splitlines() if ln.startswith("warning:") and "shares" in ln and "held-out" in ln]
+
+
+def test_evaluate_without_masks_reports_no_hit_rate(data, run, tmp_path, capsys):
+    rows = (data / "set/test.csv").read_text().splitlines()
+    plain = tmp_path / "plain.csv"
+    for line in rows[1:]:
+        shutil.copy(data / "set" / line.split(",")[0], tmp_path)
+    plain.write_text("path,label\n" + "\n".join(f"{Path(r.split(',')[0]).name},{r.split(',')[1]}" for r in rows[1:]))
+    assert main(["evaluate", str(run), str(plain), "--quiet"]) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert metrics["hit_rate"] is None and metrics["images_hit"] is None

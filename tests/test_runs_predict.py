@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
+import pytest
 import tifffile
 import torch
 from PIL import Image
@@ -127,3 +129,105 @@ def test_slide_heatmap_is_readable_and_the_attention_tiff_overlays_level0(data, 
     brightness = level0.astype(float).sum(-1)
     inside = brightness[int(i * t_h) : int((i + 1) * t_h), int(j * t_w) : int((j + 1) * t_w)].mean()
     assert inside > brightness.mean()
+
+
+def _pyramid_with_damaged_level0(path, image: np.ndarray) -> None:
+    """A JPEG-tiled pyramid whose level-0 tiles are garbage: its views read (coarser levels),
+    its full-resolution sub-tiles do not."""
+    levels = [image]
+    while levels[-1].shape[0] > 16:
+        levels.append(np.asarray(Image.fromarray(levels[-1]).resize((levels[-1].shape[1] // 2,) * 2, Image.BOX)))
+    with tifffile.TiffWriter(path) as tw:
+        tw.write(levels[0], tile=(16, 16), compression="jpeg", photometric="rgb", subifds=len(levels) - 1)
+        for lv in levels[1:]:
+            tw.write(lv, tile=(16, 16), compression="jpeg", photometric="rgb", subfiletype=1)
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        spans = list(zip(page.dataoffsets, page.databytecounts))
+    with open(path, "r+b") as fh:
+        for offset, count in spans:
+            fh.seek(offset + 2)
+            fh.write(b"\x00" * (count - 2))
+
+
+def test_a_damaged_slide_in_a_cohort_is_skipped_and_the_others_predicted(data, run, tmp_path, capsys):
+    images = tmp_path / "cohort"
+    images.mkdir()
+    for name in ("a.png", "c.png"):
+        shutil.copy(data / "set/images/tiny_00001.png", images / name)
+    _pyramid_with_damaged_level0(images / "b.tif", np.asarray(Image.open(data / "set/images/tiny_00002.png").convert("RGB")))
+    out = tmp_path / "p.csv"
+    assert main(["predict", str(run), str(images), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert [ln for ln in err.splitlines() if ln.startswith("zoomnet: skipped") and "b.tif" in ln]
+    assert "1 of 3 images could not be read (first: " in err and "b.tif" in err
+    assert sorted(Path(r["path"]).name for r in _rows(out)) == ["a.png", "c.png"]
+
+
+def test_rerunning_with_pictures_asked_writes_those_missing_and_prints_the_metrics(data, run, tmp_path, capsys):
+    out = tmp_path / "p.csv"
+    test = str(data / "set/test.csv")
+    assert main(["predict", str(run), test, "--out", str(out), "--quiet"]) == 0
+    rows = out.read_text()
+    capsys.readouterr()
+    heat = tmp_path / "heat"
+    assert main(["predict", str(run), test, "--out", str(out), "--heatmaps", str(heat), "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert "4 images already in" in captured.err and "4 of them lacked the pictures" in captured.err
+    assert len(list(heat.glob("*.png"))) == 4 and out.read_text() == rows  # rows kept as they were
+    assert '{"metrics":' in captured.out  # a labelled manifest's metrics, again
+    assert main(["predict", str(run), test, "--out", str(out), "--heatmaps", str(heat), "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert "lacked" not in captured.err and '{"metrics":' in captured.out
+
+
+def test_an_interrupted_cohort_leaves_a_csv_the_rerun_completes(data, run, tmp_path, monkeypatch, capsys):
+    import zoomnet.cli as cli
+
+    out = tmp_path / "p.csv"
+    argv = ["predict", str(run), str(data / "set/test.csv"), "--out", str(out), "--quiet"]
+    seen = []
+
+    def stop_after_one(result):
+        seen.append(result)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_emit_prediction", stop_after_one)
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert "holds the images finished so far; finish with: zoomnet predict" in err
+    assert len(_rows(out)) == 1
+    monkeypatch.undo()
+    assert main(argv) == 0
+    assert len(_rows(out)) == 4
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--samples", "0"], "--samples 0: the number of draws must be at least 1"),
+    (["--samples", "-3"], "--samples -3: the number of draws must be at least 1"),
+    (["--workers", "0"], "--workers 0: give at least 1 thread"),
+    (["--heatmaps", "FILE"], "--heatmaps FILE: a file, not a folder"),
+    (["--geojson", "FILE"], "--geojson FILE: a file, not a folder"),
+    (["--attention-tiffs", "FILE"], "--attention-tiffs FILE: a file, not a folder"),
+    (["--out", "DIR"], "--out DIR: a folder"),
+])
+def test_bad_predict_options_are_refused_before_any_work(flags, needle, data, run, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "FILE").write_text("x")
+    (tmp_path / "DIR").mkdir()
+    assert main(["predict", str(run), str(data / "set/images/tiny_00001.png"), "--quiet", *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err, err
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_out_of_memory_in_predict_names_what_to_lower(data, run, monkeypatch, capsys):
+    import zoomnet.runs.predict as predict
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(predict, "_predict_one", oom)
+    assert main(["predict", str(run), str(data / "set/images/tiny_00001.png"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "out of memory" in err and "model.chunk" in err

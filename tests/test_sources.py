@@ -256,3 +256,12 @@ def test_array_source_views_in_strips_equal_the_whole_resampled():
     for box, size in cases:
         whole = resize(crop_with_fill(src.image, box, 255.0), size)
         torch.testing.assert_close(src.read(box, size), whole, rtol=0, atol=1e-3)
+
+
+def test_a_png_over_pillows_bomb_limit_is_called_too_large_with_the_fix(run, data, monkeypatch, capsys):
+    """Pillow refuses a plain image far over its pixel limit from the header alone; the
+    line says it is too large and how to convert it, as for TIFF."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 128^2 is then over twice the limit
+    assert main(["predict", str(run), str(data / "set/images/tiny_00001.png"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "too large to decode whole" in err and "vips tiffsave" in err, err

@@ -126,6 +126,10 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Mod
             f"{path}: refused: not a safetensors file ({type(exc).__name__}); zoomnet loads weights only "
             "from safetensors, never from pickles, which can run code"
         ) from None
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise UserError(f"{path}: weights {bad[0]} hold NaN or infinite values; this checkpoint cannot predict: use "
+                        "the run's other checkpoint (best or last) or retrain")
     try:
         model.load_state_dict(tensors)
     except RuntimeError as exc:

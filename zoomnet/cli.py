@@ -11,7 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
+import signal
 import sys
+import threading
+from pathlib import Path
 
 from zoomnet import __version__
 from zoomnet.data.generators import KINDS
@@ -119,8 +123,10 @@ def _predict(args: argparse.Namespace) -> int:
         progress=_progress(args), out_csv=args.out, workers=args.workers, heatmap_size=args.heatmap_size,
         attention_tiffs=args.attention_tiffs,
     )
-    classes = list(results[0]["probabilities"]) if results else []
-    metrics = (csv_metrics(args.out, classes) if args.out else prediction_metrics(results, classes)) if classes else None
+    if args.out:  # the whole file's, this call's images and those of earlier calls
+        metrics = csv_metrics(args.out) if Path(args.out).is_file() else None
+    else:
+        metrics = prediction_metrics(results, list(results[0]["probabilities"])) if results else None
     if metrics:
         summary = f"{metrics['images']} labelled images: accuracy {metrics['accuracy']:.4f}"
         if "auc" in metrics:
@@ -288,10 +294,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler ending a job, ``kill``), handled as Ctrl-C is."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
+def _after_interrupt(args: argparse.Namespace, argv: list[str]) -> str:
+    """What an interrupted command leaves, and the command that continues it."""
+    if args.command == "train":
+        if (Path(args.out) / "last.safetensors").is_file():
+            again = [a for a in argv if a != "--force"] + ([] if "--resume" in argv else ["--resume"])
+            return f"{args.out} keeps its last finished epoch; continue with: {shlex.join(['zoomnet', *again])}"
+        return f"no epoch had finished; start again with: {shlex.join(['zoomnet', *argv])}"
+    if args.command == "predict" and args.out:
+        return f"{args.out} holds the images finished so far; finish with: {shlex.join(['zoomnet', *argv])}"
+    return "nothing was left half-written"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     settle_heap()  # the same pages for every call from the first (zoomnet.runtime.allocator)
+    handler = None
+    if threading.current_thread() is threading.main_thread():
+        handler = signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.func(args)
     except UserError as exc:
@@ -299,9 +329,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"zoomnet: error: {exc.for_cli()}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("zoomnet: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        what = "terminated" if isinstance(exc, Terminated) else "interrupted"
+        print(f"zoomnet: {what}; {_after_interrupt(args, argv)}", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
+    finally:
+        if handler is not None:
+            signal.signal(signal.SIGTERM, handler)
 
 
 if __name__ == "__main__":

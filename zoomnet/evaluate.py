@@ -49,8 +49,9 @@ def evaluate(
     labels = torch.tensor([ex.label for ex in examples], dtype=torch.long)
     result = {
         **classification_metrics(probs, labels),
-        "hit_rate": hits[0] / max(hits[1], 1),
-        "images_hit": hits[2] / max(hits[3], 1),
+        # undefined without masks (or objects): NaN, written as null / an empty cell
+        "hit_rate": hits[0] / hits[1] if hits[1] else float("nan"),
+        "images_hit": hits[2] / hits[3] if hits[3] else float("nan"),
         "images_with_objects": hits[3],
         "probabilities": probs,
         "labels": labels,

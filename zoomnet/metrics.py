@@ -176,7 +176,10 @@ def prediction_metrics(rows: list[dict], classes: list[str]) -> dict | None:
     return {"images": len(rows), **classification_metrics(probs, labels)}
 
 
-def csv_metrics(out_csv: str | Path, classes: list[str]) -> dict | None:
-    """:func:`prediction_metrics` of a predictions CSV whose rows all carry a true label."""
+def csv_metrics(out_csv: str | Path) -> dict | None:
+    """:func:`prediction_metrics` of a predictions CSV (its classes from its ``p_<class>``
+    columns) whose rows all carry a true label; None otherwise."""
     with Path(out_csv).open(newline="") as fh:
-        return prediction_metrics(list(csv.DictReader(fh)), classes)
+        reader = csv.DictReader(fh)
+        classes = [c[2:] for c in reader.fieldnames or [] if c.startswith("p_")]
+        return prediction_metrics(list(reader), classes)

@@ -144,8 +144,8 @@ class _EpochStats:
         stats = {f"loss_{k}": v / seen for k, v in self.sums.items()}
         stats.update(
             train_accuracy=self.correct / seen,
-            train_hit_rate=self.hits[0] / max(self.hits[1], 1),
-            train_images_hit=self.hits[2] / max(self.hits[3], 1),
+            train_hit_rate=self.hits[0] / self.hits[1] if self.hits[1] else math.nan,  # undefined without masks
+            train_images_hit=self.hits[2] / self.hits[3] if self.hits[3] else math.nan,
             seconds=seconds,
             images_per_s=self.seen / max(seconds, 1e-9),
         )

@@ -16,6 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from zoomnet.config import fields
 from zoomnet.config.data import DataConfig
 from zoomnet.config.model import LevelConfig, ModelConfig
 from zoomnet.config.train import TrainConfig
@@ -134,20 +135,37 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> RunCon
 
 
 def config_from_dict(data: dict, where: str = "config") -> RunConfig:
-    """Build and check a :class:`RunConfig` from plain data."""
+    """Build and check a :class:`RunConfig` from plain data.
+
+    Raises:
+        UserError: a group or field of the wrong shape, type or range, naming it.
+    """
+    for group in ("model", "train", "data"):
+        if not isinstance(data.get(group, {}), dict):
+            raise UserError(f"{where}: {group}={data[group]!r}: give an object of fields")
     model = dict(data.get("model", {}))
     ats_scale = data.get("ats_scale")
+    if ats_scale is not None:
+        try:
+            ats_scale = fields.number("ats_scale", ats_scale, positive=True, high=1.0)
+        except ValueError as exc:
+            raise UserError(f"{where}: {exc}") from None
     levels = model.get("levels", [])
-    if model.get("kind") == "ats" and len(levels) > 1:
-        # ATS as published: one dense level at its own view scale, patches of the sub-tile size
-        last = levels[-1]
-        scale = ats_scale or last["scale"]
-        model["levels"] = [{"scale": scale, "region": last["region"], "stride": "dense", "attention": "conv"}]
-    for i, lv in enumerate(model.get("levels", []), start=1):
+    if not isinstance(levels, list) or not all(isinstance(lv, (dict, LevelConfig)) for lv in levels):
+        raise UserError(f"{where}: model.levels={levels!r}: give a list of levels, each an object with scale, "
+                        "region, stride and attention")
+    for i, lv in enumerate(levels, start=1):
         if isinstance(lv, dict):
             unknown = set(lv) - {f.name for f in dataclasses.fields(LevelConfig)}
             if unknown:
                 raise UserError(f"{where}: model.levels[{i}]: unknown field {sorted(unknown)[0]!r}")
+    if model.get("kind") == "ats" and len(levels) > 1:
+        # ATS as published: one dense level at its own view scale, patches of the sub-tile size
+        last = levels[-1] if isinstance(levels[-1], dict) else dataclasses.asdict(levels[-1])
+        if "scale" not in last or "region" not in last:
+            raise UserError(f"{where}: model.levels[{len(levels)}]: give its scale and region")
+        model["levels"] = [{"scale": ats_scale or last["scale"], "region": last["region"], "stride": "dense",
+                            "attention": "conv"}]
     return RunConfig(
         model=_build(ModelConfig, model, where, "model"),
         train=_build(TrainConfig, dict(data.get("train", {})), where, "train"),

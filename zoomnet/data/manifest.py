@@ -29,6 +29,16 @@ class Row:
     mask: Path | None
 
 
+def shown(text: str) -> str:
+    """``text`` as an error message may show it on one line: quoted and escaped where it
+    holds a line break or another control character.
+
+    >>> shown("a.png"), shown("a\\nb.png")
+    ('a.png', "'a\\\\nb.png'")
+    """
+    return repr(text) if any(not c.isprintable() for c in text) else text
+
+
 def read_manifest(csv_path: str | Path, labels: bool = True) -> list[Row]:
     """Read and check a manifest CSV.
 
@@ -49,6 +59,10 @@ def read_manifest(csv_path: str | Path, labels: bool = True) -> list[Row]:
             raw = list(reader)
     except (UnicodeDecodeError, csv.Error) as exc:
         raise UserError(f"{csv_path}: not a readable CSV ({exc}); save it as UTF-8 text with columns path,label") from None
+    repeated = sorted({c for c in columns if columns.count(c) > 1})
+    if repeated:
+        raise UserError(f"{csv_path}: the column {repeated[0]!r} appears twice in the first line; give each column "
+                        "once (path,label[,mask])")
     missing = [c for c in (("path", "label") if labels else ("path",)) if c not in columns]
     if missing:
         found = ", ".join(columns) if columns else "none"
@@ -62,7 +76,7 @@ def read_manifest(csv_path: str | Path, labels: bool = True) -> list[Row]:
         if not rec.get("path"):
             raise UserError(f"{csv_path}: line {n} has an empty path; give every row an image path")
         if labels and rec.get("label", "") == "":
-            raise UserError(f"{csv_path}: line {n} ({rec['path']}) has an empty label; give every row a label")
+            raise UserError(f"{csv_path}: line {n} ({shown(rec['path'])}) has an empty label; give every row a label")
         given = rec["path"]
         path = Path(given) if Path(given).is_absolute() else csv_path.parent / given
         mask = rec.get("mask") or None
@@ -140,7 +154,7 @@ def load_examples(
     for r in rows:
         if r.label not in index:
             raise UserError(
-                f"{csv_path}: label {r.label!r} of {r.given} is not in the class list "
+                f"{csv_path}: label {r.label!r} of {shown(r.given)} is not in the class list "
                 f"({', '.join(classes)}) of the {role} run; fix the label or retrain with it"
             )
         image = LazyImage(r.path, r.given, fill, target_mpp, max_pixels)

@@ -22,7 +22,9 @@ import json
 import math
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -30,8 +32,9 @@ from zoomnet.checkpoint import atomic_write_bytes, load_tensors_only
 from zoomnet.config import RunConfig, config_from_dict, with_legacy_fields
 from zoomnet.errors import FORCE, OUT, RESUME, UserError
 
+LOCK = ".lock"  # held by the process that trains into the folder (released when it ends, however it ends)
 RUN_FILES = {"config.json", "metrics.csv", "last.safetensors", "last.json", "last.optim.pt", "prev.optim.pt",
-             "best.safetensors", "best.json", "tensorboard"}
+             "best.safetensors", "best.json", "tensorboard", LOCK}
 
 
 def prepare_run_folder(out: Path, force: bool, remove: bool = True) -> None:
@@ -49,7 +52,7 @@ def prepare_run_folder(out: Path, force: bool, remove: bool = True) -> None:
         return
     if not out.is_dir():
         raise UserError(f"{out}: a file, not a folder; give a new {{out}} folder for the run", out=OUT)
-    entries = sorted(out.iterdir())
+    entries = sorted(e for e in out.iterdir() if e.name != LOCK)  # the lock alone is no run
     if not entries:
         return
     foreign = [e.name for e in entries if e.name not in RUN_FILES and not (e.name.startswith(".") and e.name.endswith(".tmp"))]
@@ -63,7 +66,34 @@ def prepare_run_folder(out: Path, force: bool, remove: bool = True) -> None:
                         resume=RESUME, force=FORCE)
     if remove:
         for e in entries:
-            shutil.rmtree(e) if e.is_dir() else e.unlink()
+            if e.name != LOCK:  # the lock this process holds
+                shutil.rmtree(e) if e.is_dir() else e.unlink()
+
+
+@contextmanager
+def run_lock(out: Path) -> Iterator[None]:
+    """Hold ``out``'s lock while a run trains into it: a second process is refused, and a
+    killed one leaves no stale lock (the system releases it with the process).
+
+    Raises:
+        UserError: another process holds it.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    fh = open(out / LOCK, "a+")
+    try:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise UserError(f"{out}: another process is training into this folder; wait for it to end, or give "
+                            "another {out}", out=OUT) from None
+        yield
+    finally:
+        fh.close()  # closing releases the lock
 
 
 def write_metrics(path: Path, history: list[dict]) -> None:
@@ -75,7 +105,9 @@ def write_metrics(path: Path, history: list[dict]) -> None:
     writer = csv.DictWriter(buf, fieldnames=keys)
     writer.writeheader()
     for row in history:
-        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        # an undefined figure (a hit rate without masks) is an empty cell
+        writer.writerow({k: (("" if not math.isfinite(v) else f"{v:.6g}") if isinstance(v, float) else v)
+                         for k, v in row.items()})
     atomic_write_bytes(path, buf.getvalue().encode())
 
 

@@ -37,6 +37,17 @@ def check_image_sizes(examples, model_config, where: str) -> None:
             )
 
 
+def check_draws(samples: int | None) -> None:
+    """Refuse a number of draws below one (None: the run's own).
+
+    Raises:
+        UserError: naming the option.
+    """
+    if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 1):
+        raise UserError("{samples}: the number of draws must be at least 1 (or left out: the run's own)",
+                        samples=Option(f"samples={samples!r}", f"--samples {samples}"))
+
+
 def load_run(run_dir: str | Path, device: str = "cpu", which: str = "best") -> tuple[torch.nn.Module, RunConfig]:
     """The model and configuration of a run folder (``best`` checkpoint, else ``last``)."""
     run = Path(run_dir)
@@ -77,6 +88,7 @@ def evaluate_run(
     seed: int = 0, device: str = "cpu", batch_size: int = 8, progress: bool = False,
 ) -> dict:
     """Metrics of a run on a manifest: accuracy, balanced accuracy, AUC (binary), confusion."""
+    check_draws(samples)
     model, config = load_run(run_dir, device)
     classes = config.data.classes
     examples = load_examples(test_csv, classes, config.data.fill, "evaluated", config.data.target_mpp,

@@ -22,11 +22,13 @@ from zoomnet.config import RunConfig
 from zoomnet.data.examples import Example
 from zoomnet.data.manifest import read_manifest
 from zoomnet.data.prefetch import prefetched
-from zoomnet.errors import OUT_CSV, ImageError, UserError
+from zoomnet.errors import OUT_CSV, ImageError, Option, UserError
+from zoomnet.runtime.files import writable_folder
 from zoomnet.model import view_size
 from zoomnet.outputs import geojson_of, render_batch, write_attention_tiff
-from zoomnet.runs.loading import check_image_sizes, load_run
+from zoomnet.runs.loading import check_draws, check_image_sizes, load_run
 from zoomnet.runtime.allocator import settle_heap
+from zoomnet.runtime.device import OUT_OF_MEMORY
 from zoomnet.sources.base import io_counts
 from zoomnet.sources.lazy import LazyImage
 from zoomnet.sources.open import PLAIN, TIFF
@@ -103,6 +105,16 @@ class _Outputs:
     heatmap_size: int = 2048
     names: dict[str, str] = field(default_factory=dict)
 
+    def asked(self) -> bool:
+        return any(f is not None for f in (self.heatmaps, self.geojson, self.attention_tiffs))
+
+    def missing(self, given: str) -> bool:
+        """Whether an output asked for this image is not on disk (its stem registered)."""
+        stem = output_name(given, self.names)
+        files = [(self.heatmaps, f"{stem}.png"), (self.geojson, f"{stem}.geojson"),
+                 (self.attention_tiffs, f"{stem}.attention.tif")]
+        return any(folder is not None and not (folder / name).is_file() for folder, name in files)
+
     def write(self, model, config: RunConfig, src, out, given: str, result: dict, probs: list[float]) -> None:
         """Write what was asked for one image; record each file's path in ``result``."""
         if not out.levels:  # the CNN baseline looks everywhere
@@ -160,6 +172,24 @@ def _open(item: tuple[str, Path, str], model, config: RunConfig, where: str):
     return src, views
 
 
+def _check_outputs(out_csv, heatmaps, geojson, attention_tiffs, workers: int, heatmap_size: int) -> None:
+    """Refuse, before any work, outputs that cannot be written and counts out of range."""
+    if workers < 1:
+        raise UserError("{workers}: give at least 1 thread", workers=Option(f"workers={workers}", f"--workers {workers}"))
+    if heatmap_size < 64:
+        raise UserError("{size}: give at least 64 px", size=Option(f"heatmap_size={heatmap_size}",
+                                                                    f"--heatmap-size {heatmap_size}"))
+    for name, flag, folder in (("heatmaps", "--heatmaps", heatmaps), ("geojson", "--geojson", geojson),
+                               ("attention_tiffs", "--attention-tiffs", attention_tiffs)):
+        if folder is not None:
+            writable_folder(Path(folder), Option(name, flag))
+    if out_csv is not None:
+        out_csv = Path(out_csv)
+        if out_csv.is_dir():
+            raise UserError(f"{{out}} {out_csv}: a folder; give a CSV file to write the predictions to", out=OUT_CSV)
+        writable_folder(out_csv.parent if str(out_csv.parent) else Path("."), OUT_CSV)
+
+
 def _open_csv(out_csv: Path | None, items: list, images: list[str], header: list[str]) -> set[str]:
     """Check a predictions CSV to append to; return the paths it already holds."""
     if out_csv is None:
@@ -204,8 +234,8 @@ class _Cohort:
         print(f"zoomnet: skipped {exc}", file=sys.stderr, flush=True)
         self.bar.update(1)
 
-    def add(self, result: dict, label: str) -> None:
-        if self.writer:
+    def add(self, result: dict, label: str, row: bool = True) -> None:
+        if self.writer and row:
             self.writer.writerow([result["path"], label, result["label"],
                                   *[f"{p:.6f}" for p in result["probabilities"].values()], f"{result['seconds']:.3f}"])
             self.fh.flush()
@@ -235,30 +265,45 @@ def predict_images(
         UserError: an unreadable input (with one image), or an ``out_csv`` that is an input.
     """
     settle_heap()
+    check_draws(samples)
+    _check_outputs(out_csv, heatmaps, geojson, attention_tiffs, workers, heatmap_size)
     model, config = load_run(run_dir, device)
     items = expand_inputs(images)
     header = ["path", "true_label", "predicted", *[f"p_{c}" for c in config.data.classes], "seconds"]
     out_csv = Path(out_csv) if out_csv is not None else None
     done = _open_csv(out_csv, items, images, header)
-    todo = [it for it in items if it[0] not in done]
     outputs = _Outputs(*(Path(p) if p is not None else None for p in (heatmaps, geojson, attention_tiffs)),
                        heatmap_size=heatmap_size)
+    for given, _, _ in items:  # every image's file stem, as the first run named them
+        output_name(given, outputs.names)
+    # images already predicted are skipped, unless pictures or files asked for now are missing
+    redo = {it[0] for it in items if it[0] in done and outputs.asked() and outputs.missing(it[0])}
+    todo = [it for it in items if it[0] not in done or it[0] in redo]
+    if done:
+        print(f"zoomnet: {len(done & {it[0] for it in items})} images already in {out_csv} skipped"
+              + (f"; {len(redo)} of them lacked the pictures or files asked for now: written (their rows kept)"
+                 if redo else ""), file=sys.stderr, flush=True)
     draws = dict(deterministic=deterministic, samples=samples, generator=torch.Generator().manual_seed(seed))
 
     prepare = partial(_open, model=model, config=config, where=f"the model in {run_dir}")
-    with _Cohort(out_csv, header, done, len(items), len(todo), progress) as cohort:
+    with _Cohort(out_csv, header, done, len(items) + len(redo), len(todo), progress) as cohort:
         for (given, _, label), prepared in prefetched(prepare, todo, workers=workers, ahead=workers + 1,
                                                      name="zoomnet-open"):
             tick = time.perf_counter()
             try:
                 src, views = prepared.result()
-            except (ImageError, UserError) as exc:
+                result = _predict_one(model, config, src, views, given, label, tick, outputs, **draws)
+            except (ImageError, UserError) as exc:  # opening it, or a damaged tile a sub-tile needed
                 if len(items) == 1:
                     raise
                 cohort.skip(given, exc)
                 continue
-            result = _predict_one(model, config, src, views, given, label, tick, outputs, **draws)
-            cohort.add(result, label)
+            except OUT_OF_MEMORY as exc:
+                raise UserError(f"{given}: out of memory on {device} ({str(exc).splitlines()[0][:120]}); lower "
+                                f"model.chunk, model.view_chunk or model.strip_rows in {run_dir}/config.json (they "
+                                "change the memory, not the weights), or predict on the CPU; the "
+                                "images finished so far are kept in the CSV") from None
+            cohort.add(result, label, row=given not in redo)
             if emit:
                 emit(result)
     if cohort.failed:

@@ -3,6 +3,7 @@ several under torchrun (the folder's files: :mod:`zoomnet.runs.folder`)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -11,12 +12,15 @@ from typing import Callable
 
 import torch
 
-from zoomnet.checkpoint import atomic_write_bytes, load_checkpoint, refresh_readable_copy, save_checkpoint
+from zoomnet.checkpoint import (
+    atomic_write_bytes, load_checkpoint, read_description, refresh_readable_copy, save_checkpoint,
+)
 from zoomnet.config import RunConfig
 from zoomnet.data.examples import Example
 from zoomnet.data.manifest import class_list, load_examples, read_manifest, resolve_reference
 from zoomnet.errors import FORCE, OUT, RESUME, UserError, epochs_option
 from zoomnet.model import build_model
+from zoomnet.runtime.device import OUT_OF_MEMORY
 from zoomnet.runs.folder import (
     config_field,
     epoch_score,
@@ -24,6 +28,7 @@ from zoomnet.runs.folder import (
     load_resume_state,
     prepare_run_folder,
     read_run_config,
+    run_lock,
     save_resume_state,
     summary,
     write_metrics,
@@ -32,6 +37,7 @@ from zoomnet.runs.loading import check_image_sizes
 from zoomnet.runtime import distributed
 from zoomnet.runtime.allocator import reuse_freed_memory, settle_heap
 from zoomnet.runtime.device import resolve_device
+from zoomnet.runtime.files import writable_target
 from zoomnet.train import NonFiniteLoss, fit, make_optimizer, make_scheduler
 
 
@@ -127,16 +133,49 @@ def _tidy_resumed(out: Path, history: list[dict]) -> None:
         refresh_readable_copy(out / name)
 
 
-def _examples(config: RunConfig, train_csv, val_csv) -> tuple[list[Example], list[Example]]:
+def _examples(config: RunConfig, train_csv, val_csv, log) -> tuple[list[Example], list[Example]]:
     """The training and validation examples, checked; the reference class's share set."""
     data, classes = config.data, config.data.classes
     train = load_examples(train_csv, classes, data.fill, "training", data.target_mpp, data.max_pixels)
     val = load_examples(val_csv, classes, data.fill, "training", data.target_mpp, data.max_pixels) if val_csv else []
+    shared = {_image_path(e) for e in train} & {_image_path(e) for e in val}
+    if val and len(shared) >= len(val) / 2:
+        log(f"warning: {val_csv} shares {len(shared)} of its {len(val)} images with {train_csv}: validation then "
+            "measures what training saw, not what it learnt; give a manifest of held-out images")
     check_image_sizes(train + val, config.model, "the model")
     if config.train.reference_class is not None and train:  # the instance loss weighs reference and object bags
         share = sum(e.label == config.train.reference_class for e in train) / len(train)
         config.train.reference_share = round(share, 6)
     return train, val
+
+
+def _image_path(example: Example) -> str:
+    path = getattr(example.source, "path", None)
+    return str(Path(path).resolve()) if path is not None else example.name
+
+
+def _write_or_say(out: Path, write, what: str, done: int) -> None:
+    """``write()``; a failed write (a full disk, a file-size limit, an I/O error) stops the
+    run in one line: every file is replaced by a rename, so the last checkpoint is whole
+    (epoch ``done``, or the epoch being written if its checkpoint got in before the failure)
+    and the run resumes from it once the cause is fixed.
+
+    Raises:
+        UserError: naming the folder, the cause and what to do.
+    """
+    try:
+        write()
+    except OSError as exc:
+        cause = exc.strerror or type(exc).__name__
+        try:
+            done = int(read_description(out / "last.safetensors")["state"]["epoch"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        if done:
+            raise UserError(f"{out}: cannot write {what} ({cause}); the last checkpoint, of epoch {done}, is whole: "
+                            "fix the cause, then resume with {resume}", resume=RESUME) from None
+        raise UserError(f"{out}: cannot write {what} ({cause}); no epoch had finished: fix the cause and train "
+                        "again") from None
 
 
 class _Saver:
@@ -149,6 +188,9 @@ class _Saver:
         self.out, self.state, self.classes, self.board, self.val = out, state, classes, board, list(val)
 
     def __call__(self, epoch: int, row: dict) -> None:
+        _write_or_say(self.out, lambda: self._save(epoch, row), f"the end of epoch {epoch}", epoch - 1)
+
+    def _save(self, epoch: int, row: dict) -> None:
         s = self.state
         score = epoch_score(row)
         improved = score > s.best
@@ -195,28 +237,32 @@ def train_run(
         config = _resumed_config(config, out)
     elif rank == 0:
         prepare_run_folder(out, force, remove=False)
+    if rank == 0:
+        writable_target(out, OUT)  # before any work: a folder the run cannot write loses nothing
     if epochs is not None:
         if epochs < 1:
             raise UserError("{epochs}: give at least 1", epochs=epochs_option(epochs))
         config.train.epochs = epochs
     classes = _classes(config, train_csv, resume, log)
-    train, val = _examples(config, train_csv, val_csv)
-    state = _start(config, out, resume, dev, rank, log)
-    if rank == 0:
-        if resume:
-            _tidy_resumed(out, state.history)
-        else:
-            prepare_run_folder(out, force)
-            out.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(out / "config.json", json.dumps(config.to_dict(), indent=2).encode())
-    board = None
-    if tensorboard and rank == 0:
-        from zoomnet.runs.board import open_board
+    train, val = _examples(config, train_csv, val_csv, log)
+    state = _start(config, out, resume, dev, rank, log)  # before the folder is touched: a model that fails to build
+    with run_lock(out) if rank == 0 else contextlib.nullcontext():  # one process trains into a folder
+        if rank == 0:
+            if resume:
+                _write_or_say(out, lambda: _tidy_resumed(out, state.history), "the resumed run's files",
+                              state.start_epoch - 1)
+            else:
+                prepare_run_folder(out, force)
+                _write_or_say(out, lambda: atomic_write_bytes(out / "config.json", json.dumps(
+                    config.to_dict(), indent=2).encode()), "config.json", 0)
+        board = None
+        if tensorboard and rank == 0:
+            from zoomnet.runs.board import open_board
 
-        board = open_board(out)
-    _fit(config, state, train, val, out, dev, rank, world, log, progress, _Saver(out, state, classes, board, val))
-    if board is not None:
-        board.close()
+            board = open_board(out)
+        _fit(config, state, train, val, out, dev, rank, world, log, progress, _Saver(out, state, classes, board, val))
+        if board is not None:
+            board.close()
     if rank == 0 and state.history:
         log(summary(out, state.history, val_csv))
     distributed.barrier(world)
@@ -240,3 +286,7 @@ def _fit(config: RunConfig, state: _State, train: list[Example], val: list[Examp
         last = out / "last.safetensors"
         kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
         raise UserError(f"{exc}; training stopped ({kept}); lower train.lr or check the images") from None
+    except OUT_OF_MEMORY as exc:
+        raise UserError(f"out of memory on {dev} while training ({str(exc).splitlines()[0][:120]}); lower "
+                        "train.batch_size or model.train_samples, or set model.strip_rows for large images; the "
+                        f"finished epochs are in {out}: resume with {{resume}}", resume=RESUME) from None

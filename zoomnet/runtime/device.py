@@ -7,6 +7,10 @@ import torch
 from zoomnet.errors import UserError, device_option
 
 
+# a device's allocator out of memory (torch.OutOfMemoryError since torch 2.5)
+OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
 def resolve_device(name: str) -> torch.device:
     """``cpu``, ``cuda`` or ``auto`` (CUDA when available).
 

@@ -41,9 +41,17 @@ class LazyImage:
             else:
                 self.height, self.width = image_size(self.path)
         except ImageError as exc:
-            raise ImageError(str(exc).replace(str(self.path), given, 1)) from None
+            raise ImageError(self._named(str(exc))) from None
         self.channels = 3
         self.pixels_read = 0
+
+    def _named(self, message: str) -> str:
+        """An error message with the file named as the manifest wrote it, and where that
+        led when it is not the same (a relative path is taken from the CSV's folder)."""
+        resolved = str(self.path)
+        name = self.given if self.given in (resolved, "") or Path(self.given) == self.path else (
+            f"{self.given} (resolved to {resolved})")
+        return message.replace(resolved, name, 1)
 
     def opened(self) -> ImageSource:
         """The open source (opened now if it is not in the per-process cache)."""
@@ -57,7 +65,7 @@ class LazyImage:
             if self.target_mpp:
                 src = RescaledSource(src, self.target_mpp, self.given)
         except ImageError as exc:
-            raise ImageError(str(exc).replace(str(self.path), self.given, 1)) from None
+            raise ImageError(self._named(str(exc))) from None
         with _LOCK:
             _OPEN[key] = src
             while len(_OPEN) > CACHE_SIZE:

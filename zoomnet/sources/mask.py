@@ -8,6 +8,7 @@ import torch
 
 from zoomnet.core.geometry import Box
 from zoomnet.sources.array import resize
+from zoomnet.errors import ImageError
 from zoomnet.sources.lazy import LazyImage
 
 class MaskSource:
@@ -19,10 +20,16 @@ class MaskSource:
     touches.
     """
 
-    def __init__(self, src: LazyImage, image):
+    def __init__(self, src: LazyImage, image, name: str = ""):
         self.src = src
         self.height, self.width, self.channels, self.fill = image.height, image.width, 1, 0.0
         self.ry, self.rx = src.height / image.height, src.width / image.width
+        # a mask at another scale keeps the image's shape, to a pixel of rounding either way
+        if abs(src.height - image.height * self.rx) > 1.5 and abs(src.width - image.width * self.ry) > 1.5:
+            raise ImageError(
+                f"{name or src.given}: the mask is {src.width}x{src.height} and its image {image.width}x{image.height}: "
+                "not the same shape at any scale; give the image's mask (at full size or scaled down evenly)"
+            )
 
     def read(self, box: Box, out_size: tuple[int, int] | None = None) -> torch.Tensor:
         top, left, h, w = (int(v) for v in box)

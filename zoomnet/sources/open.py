@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from PIL import Image
 
 from zoomnet.errors import ImageError
 from zoomnet.sources.base import ImageSource
+from zoomnet.sources.pillow import CONVERT_HINT as PILLOW_HINT
 from zoomnet.sources.pillow import MAX_PIXELS as PILLOW_MAX
 from zoomnet.sources.pillow import PillowSource
 from zoomnet.sources.slide import VENDOR
@@ -77,6 +79,10 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
             # EXIF orientations 5-8 turn the picture by 90 degrees: the displayed size swaps
             turned = img.getexif().get(0x0112, 1) in (5, 6, 7, 8)
             return (img.width, img.height) if turned else (img.height, img.width)
+    except Image.DecompressionBombError as exc:  # refused by Pillow from its header alone
+        size = re.search(r"\((\d+) pixels\)", str(exc))
+        raise ImageError(f"{path}: too large to decode whole ({size.group(1) + ' pixels' if size else str(exc)}); "
+                         f"{PILLOW_HINT}") from None
     except Exception as exc:  # any decoder failure is the file's, not ours
         raise ImageError(
             f"{path}: cannot read the image ({type(exc).__name__}: {exc}); the file is corrupt, "
