@@ -343,3 +343,39 @@ def test_tiles_decoded_in_a_thread_pool_equal_one_at_a_time(tmp_path):
     (one, px1, by1), (many, px4, by4) = results[1], results[4]
     assert all(torch.equal(a, b) for a, b in zip(one, many))
     assert (px1, by1) == (px4, by4) and px1 > 0
+
+
+@pytest.mark.parametrize("shape, layout", [((2048, 2048, 3), "strip"), ((64, 60000, 3), "strip"),
+                                           ((2048, 2048, 3), "tiled")])
+def test_a_large_image_stored_whole_is_read_with_memory_bounded_by_its_bytes(tmp_path, shape, layout):
+    """A single-strip (or one-level tiled) TIFF has no coarser level to read a view from: its
+    view is resampled band by band, so no float copy of the whole image is ever made; the
+    values are those of resampling the whole image at once."""
+    from zoomnet.bench import PeakTensorMemory
+    from zoomnet.sources.array import resize
+
+    image = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    path = tmp_path / "whole.tif"
+    tifffile.imwrite(path, image, photometric="rgb", **({"tile": (256, 256)} if layout == "tiled" else {}))
+    src = TiffSource(path)
+    view = (max(1, shape[0] // 16), max(1, shape[1] // 16))
+    with PeakTensorMemory() as mem:
+        got = src.read(Box(0, 0, shape[0], shape[1]), view)
+    whole_float = shape[0] * shape[1] * 3 * 4
+    # at most a band of rows in float (a band is one output row's input at least: for a
+    # very wide image about the image's own bytes), never the whole image
+    assert mem.peak < 0.6 * whole_float, (mem.peak, whole_float)
+    if shape[0] >= 1024:
+        assert mem.peak < whole_float / 4, (mem.peak, whole_float)
+    want = resize(torch.from_numpy(image).permute(2, 0, 1).float(), view)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-3)
+
+
+def test_an_array_source_keeps_the_callers_pixels_without_a_copy():
+    from zoomnet.sources import ArraySource
+
+    image = np.random.default_rng(0).integers(0, 256, (512, 384, 3), dtype=np.uint8)
+    src = ArraySource(image)
+    assert src.image.data_ptr() == image.ctypes.data  # a view of the caller's array
+    crop = src.read(Box(10, 20, 30, 40))
+    assert crop.is_contiguous() and torch.equal(crop, torch.from_numpy(image[10:40, 20:60]).permute(2, 0, 1).float())

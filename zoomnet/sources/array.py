@@ -26,16 +26,48 @@ def resize(pixels: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
 
 
 def crop_with_fill(image: torch.Tensor, box: Box, fill: float) -> torch.Tensor:
-    """Cut ``box`` out of a ``(C, H, W)`` image; pixels outside the image hold ``fill``."""
+    """Cut ``box`` out of a ``(C, H, W)`` image (a view in any memory layout) as a
+    channel-planar float32 tensor; pixels outside the image hold ``fill``."""
     c, height, width = image.shape
     top, left, h, w = (int(v) for v in box)
     y0, y1 = max(top, 0), min(top + h, height)
     x0, x1 = max(left, 0), min(left + w, width)
     if y0 == top and x0 == left and y1 == top + h and x1 == left + w:
-        return image[:, y0:y1, x0:x1].float()
+        return image[:, y0:y1, x0:x1].to(torch.float32, memory_format=torch.contiguous_format)
     out = torch.full((c, h, w), float(fill), dtype=torch.float32)
     if y1 > y0 and x1 > x0:
-        out[:, y0 - top : y1 - top, x0 - left : x1 - left] = image[:, y0:y1, x0:x1].float()
+        out[:, y0 - top : y1 - top, x0 - left : x1 - left] = image[:, y0:y1, x0:x1]
+    return out
+
+
+def area_in_bands(read_rows, h: int, w: int, out_size: tuple[int, int], channels: int,
+                  band_pixels: int) -> torch.Tensor:
+    """Area resampling of an ``h x w`` region to ``out_size`` (the values of :func:`resize`,
+    adaptive average pooling) without holding the region in float: ``read_rows(a, b)`` gives
+    its rows ``[a, b)`` as ``(C, b - a, w)`` float32, and bands of about ``band_pixels``
+    input pixels are read, averaged over columns, then over the rows of each output row
+    (``[floor(i h / oh), ceil((i + 1) h / oh))``)."""
+    oh, ow = out_size
+    out = torch.empty(channels, oh, ow)
+    if h % oh == 0 and w % ow == 0:  # whole blocks of pixels: plain average pooling, band by band
+        kh, kw = h // oh, w // ow
+        per_band = max(1, band_pixels // (w * kh))  # output rows a band serves
+        for r0 in range(0, oh, per_band):
+            r1 = min(oh, r0 + per_band)
+            band = read_rows(r0 * kh, r1 * kh)
+            out[:, r0:r1] = band.view(channels, r1 - r0, kh, ow, kw).mean(dim=(2, 4))
+        return out
+    i = torch.arange(oh + 1, dtype=torch.float64)
+    starts, ends = torch.floor(i[:-1] * h / oh).long(), torch.ceil(i[1:] * h / oh).long()
+    per_band = max(1, int(band_pixels / w / (h / oh)))  # output rows a band serves
+    for r0 in range(0, oh, per_band):
+        r1 = min(oh, r0 + per_band)
+        a, b = int(starts[r0]), int(ends[r1 - 1])
+        band = read_rows(a, b)  # (C, b-a, w)
+        cols = F.adaptive_avg_pool2d(band[None], (b - a, ow))[0].double()  # (C, b-a, ow)
+        sums = torch.cat([cols.new_zeros(channels, 1, ow), cols.cumsum(1)], dim=1)
+        s, e = starts[r0:r1] - a, ends[r0:r1] - a
+        out[:, r0:r1] = ((sums[:, e] - sums[:, s]) / (e - s).double()[None, :, None]).float()
     return out
 
 
@@ -59,14 +91,16 @@ class ArraySource:
             arr = image if image.ndim == 3 else image[..., None]
             with warnings.catch_warnings():  # read-only arrays (np.asarray of a PIL image) are never written to here
                 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-                tensor = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)  # (C, H, W)
+                tensor = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)  # (C, H, W) view
         else:
             tensor = image if image.ndim == 3 else image.unsqueeze(0)
         if rgb and tensor.shape[0] == 1:
             tensor = tensor.expand(3, -1, -1)
         elif rgb and tensor.shape[0] == 4:
             tensor = tensor[:3]
-        self.image = tensor.contiguous()  # channel-planar: crops of it feed convolutions fast
+        # the caller's pixels as they are (a view: no copy of a large image); each read makes
+        # its crop channel-planar, the layout the nets take
+        self.image = tensor
         self.channels, self.height, self.width = tensor.shape
         self.fill = float(fill)
 
@@ -81,35 +115,11 @@ class ArraySource:
         return pixels if out_size is None else resize(pixels, tuple(out_size))
 
     def _area_in_strips(self, box: Box, out_size: tuple[int, int]) -> torch.Tensor:
-        """Area resampling of a large box (a level-1 view) without a float copy of it: bands
-        of input rows are converted and averaged over columns, then over the rows of each
-        output row; the same output rows and columns as ``resize`` (adaptive pooling's
-        ``[floor(i h / oh), ceil((i + 1) h / oh))``), so the same values."""
+        """Area resampling of a large box (a level-1 view) without a float copy of it
+        (:func:`area_in_bands`): the same values as ``resize``."""
         top, left, h, w = box
-        oh, ow = out_size
-        if h % oh == 0 and w % ow == 0:  # whole blocks of pixels: plain average pooling, band by band
-            kh, kw = h // oh, w // ow
-            per_band = max(1, self.strip_pixels // (w * kh))  # output rows a band serves
-            out = torch.empty(self.channels, oh, ow)
-            for r0 in range(0, oh, per_band):
-                r1 = min(oh, r0 + per_band)
-                band = crop_with_fill(self.image, Box(top + r0 * kh, left, (r1 - r0) * kh, w), self.fill)
-                out[:, r0:r1] = band.view(self.channels, r1 - r0, kh, ow, kw).mean(dim=(2, 4))
-            return out
-        i = torch.arange(oh + 1, dtype=torch.float64)
-        starts = torch.floor(i[:-1] * h / oh).long()
-        ends = torch.ceil(i[1:] * h / oh).long()
-        per_strip = max(1, int(self.strip_pixels / w / (h / oh)))  # output rows a band serves
-        out = torch.empty(self.channels, oh, ow)
-        for r0 in range(0, oh, per_strip):
-            r1 = min(oh, r0 + per_strip)
-            a, b = int(starts[r0]), int(ends[r1 - 1])
-            band = crop_with_fill(self.image, Box(top + a, left, b - a, w), self.fill)  # (C, b-a, w)
-            cols = F.adaptive_avg_pool2d(band[None], (b - a, ow))[0].double()  # (C, b-a, ow)
-            sums = torch.cat([cols.new_zeros(self.channels, 1, ow), cols.cumsum(1)], dim=1)
-            s, e = starts[r0:r1] - a, ends[r0:r1] - a
-            out[:, r0:r1] = ((sums[:, e] - sums[:, s]) / (e - s).double()[None, :, None]).float()
-        return out
+        return area_in_bands(lambda a, b: crop_with_fill(self.image, Box(top + a, left, b - a, w), self.fill),
+                             h, w, out_size, self.channels, self.strip_pixels)
 
     def read_many(self, boxes, out_size: tuple[int, int] | None = None) -> torch.Tensor:
         """``(M, C, h, w)`` of boxes of one size, gathered from the stored pixels by one

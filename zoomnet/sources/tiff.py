@@ -33,7 +33,7 @@ import torch
 
 from zoomnet.core.geometry import Box
 from zoomnet.errors import ImageError
-from zoomnet.sources.array import resize
+from zoomnet.sources.array import area_in_bands, resize
 from zoomnet.sources.base import FileBacked
 
 
@@ -188,6 +188,7 @@ class TiffSource(FileBacked):
         bytes_read: compressed bytes of those tiles.
     """
 
+    band_pixels = 250_000  # level-0 pixels converted to float at a time where no coarser level exists
     cache_tiles = 64
     tile_workers = 4  # tiles of one read decoded at once (1: one at a time)
 
@@ -284,15 +285,20 @@ class TiffSource(FileBacked):
                 self._cache.popitem(last=False)
         return found
 
-    def _read_level(self, level: int, y0: int, x0: int, y1: int, x1: int) -> torch.Tensor:
-        """Pixels ``[y0, y1) x [x0, x1)`` of a level as ``(C, h, w)`` float32, fill outside."""
+    def _tile_span(self, level: int, y0: int, x0: int, y1: int, x1: int) -> tuple[range, range]:
+        """The tile rows and columns a read of ``[y0, y1) x [x0, x1)`` of a level decodes,
+        checked against the pixel budget before anything is allocated or decoded: whole
+        tiles (or strips) decode, so a small box of a single-strip level costs the level,
+        and 16 px tiles cost a call each.
+
+        Raises:
+            ImageError: over ``max_pixels`` or ``MAX_TILES_PER_READ``.
+        """
         lv = self._levels[level]
         ya, yb, xa, xb = max(y0, 0), min(y1, lv.height), max(x0, 0), min(x1, lv.width)
         th, tw = lv.tile
         rows = range(ya // th, (yb - 1) // th + 1) if yb > ya else range(0)
         cols = range(xa // tw, (xb - 1) // tw + 1) if xb > xa else range(0)
-        # checked before anything is allocated or decoded: whole tiles (or strips) decode, so a
-        # small box of a single-strip level costs the level, and 16 px tiles cost a call each
         decoded = max(len(rows) * len(cols) * th * tw, (y1 - y0) * (x1 - x0))
         if decoded > self.max_pixels or len(rows) * len(cols) > MAX_TILES_PER_READ:
             raise ImageError(
@@ -300,6 +306,14 @@ class TiffSource(FileBacked):
                 f"data.max_pixels is {self.max_pixels:,}); save it as a tiled pyramid (e.g. `vips tiffsave IN OUT.tif "
                 "--tile --pyramid`) or raise data.max_pixels"
             )
+        return rows, cols
+
+    def _read_level(self, level: int, y0: int, x0: int, y1: int, x1: int) -> torch.Tensor:
+        """Pixels ``[y0, y1) x [x0, x1)`` of a level as ``(C, h, w)`` float32, fill outside."""
+        lv = self._levels[level]
+        ya, yb, xa, xb = max(y0, 0), min(y1, lv.height), max(x0, 0), min(x1, lv.width)
+        th, tw = lv.tile
+        rows, cols = self._tile_span(level, y0, x0, y1, x1)
         out = torch.full((3, y1 - y0, x1 - x0), self.fill, dtype=torch.float32)
         if yb <= ya or xb <= xa:
             return out
@@ -324,7 +338,11 @@ class TiffSource(FileBacked):
         oh, ow = out_size
         level = self.level_for(min(h / oh, w / ow))
         ds = self._levels[level].downsample
-        if level == 0:
+        if level == 0:  # no coarser level: a large region is resampled band by band, never whole in float
+            if oh <= h and ow <= w and h * w > 4 * self.band_pixels:
+                self._tile_span(0, top, left, top + h, left + w)  # the whole read within budget first
+                return area_in_bands(lambda a, b: self._read_level(0, top + a, left, top + b, left + w), h, w,
+                                     (oh, ow), 3, self.band_pixels)
             return resize(self._read_level(0, top, left, top + h, left + w), (oh, ow))
         # the box in level coordinates, widened to whole level pixels, then resampled and cut
         fy0, fx0, fy1, fx1 = top / ds, left / ds, (top + h) / ds, (left + w) / ds
