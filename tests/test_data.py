@@ -151,3 +151,44 @@ def test_fuzz_the_manifest_reader(tmp_path, cells, junk):
         assert str(exc) and "\n" not in str(exc).strip()
     else:
         assert rows and all(r.path and r.label for r in rows)
+
+
+@pytest.mark.parametrize("step", [4, 2])
+def test_make_data_slides_writes_pyramids_as_scanners_do(tmp_path, step):
+    """``make-data slides``: BigTIFF pyramids at 4x (or 2x) steps of JPEG tiles, the pixel size
+    in the metadata, tissue on glass, lesions on half the slides, small against the tissue,
+    masks at 1/16 read lazily; glass tiles are the same bytes."""
+    import json as _json
+
+    import tifffile
+
+    from zoomnet.cli import main
+    from zoomnet.core.geometry import Box
+    from zoomnet.sources.open import open_image
+    from zoomnet.sources.tiff import TiffSource
+
+    out = tmp_path / "slides"
+    assert main(["make-data", "slides", str(out), "--num", "2", "--size", "6000", "--tile", "256",
+                 "--level-downsample", str(step)]) == 0
+    rows = _split_rows(out)
+    assert sorted(r["label"] for r in rows) == ["normal", "tumor"]
+    for r in rows:
+        src = open_image(out / r["path"])
+        assert isinstance(src, TiffSource) and src.mpp == pytest.approx(0.25)
+        assert 1.2 <= src.width / src.height <= 2.05 and 1800 <= src.width <= 6000
+        downsamples = [lv.downsample for lv in src._levels]
+        assert len(downsamples) >= 2 and downsamples[1] == pytest.approx(step, rel=0.01)
+        assert src._levels[0].tile == (256, 256)
+        with tifffile.TiffFile(out / r["path"]) as tif:
+            page = tif.pages[0]
+            counts = list(page.databytecounts)
+            assert max(counts.count(c) for c in set(counts)) > 1  # glass tiles: one encoding, written again
+        meta = _json.loads((out / r["path"]).with_suffix(".lesions.json").read_text())
+        assert 0.15 <= meta["tissue"] <= 0.40
+        mask = open_image(out / r["mask"])
+        assert (mask.height, mask.width) == (src.height // 16, src.width // 16)
+        covered = float(mask.read(Box(0, 0, mask.height, mask.width))[0].gt(0).float().mean())
+        if r["label"] == "tumor":
+            assert meta["lesions"] and 0.0001 * 0.5 <= covered / meta["tissue"] <= 0.006
+        else:
+            assert not meta["lesions"] and covered == 0.0

@@ -146,7 +146,11 @@ def _make_data(args: argparse.Namespace) -> int:
         return 0
     from zoomnet.data.generators import write_dataset
 
-    write_dataset(args.kind, args.out, num=args.num, size=args.size, seed=args.seed)
+    if args.tile not in (256, 512) or args.level_downsample not in (2, 4):
+        raise UserError(f"make-data --tile {args.tile} --level-downsample {args.level_downsample}: give a tile of 256 "
+                        "or 512 px and levels at 2x or 4x")
+    write_dataset(args.kind, args.out, num=args.num, size=args.size, seed=args.seed, tile=args.tile,
+                  level_downsample=args.level_downsample)
     return 0
 
 
@@ -276,10 +280,14 @@ def add_make_data(sub) -> None:
     p = sub.add_parser("make-data", help="write a synthetic data set: images, masks and train/val/test CSVs")
     p.add_argument("kind", choices=[*KINDS, "gigapixel"],
                    help="which set (colon-cancer, traffic-signs, fmow, camelyon16: stand-ins with the geometry of "
-                   "the paper's sets; gigapixel: one pyramidal TIFF slide, OUT a .tif path or a folder)")
+                   "the paper's sets; slides: whole slides at real sizes; gigapixel: one pyramidal TIFF slide, OUT "
+                   "a .tif path or a folder)")
     p.add_argument("out", help="folder to write")
     p.add_argument("--num", type=int, help="number of images in all (default per set)")
-    p.add_argument("--size", type=int, help="image side in pixels (default per set)")
+    p.add_argument("--size", type=int, help="image side in pixels (default per set; slides: the widest slide)")
+    p.add_argument("--tile", type=int, default=512, help="slides: JPEG tile size, 256 or 512 (default 512)")
+    p.add_argument("--level-downsample", type=int, default=4,
+                   help="slides: the pyramid's step, 4 (as Aperio SVS) or 2 (default 4)")
     p.add_argument("--seed", type=int, default=0, help="seed")
     p.set_defaults(func=_make_data)
 

@@ -10,6 +10,8 @@ module a kind.
   geometry of the paper's data sets.
 - ``camelyon16`` (:mod:`.slides`): pyramidal TIFF slides (8192^2 by default, 0.5 um/px),
   every other one with 1-3 lesions of 100-250 px radius, with masks at 1/16.
+- ``slides`` (:mod:`.scanner`): whole slides as scanners write them, 60k-200k px wide,
+  tissue on glass, artefacts, lesions of 0.01-0.5 % of the tissue, masks at 1/16.
 
 Textures and digits come from wheels read as data (:mod:`.textures`).
 
@@ -30,7 +32,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from zoomnet.data.generators import mnist, needles, standins, tiny_objects
+from zoomnet.data.generators import mnist, needles, scanner, standins, tiny_objects
 from zoomnet.data.generators.slides import write_cohort, write_gigapixel
 from zoomnet.errors import UserError
 
@@ -58,7 +60,7 @@ _KINDS = {
     "traffic-signs": _Kind(600, standins.write_traffic),
     "fmow": _Kind(1000, standins.write_fmow),
 }
-KINDS = (*_KINDS, "camelyon16")
+KINDS = (*_KINDS, "camelyon16", "slides")
 
 
 def stratified_split(labels: list[str], seed: int, shares: tuple[float, float] = (0.6, 0.2)) -> dict[str, list[int]]:
@@ -111,8 +113,10 @@ def _saver(out: Path, bar) -> Callable[[str, np.ndarray, np.ndarray, str], tuple
 
 
 def write_dataset(kind: str, out: str | Path, num: int | None = None, size: int | None = None, seed: int = 0,
-                  progress: bool = True) -> Path:
+                  progress: bool = True, tile: int = 512, level_downsample: int = 4) -> Path:
     """Write a synthetic set to ``out`` (images/, masks/, train.csv, val.csv, test.csv).
+    ``tile`` and ``level_downsample``: the JPEG tile size and the pyramid's step of
+    ``slides``.
 
     Raises:
         UserError: an unknown kind, or a size the kind cannot draw in.
@@ -125,6 +129,8 @@ def write_dataset(kind: str, out: str | Path, num: int | None = None, size: int 
     rng = np.random.default_rng(seed)
     if kind == "camelyon16":
         rows = write_cohort(out, num or 24, size, seed, rng, progress)
+    elif kind == "slides":
+        rows = scanner.write_cohort(out, num or 30, size, seed, rng, progress, tile=tile, downsample=level_downsample)
     else:
         spec = _KINDS[kind]
         with tqdm(total=num or spec.num, desc=kind, unit="image", disable=not progress) as bar:
