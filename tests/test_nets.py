@@ -40,6 +40,7 @@ def tiny_net(in_channels=3, width=4):
 '''
 
 
+@pytest.mark.slow  # a training, then a prediction in a fresh process
 def test_a_feature_net_from_a_users_module_trains_and_predicts_in_a_fresh_process(data, tmp_path):
     (tmp_path / "lab_nets.py").write_text(NET_MODULE)
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
