@@ -231,3 +231,46 @@ def test_out_of_memory_in_predict_names_what_to_lower(data, run, monkeypatch, ca
     assert main(["predict", str(run), str(data / "set/images/tiny_00001.png"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "out of memory" in err and "model.chunk" in err
+
+
+def test_a_sharded_cohort_gives_one_csv_and_a_killed_process_loses_nothing(data, run, tmp_path):
+    """Two processes (as torchrun starts them) each predict every other input into a part
+    file; rank 0 folds the parts into one CSV in the inputs' order. A process that died
+    midway left a part: the rerun skips what it holds and merges it."""
+    from zoomnet.runs import predict_images
+    from zoomnet.runs.predict import part_files
+
+    inputs = [str(data / "set/train.csv")]
+    out = tmp_path / "p.csv"
+    alone = predict_images(run, inputs, out_csv=tmp_path / "alone.csv", deterministic=True)
+    # rank 1 is killed after its first image: its part holds one row
+    with pytest.raises(KeyboardInterrupt):
+        def die(result, seen=[]):
+            seen.append(result)
+            raise KeyboardInterrupt
+        predict_images(run, inputs, out_csv=out, deterministic=True, shard=(1, 2), emit=die)
+    assert len(part_files(out)) == 1 and not out.exists()
+    # the rerun of both ranks: rank 1 skips its finished image, rank 0 merges
+    predict_images(run, inputs, out_csv=out, deterministic=True, shard=(1, 2))
+    predict_images(run, inputs, out_csv=out, deterministic=True, shard=(0, 2))
+    assert not part_files(out)
+    merged, whole = _rows(out), _rows(tmp_path / "alone.csv")
+    assert [r["path"] for r in merged] == [r["path"] for r in whole] == [r["path"] for r in alone]
+    assert [r["predicted"] for r in merged] == [r["predicted"] for r in whole]
+
+
+@pytest.mark.slow  # two processes under torchrun
+def test_torchrun_predict_writes_one_csv(data, run, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "p.csv"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "zoomnet",
+           "predict", str(run), str(data / "set/train.csv"), "--out", str(out), "--deterministic", "--quiet",
+           "--device", "cpu"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert main(["predict", str(run), str(data / "set/train.csv"), "--out", str(tmp_path / "one.csv"),
+                 "--deterministic", "--quiet"]) == 0
+    assert [(r["path"], r["predicted"]) for r in _rows(out)] == [(r["path"], r["predicted"]) for r in _rows(tmp_path / "one.csv")]
+    assert not list(tmp_path.glob(".p.csv.part-*"))

@@ -123,6 +123,10 @@ def _predict(args: argparse.Namespace) -> int:
         progress=_progress(args), out_csv=args.out, workers=args.workers, heatmap_size=args.heatmap_size,
         attention_tiffs=args.attention_tiffs,
     )
+    from zoomnet.runtime.distributed import rank_and_world
+
+    if rank_and_world()[0] != 0:  # under torchrun: rank 0 reports the merged file
+        return 0
     if args.out:  # the whole file's, this call's images and those of earlier calls
         metrics = csv_metrics(args.out) if Path(args.out).is_file() else None
     else:

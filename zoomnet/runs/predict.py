@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import sys
 import time
@@ -28,7 +29,8 @@ from zoomnet.model import view_size
 from zoomnet.outputs import geojson_of, render_batch, write_attention_tiff
 from zoomnet.runs.loading import check_draws, check_image_sizes, load_run
 from zoomnet.runtime.allocator import settle_heap
-from zoomnet.runtime.device import OUT_OF_MEMORY
+from zoomnet.runtime import distributed
+from zoomnet.runtime.device import OUT_OF_MEMORY, resolve_device
 from zoomnet.sources.base import io_counts
 from zoomnet.sources.lazy import LazyImage
 from zoomnet.sources.open import PLAIN, TIFF
@@ -78,6 +80,35 @@ def output_name(given: str, taken: dict[str, str]) -> str:
         stem = f"{stem}-{hashlib.sha1(given.encode()).hexdigest()[:8]}"
         taken[stem] = given
     return stem
+
+
+def part_files(out_csv: Path) -> list[Path]:
+    """The CSVs the processes of a sharded run write beside ``out_csv`` until the merge."""
+    return sorted(out_csv.parent.glob(f".{out_csv.name}.part-*.csv"))
+
+
+def _merge_parts(out_csv: Path, header: list[str], order: list[str]) -> None:
+    """Fold the parts into ``out_csv`` (its rows first, then the parts' in the inputs' order;
+    a path once), by a rename, then remove the parts."""
+    parts = part_files(out_csv)
+    if not parts:
+        return
+    rows: dict[str, list[str]] = {}
+    for path in ([out_csv] if out_csv.is_file() else []) + parts:
+        with path.open(newline="") as fh:
+            reader = csv.reader(fh)
+            if next(reader, None) != header:
+                continue
+            for row in reader:
+                if len(row) == len(header):
+                    rows.setdefault(row[0], row)
+    rank = {given: i for i, given in enumerate(order)}
+    ordered = sorted(rows.values(), key=lambda r: rank.get(r[0], len(rank)))
+    buf = io.StringIO()
+    csv.writer(buf).writerows([header, *ordered])
+    atomic_write_bytes(out_csv, buf.getvalue().encode())
+    for path in parts:
+        path.unlink(missing_ok=True)
 
 
 def done_paths(out_csv: Path, header: list[str]) -> set[str]:
@@ -200,6 +231,8 @@ def _open_csv(out_csv: Path | None, items: list, images: list[str], header: list
         raise UserError(f"{{out}} {out_csv}: that is one of the inputs; write the predictions to a new file",
                         out=OUT_CSV)
     done = done_paths(out_csv, header)
+    for part in part_files(out_csv):  # a sharded run's parts not yet merged (a process was killed)
+        done |= done_paths(part, header)
     out_csv.parent.mkdir(parents=True, exist_ok=True)
     return done
 
@@ -209,11 +242,10 @@ class _Cohort:
     killed run loses at most the image in hand), counted on the progress bar, the images
     that could not be read set aside."""
 
-    def __init__(self, out_csv: Path | None, header: list[str], done: set[str], total: int, todo: int,
-                 progress: bool):
+    def __init__(self, out_csv: Path | None, header: list[str], total: int, todo: int, progress: bool):
         self.fh = out_csv.open("a", newline="") if out_csv is not None else None
         self.writer = csv.writer(self.fh) if self.fh else None
-        if self.writer and not done:
+        if self.writer and out_csv.stat().st_size == 0:  # a new file (or one a crash left empty)
             self.writer.writerow(header)
             self.fh.flush()
         self.bar = tqdm(total=total, initial=total - todo, desc="predict", unit="image", disable=not progress)
@@ -250,6 +282,7 @@ def predict_images(
     seed: int = 0, device: str = "cpu", heatmaps: str | Path | None = None, geojson: str | Path | None = None,
     emit: Callable[[dict], None] | None = None, progress: bool = False, out_csv: str | Path | None = None,
     workers: int = 2, heatmap_size: int = 2048, attention_tiffs: str | Path | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> list[dict]:
     """Predict images, folders and manifests; one result dict per image (also passed to
     ``emit`` as it comes).
@@ -261,12 +294,20 @@ def predict_images(
     ``heatmaps`` pictures are at most ``heatmap_size`` px on the long side;
     ``attention_tiffs`` get a pyramidal TIFF of the attention at the file's level-0 size.
 
+    Under torchrun (or with ``shard=(rank, world)``) each process predicts every
+    ``world``-th input from its ``rank``-th on, appends to a part file beside ``out_csv``,
+    and rank 0 folds the parts into ``out_csv`` once every process is done; a rerun skips
+    what any part or the CSV holds, so a process killed midway loses nothing.
+
     Raises:
         UserError: an unreadable input (with one image), or an ``out_csv`` that is an input.
     """
     settle_heap()
     check_draws(samples)
     _check_outputs(out_csv, heatmaps, geojson, attention_tiffs, workers, heatmap_size)
+    rank, world = shard or distributed.rank_and_world()
+    if world > 1 and device != "cpu":
+        device = str(distributed.local_device(resolve_device(device), world))
     model, config = load_run(run_dir, device)
     items = expand_inputs(images)
     header = ["path", "true_label", "predicted", *[f"p_{c}" for c in config.data.classes], "seconds"]
@@ -278,7 +319,9 @@ def predict_images(
         output_name(given, outputs.names)
     # images already predicted are skipped, unless pictures or files asked for now are missing
     redo = {it[0] for it in items if it[0] in done and outputs.asked() and outputs.missing(it[0])}
-    todo = [it for it in items if it[0] not in done or it[0] in redo]
+    # this process's share: by the inputs' order, so that every process agrees whatever it reads
+    todo = [it for i, it in enumerate(items) if i % world == rank and (it[0] not in done or it[0] in redo)]
+    redo &= {it[0] for it in todo}
     if done:
         print(f"zoomnet: {len(done & {it[0] for it in items})} images already in {out_csv} skipped"
               + (f"; {len(redo)} of them lacked the pictures or files asked for now: written (their rows kept)"
@@ -286,7 +329,8 @@ def predict_images(
     draws = dict(deterministic=deterministic, samples=samples, generator=torch.Generator().manual_seed(seed))
 
     prepare = partial(_open, model=model, config=config, where=f"the model in {run_dir}")
-    with _Cohort(out_csv, header, done, len(items) + len(redo), len(todo), progress) as cohort:
+    target = out_csv if out_csv is None or world == 1 else out_csv.with_name(f".{out_csv.name}.part-{rank}.csv")
+    with _Cohort(target, header, len(items) + len(redo), len(todo), progress) as cohort:
         for (given, _, label), prepared in prefetched(prepare, todo, workers=workers, ahead=workers + 1,
                                                      name="zoomnet-open"):
             tick = time.perf_counter()
@@ -306,6 +350,9 @@ def predict_images(
             cohort.add(result, label, row=given not in redo)
             if emit:
                 emit(result)
+    distributed.barrier(world)  # every process has written its part
+    if out_csv is not None and rank == 0:
+        _merge_parts(out_csv, header, [it[0] for it in items])
     if cohort.failed:
         raise UserError(
             f"{len(cohort.failed)} of {len(items)} images could not be read (first: {cohort.failed[0]}); the others "

@@ -44,8 +44,10 @@ def wrap(model: torch.nn.Module, device: torch.device, world: int) -> torch.nn.M
 
 
 def barrier(world: int) -> None:
-    """Wait for every process (rank 0 writes the last files while the others wait)."""
+    """Wait for every process (rank 0 writes the last files while the others wait); nothing
+    where no process group was joined."""
     if world > 1:
         import torch.distributed as dist
 
-        dist.barrier()
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
