@@ -65,7 +65,7 @@ def panel(title: str, rows: list[dict], w: int = 420, h: int = 340, m: int = 56)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("csvs", nargs="+", type=Path)
-    parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks" / "accuracy_vs_memory.png"))
+    parser.add_argument("--out", default=str(ROOT / "docs" / "experiments" / "needles" / "accuracy_vs_memory.png"))
     args = parser.parse_args()
     panels = [panel(*read(p)) for p in args.csvs]
     out = Image.new("RGB", (sum(p.width for p in panels), max(p.height for p in panels)), "white")

@@ -448,8 +448,9 @@ def test_tissue_mask_keeps_attention_on_tissue(strip):
 
 def test_contrastive_pass_stays_on_tissue_and_inside_the_image():
     """The complementary sample must keep the restrictions of the ordinary one: no level-1
-    tile off the tissue, no level-2 cell centred outside the image. Every region either pass
-    reads (tile views, full-resolution sub-tiles) is checked through the source."""
+    tile off the tissue, no level-2 cell centred outside the image or on the glass of a tile
+    that straddles the tissue's edge. Every region either pass reads (tile views,
+    full-resolution sub-tiles) is checked through the source."""
     rng = np.random.default_rng(0)
     # 100 x 200: tissue on the left 100 columns, glass on the right; 64 px tiles stick out below
     image = np.full((100, 200, 3), 245, dtype=np.uint8)
@@ -467,8 +468,9 @@ def test_contrastive_pass_stays_on_tissue_and_inside_the_image():
         assert tiles and all(b.left < 100 for b in tiles), tiles  # no tile of glass alone
         leaves = src.full_resolution_reads()
         assert leaves
-        for b in leaves:  # every sub-tile centred inside the image, in either pass
-            assert 0 <= b.top + b.height / 2 < 100 and 0 <= b.left + b.width / 2 < 200, b
+        for b in leaves:  # every sub-tile centred inside the image and on tissue, in either pass
+            # (a cell with any tissue pixel may be drawn: its centre is at most half a stride past the edge)
+            assert 0 <= b.top + b.height / 2 < 100 and 0 <= b.left + b.width / 2 <= 100 + 4, b
 
 
 def test_leaf_paths_follow_the_geometry():
@@ -545,3 +547,21 @@ def test_tile_views_repeat_the_image_edge_over_the_fill():
     assert torch.equal(out[:, 9:, :11], view[0, :, 8:9, :11].expand(-1, 7, -1))  # below: the last row
     assert torch.equal(out[:, :, 11:], out[:, :, 10:11].expand(-1, -1, 5))  # right: the last column
     assert torch.equal(_repeat_edges(view, [Box(0, 0, 128, 128)], 200, 150), view)  # inside: the view itself
+
+
+def test_the_tissue_mask_keeps_deeper_levels_off_the_glass_of_a_tile():
+    """A tile that straddles the tissue's edge is drawn (it holds tissue); its level-2 cells
+    on glass, by the image's own tissue threshold, are not."""
+    rng = np.random.default_rng(1)
+    image = np.full((64, 128, 3), 245, dtype=np.uint8)
+    image[:, :80] = np.stack([rng.integers(150, 230, (64, 80)), rng.integers(60, 120, (64, 80)),
+                              rng.integers(120, 200, (64, 80))], axis=-1)
+    cfg = ModelConfig(levels=[LevelConfig(0.5, (64, 64)), LevelConfig(0.5, (8, 8), (4, 4))], samples=64,
+                      tissue_mask=True, smooth=0.3)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        src = CountingSource(ArraySource(image, fill=255))
+        out = ZoomIn(cfg)([src], contrastive=True, generator=torch.Generator().manual_seed(seed))
+        assert any(s.box.left == 64 for s in out.levels[0].samples[0])  # the straddling tile is drawn
+        leaves = src.full_resolution_reads()
+        assert leaves and all(b.left + b.width / 2 <= 80 + 2 for b in leaves), sorted(b.left for b in leaves)

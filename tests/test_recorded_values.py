@@ -137,8 +137,11 @@ def test_recorded_values_are_reproduced(case):
 
 if __name__ == "__main__":
     if "--write" not in sys.argv:
-        sys.exit("usage: python tests/test_recorded_values.py --write   (records the values anew)")
+        sys.exit("usage: python tests/test_recorded_values.py --write [CASE ...]   (records the values anew)")
     RECORDED.parent.mkdir(exist_ok=True)
-    lines = [f"{json.dumps(case)}: {json.dumps(compute(case), separators=(',', ':'))}" for case in sorted(CASES)]
+    chosen = [a for a in sys.argv[1:] if a != "--write"] or sorted(CASES)
+    recorded = json.loads(RECORDED.read_text()) if RECORDED.is_file() else {}
+    recorded.update({case: compute(case) for case in chosen})
+    lines = [f"{json.dumps(case)}: {json.dumps(recorded[case], separators=(',', ':'))}" for case in sorted(recorded)]
     RECORDED.write_text("{\n" + ",\n".join(lines) + "\n}\n")  # a case a line
     print(f"wrote {RECORDED}")

@@ -116,9 +116,9 @@ class ModelConfig:
         view_chunk: parent views per batch of a deeper level's attention net at inference
             (training runs a level's views in one batch: their activations are kept for the
             backward pass anyway).
-        tissue_mask: level-1 cells without tissue (Otsu on the saturation of the level-1
-            view; bright-field slides) get no attention mass, in the ordinary and the
-            contrastive sample alike.
+        tissue_mask: cells without tissue get no attention mass, at every level, in the
+            ordinary and the contrastive sample alike (bright-field slides): Otsu's threshold
+            on the saturation of each image's level-1 view, applied to every view of it.
         strip_rows: level-1 view rows per strip (None: the whole view at once); for
             gigapixel images, whose level-1 view alone can be thousands of pixels high.
         cnn_scale: input scale of the CNN baseline (1 = full resolution).

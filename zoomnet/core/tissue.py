@@ -33,15 +33,37 @@ def otsu_threshold(values: torch.Tensor, bins: int = 64) -> float:
     return float((k + 1) / bins)
 
 
-def tissue_map(view: torch.Tensor, minimum: float = 0.05) -> torch.Tensor:
-    """``(C, h, w)`` raw RGB view -> ``(h, w)`` bool, True on tissue.
+def tissue_threshold(view: torch.Tensor, minimum: float = 0.05) -> float | None:
+    """The saturation above which a pixel of this image is tissue: Otsu's threshold on the
+    ``(C, h, w)`` raw RGB view of the whole image (at least ``minimum``); None where the view
+    has no contrast in saturation (all tissue or all glass): everything is then tissue, so
+    the mask never hides a whole image. Deeper levels apply the image's threshold to their
+    own views (Otsu on a tile of tissue alone would cut the tissue in two).
 
-    A view with no contrast in saturation (all tissue or all glass) is taken as all tissue,
-    so the mask never hides a whole image.
+    >>> view = torch.full((3, 8, 8), 240.0); view[0, :4] = 120.0  # a coloured half
+    >>> 0.05 <= tissue_threshold(view) < 0.5, tissue_threshold(torch.full((3, 8, 8), 240.0))
+    (True, None)
     """
     s = saturation(view.float())
     t = max(otsu_threshold(s), minimum)
     mask = s > t
     if not mask.any() or mask.float().mean() > 0.995:
-        return torch.ones_like(mask)
-    return mask
+        return None
+    return t
+
+
+def tissue_map(view: torch.Tensor, minimum: float = 0.05) -> torch.Tensor:
+    """``(C, h, w)`` raw RGB view -> ``(h, w)`` bool, True on tissue (all True where the view
+    has no contrast: :func:`tissue_threshold`)."""
+    t = tissue_threshold(view, minimum)
+    s = saturation(view.float())
+    return torch.ones_like(s, dtype=torch.bool) if t is None else s > t
+
+
+def tissue_of_views(views: torch.Tensor, thresholds: list[float | None]) -> torch.Tensor:
+    """``(M, C, h, w)`` raw views -> ``(M, h, w)`` bool: each view's pixels above its image's
+    threshold (everything where the threshold is None)."""
+    top = views.float().amax(dim=1)
+    s = (top - views.float().amin(dim=1)) / top.clamp_min(1e-6)  # (M, h, w)
+    t = torch.tensor([-1.0 if v is None else v for v in thresholds], dtype=s.dtype, device=s.device)
+    return s > t[:, None, None]

@@ -29,7 +29,7 @@ from zoomnet.config.model import ModelConfig
 from zoomnet.core import expectation, sampling
 from zoomnet.core.geometry import Box, cell_boxes, cells_in_image, grid_shape, pool_to_grid, pooling_plan, sum_to_grid
 from zoomnet.core.source import ImageSource
-from zoomnet.core.tissue import tissue_map
+from zoomnet.core.tissue import tissue_of_views, tissue_threshold
 from zoomnet.model.cells import CellTable, LevelGrid, Nodes, restrict
 from zoomnet.model.chunks import in_chunks
 from zoomnet.model.outputs import LevelTrace, Sample, ZoomInOutput
@@ -81,10 +81,12 @@ class _Tables:
 
     maps: list[CellTable] = field(default_factory=list)
     logits: list[CellTable] = field(default_factory=list)
+    allowed: list[CellTable] = field(default_factory=list)  # with the tissue mask: the cells each map may draw
+    thresholds: list[float | None] = field(default_factory=list)  # per image: its tissue's saturation threshold
 
     @classmethod
     def new(cls, levels: int) -> "_Tables":
-        return cls([CellTable() for _ in range(levels)], [CellTable() for _ in range(levels)])
+        return cls(*([CellTable() for _ in range(levels)] for _ in range(3)))
 
 
 class ZoomIn(nn.Module):
@@ -199,20 +201,22 @@ class ZoomIn(nn.Module):
         return sampling.smoothed_log_softmax(cell_logits, self.config.smooth), raw.to(cell_logits.dtype)
 
     def _level1(
-        self, sources: Sequence[ImageSource], views: torch.Tensor | None
+        self, sources: Sequence[ImageSource], views: torch.Tensor | None, tables: _Tables
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Level 1: ``(B, G1)`` log-probabilities (restricted to the cells that may be drawn),
-        raw logits, and the ``(B, G1)`` mask of those cells (None: every cell)."""
+        raw logits, and the ``(B, G1)`` mask of those cells (None: every cell). With the
+        tissue mask, each image's tissue threshold goes to ``tables`` for the deeper levels."""
         height, width = sources[0].height, sources[0].width
         tissue = None
         if views is None and self.views_in_strips(height, width):
-            log_alpha, raw_alpha, tissue = self._level1_in_strips(sources)  # (B, G1) each
+            log_alpha, raw_alpha, tissue, tables.thresholds = self._level1_in_strips(sources)  # (B, G1) each
         else:
             if views is None:
                 views = self.read_views(sources)
             log_alpha, raw_alpha = self._attention_maps(0, views, (height, width))  # (B, G1) each
             if self.config.tissue_mask:
-                tissue = torch.stack([tissue_map(v) for v in views.cpu()])
+                tables.thresholds = [tissue_threshold(v) for v in views.cpu()]
+                tissue = tissue_of_views(views.cpu(), tables.thresholds)
         cell_mask = self._tissue_cells(tissue, height, width) if tissue is not None else None
         inside = self._cells_in_image(0, (height, width), [Box(0, 0, height, width)], height, width)
         if inside is not None:  # tiles that stick out of the image far enough to miss it
@@ -224,26 +228,29 @@ class ZoomIn(nn.Module):
 
     def _level1_in_strips(
         self, sources: Sequence[ImageSource]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, list[float | None]]:
         """Level-1 attention of large views, read and run in horizontal strips
-        (:meth:`_strip_logits`); also the tissue maps of the views when ``tissue_mask`` is on."""
+        (:meth:`_strip_logits`); also the tissue maps of the views and their thresholds when
+        ``tissue_mask`` is on."""
         height, width = sources[0].height, sources[0].width
         # the learnt part differs from the logits (and is needed for distillation, in training)
         split = getattr(self.attention[0], "prior_gain", None) is not None and torch.is_grad_enabled()
         g = self._level_grid(0, (height, width))
-        maps, raws, tissue = [], [], []
+        maps, raws, tissue, thresholds = [], [], [], []
         for src in sources:
-            full, learned, view_tissue = self._strip_logits(src)  # (1, vh, vw) each
+            full, learned, view = self._strip_logits(src)  # (1, vh, vw) each; the raw view with the mask
             cell = pool_to_grid(full, g.rows, g.cols)
             log_p, raw = self._cell_maps(cell, pool_to_grid(learned, g.rows, g.cols) if split else cell)
             maps.append(log_p)
             raws.append(raw)
-            if view_tissue is not None:
-                tissue.append(view_tissue)
-        return torch.cat(maps), torch.cat(raws), (torch.stack(tissue) if tissue else None)
+            if view is not None:
+                thresholds.append(tissue_threshold(view))
+                tissue.append(tissue_of_views(view[None], thresholds[-1:])[0])
+        return torch.cat(maps), torch.cat(raws), (torch.stack(tissue) if tissue else None), thresholds
 
     def _strip_logits(self, src: ImageSource) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """One image's level-1 logits ``(1, vh, vw)``, their learnt part, and its tissue map.
+        """One image's level-1 logits ``(1, vh, vw)``, their learnt part, and (with the tissue
+        mask) its raw view ``(C, vh, vw)``, joined from the strips' own rows.
 
         Each strip of ``strip_rows`` view rows is read with a halo of the attention net's
         receptive-field radius above and below, so its own rows get exactly the logits of
@@ -270,8 +277,18 @@ class ZoomIn(nn.Module):
             learned.append(own[:, r0 - a0 : r1 - a0])
             if self.config.tissue_mask:
                 tissue_rows.append(strip[0, :, r0 - a0 : r1 - a0])  # (C, r1-r0, vw) raw
-        tissue = tissue_map(torch.cat(tissue_rows, dim=1)) if tissue_rows else None
-        return torch.cat(logits, dim=1), torch.cat(learned, dim=1), tissue
+        view = torch.cat(tissue_rows, dim=1) if tissue_rows else None
+        return torch.cat(logits, dim=1), torch.cat(learned, dim=1), view
+
+    def _tissue_cells_of(self, level: int, parent_hw: tuple[int, int], views: torch.Tensor,
+                         thresholds: list[float | None]) -> torch.Tensor:
+        """``(M, G)`` bool: the cells of these parents' raw views ``(M, C, h, w)`` that hold
+        tissue by their images' thresholds (every cell of a parent that holds none)."""
+        g = self._level_grid(level, parent_hw)
+        t = tissue_of_views(views.cpu(), thresholds).float()  # (M, h, w)
+        cells = (t.flatten(1) if g.rows is None else sum_to_grid(t, g.rows, g.cols).flatten(1)) > 0  # (M, G)
+        cells[~cells.any(dim=1)] = True  # never hide a whole parent
+        return cells.to(self.mean.device)
 
     def _tissue_cells(self, tissue: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """``(B, v_h, v_w)`` bool tissue maps -> ``(B, G1)`` bool: cells holding any tissue."""
@@ -336,7 +353,11 @@ class ZoomIn(nn.Module):
         keys = list(zip(nodes.image, nodes.box))
         self._add_maps(level, keys, p, tables)
         log_beta = tables.maps[level].rows(keys)  # (M, G)
-        allowed = self._cells_in_image(level, parent_hw, nodes.box, height, width)
+        if self.config.tissue_mask:  # inside the image and on tissue, as computed with the maps
+            allowed = tables.allowed[level].rows(keys)
+            allowed = None if bool(allowed.all()) else allowed
+        else:
+            allowed = self._cells_in_image(level, parent_hw, nodes.box, height, width)
         if p.transform:
             log_beta = p.transform(log_beta)
             if allowed is not None:  # the complement of a restricted map stays restricted
@@ -355,14 +376,20 @@ class ZoomIn(nn.Module):
         # inference: the memory of one chunk; training keeps every chunk's activations for
         # the backward pass anyway, so its views go through the net in one call
         step = self.config.view_chunk if not torch.is_grad_enabled() else len(missing)
-        pieces = []  # cell logits, chunk by chunk: small beside the net's activations
+        pieces, tissue = [], []  # cell logits, chunk by chunk: small beside the net's activations
         for start in range(0, len(missing), step):
             part = missing[start : start + step]
             views = repeat_edges(read_boxes(p.sources, part, vs), [box for _, box in part], height, width)
             pieces.append(self._cell_logits(level, views, parent_hw))  # (M, G) each
+            if self.config.tissue_mask:
+                tissue.append(self._tissue_cells_of(level, parent_hw, views, [tables.thresholds[b] for b, _ in part]))
         maps, raw = self._cell_maps(*(torch.cat(q) if len(pieces) > 1 else q[0] for q in zip(*pieces)))
         allowed = self._cells_in_image(level, parent_hw, [box for _, box in missing], height, width)
-        if allowed is not None:  # cells that would show the fill outside the image
+        if tissue:  # and on tissue: a parent's glass is never drawn
+            on_tissue = torch.cat(tissue)
+            allowed = on_tissue if allowed is None else allowed & on_tissue
+            tables.allowed[level].add(missing, allowed)
+        if allowed is not None:  # cells that would show the fill outside the image, or glass
             maps = restrict(maps, allowed.to(maps.device))
         tables.maps[level].add(missing, maps)
         tables.logits[level].add(missing, raw)
@@ -485,9 +512,9 @@ class ZoomIn(nn.Module):
         cfg = self.config
         B, (height, width) = len(sources), (sources[0].height, sources[0].width)
         n = samples or (cfg.train_samples if self.training and cfg.train_samples else cfg.samples)
-        log_alpha, raw_alpha, cell_mask = self._level1(sources, views)
-        whole = Box(0, 0, height, width)
         tables = _Tables.new(len(cfg.levels))
+        log_alpha, raw_alpha, cell_mask = self._level1(sources, views, tables)
+        whole = Box(0, 0, height, width)
         tables.logits[0].add([(b, whole) for b in range(B)], raw_alpha)
         traces = [LevelTrace([{whole: log_alpha[b].detach().exp()} for b in range(B)],
                              self._level_grid(0, (height, width)).grid, [])]
