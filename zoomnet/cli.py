@@ -76,7 +76,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from zoomnet.runs import evaluate_run
 
     m = evaluate_run(args.run, args.test, deterministic=args.deterministic, samples=args.samples,
-                     seed=args.seed, device=args.device, progress=_progress(args))
+                     seed=args.seed, device=args.device, progress=_progress(args), draw_sets=args.draw_sets)
     print(f"images: {m['images']}")
     print(f"accuracy: {m['accuracy']:.4f}")
     print(f"balanced accuracy: {m['balanced_accuracy']:.4f}")
@@ -85,6 +85,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     print("confusion (rows: true " + ", ".join(m["classes"]) + "):")
     for c, row in zip(m["classes"], m["confusion"]):
         print(f"  {c}: {row}")
+    if "uncertain" in m:
+        print(f"flagged uncertain (flip chance > 5 %): {m['uncertain']:.1%} of images; error rate "
+              f"{m['uncertain_error']:.3f} flagged, {m['confident_error']:.3f} confident")
     print(strict_json(m))
     return 0
 
@@ -117,8 +120,10 @@ def _predict(args: argparse.Namespace) -> int:
     inputs = list(args.images) + ([args.manifest] if args.manifest else [])
     if not inputs:
         raise UserError("predict: nothing to predict; give images, folders or manifest CSVs")
+    draw_sets = "auto" if args.samples == "auto" else args.draw_sets
     results = predict_images(
-        args.run, inputs, deterministic=args.deterministic, samples=args.samples, seed=args.seed,
+        args.run, inputs, deterministic=args.deterministic, samples=None if args.samples == "auto" else args.samples,
+        seed=args.seed, draw_sets=draw_sets,
         device=args.device, heatmaps=args.heatmaps, geojson=args.geojson, emit=_emit_prediction,
         progress=_progress(args), out_csv=args.out, workers=args.workers, heatmap_size=args.heatmap_size,
         attention_tiffs=args.attention_tiffs,
@@ -174,9 +179,21 @@ def _device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
 
 
-def _inference(p: argparse.ArgumentParser) -> None:
+def _samples(text: str):
+    """``--samples``: a whole number, or ``auto`` where the command takes it."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of draws (or auto)") from None
+
+
+def _inference(p: argparse.ArgumentParser, auto: bool = False) -> None:
     p.add_argument("--deterministic", action="store_true", help="top-k instead of sampling")
-    p.add_argument("--samples", type=int, help="draws N (default: the run's)")
+    p.add_argument("--samples", type=_samples if auto else int,
+                   help="draws N (default: the run's)" + ("; auto: draw sets of N/4 until the decision is settled"
+                                                          if auto else ""))
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
     _device(p)
 
@@ -221,6 +238,9 @@ def add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="metrics of a run on a manifest; the last line is JSON")
     p.add_argument("run", help="run folder")
     p.add_argument("test", help="manifest CSV")
+    p.add_argument("--draw-sets", type=int, default=1,
+                   help="independent draw sets per image (default 1): with 2 or more, the error rates of images "
+                        "flagged uncertain and of confident ones")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _inference(p)
     p.set_defaults(func=_evaluate)
@@ -253,8 +273,11 @@ def add_predict(sub) -> None:
                                              "TIFF at the file's level-0 size, to overlay in a slide viewer")
     p.add_argument("--geojson", help="folder for <image stem>.geojson (QuPath: level-0 pixel coordinates)")
     p.add_argument("--workers", type=int, default=2, help="threads opening the next images (default 2)")
+    p.add_argument("--draw-sets", type=int, default=1,
+                   help="independent draw sets per image (default 1): with 2 or more each prediction gets its "
+                        "standard errors and the chance that another estimate flips its class")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    _inference(p)
+    _inference(p, auto=True)
     p.set_defaults(func=_predict)
 
 

@@ -13,7 +13,7 @@ from zoomnet.metrics import classification_metrics, leaf_probabilities, object_h
 def evaluate(
     model: torch.nn.Module, examples: list[Example], batch_size: int = 16, deterministic: bool = False,
     samples: int | None = None, seed: int = 0, progress: bool = False, desc: str = "evaluate",
-    localization: bool = False,
+    localization: bool = False, draw_sets: int = 1, flag: float = 0.05,
 ) -> dict:
     """The one evaluation loop (validation in :func:`fit`, ``zoomnet evaluate``, the bench).
 
@@ -24,8 +24,14 @@ def evaluate(
         one such sub-tile), ``images_with_objects``, ``probabilities`` (``(n, classes)`` in
         the order of ``examples``) and ``labels``; with ``localization``, ``spearman``:
         Spearman's rho between each sampled sub-tile's attention probability and the
-        fraction of it that objects cover, over images with objects.
+        fraction of it that objects cover, over images with objects. With ``draw_sets`` R > 1
+        each image is predicted from R independent draw sets (the mean of their logits) and
+        flagged uncertain where another estimate would flip its class with a chance above
+        ``flag``: ``uncertain`` (the share flagged), ``uncertain_error``, ``confident_error``
+        (the error rate of each group; NaN where it is empty).
     """
+    if draw_sets > 1:
+        return _evaluate_draw_sets(model, examples, samples, seed, draw_sets, flag, progress, desc)
     generator = torch.Generator().manual_seed(seed)
     model = getattr(model, "module", model)
     probs = torch.zeros(len(examples), model.config.num_classes)
@@ -59,3 +65,34 @@ def evaluate(
     if localization:
         result["spearman"] = spearman(leaf_p, covers) if leaf_p else float("nan")
     return result
+
+
+def _evaluate_draw_sets(model, examples: list[Example], samples: int | None, seed: int, sets: int, flag: float,
+                        progress: bool, desc: str) -> dict:
+    """:func:`evaluate` with ``sets`` draw sets per image, and its flags."""
+    from zoomnet.uncertainty import draw_set_statistics, predict_draw_sets
+
+    generator = torch.Generator().manual_seed(seed)
+    model = getattr(model, "module", model)
+    probs = torch.zeros(len(examples), model.config.num_classes)
+    flagged = torch.zeros(len(examples), dtype=torch.bool)
+    hits = [0, 0, 0, 0]
+    for i, ex in enumerate(tqdm(examples, desc=desc, unit="image", disable=not progress, leave=False)):
+        logits, out = predict_draw_sets(model, ex.source, None, sets, samples, generator)
+        stats = draw_set_statistics(logits)
+        probs[i], flagged[i] = stats.probabilities, stats.flip > flag
+        hits = [a + b for a, b in zip(hits, object_hits(out, [ex] * sets))]
+    labels = torch.tensor([ex.label for ex in examples], dtype=torch.long)
+    wrong = probs.argmax(1) != labels
+
+    def error(sel: torch.Tensor) -> float:
+        return float(wrong[sel].float().mean()) if sel.any() else float("nan")
+
+    return {
+        **classification_metrics(probs, labels),
+        "hit_rate": hits[0] / hits[1] if hits[1] else float("nan"),
+        "images_hit": hits[2] / hits[3] if hits[3] else float("nan"),
+        "images_with_objects": hits[3] // sets,
+        "probabilities": probs, "labels": labels, "draw_sets": sets,
+        "uncertain": float(flagged.float().mean()), "uncertain_error": error(flagged), "confident_error": error(~flagged),
+    }

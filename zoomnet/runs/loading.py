@@ -85,9 +85,14 @@ def open_run_image(path: str | Path, config: RunConfig):
 
 def evaluate_run(
     run_dir: str | Path, test_csv: str | Path, deterministic: bool = False, samples: int | None = None,
-    seed: int = 0, device: str = "cpu", batch_size: int = 8, progress: bool = False,
+    seed: int = 0, device: str = "cpu", batch_size: int = 8, progress: bool = False, draw_sets: int = 1,
 ) -> dict:
-    """Metrics of a run on a manifest: accuracy, balanced accuracy, AUC (binary), confusion."""
+    """Metrics of a run on a manifest: accuracy, balanced accuracy, AUC (binary), confusion;
+    with ``draw_sets`` > 1, how often an image flagged uncertain is wrong against a confident
+    one (:func:`zoomnet.evaluate.evaluate`)."""
+    if isinstance(draw_sets, bool) or not isinstance(draw_sets, int) or draw_sets < 1:
+        raise UserError("{sets}: give a whole number of draw sets >= 1",
+                        sets=Option(f"draw_sets={draw_sets!r}", f"--draw-sets {draw_sets}"))
     check_draws(samples)
     model, config = load_run(run_dir, device)
     classes = config.data.classes
@@ -97,8 +102,9 @@ def evaluate_run(
     settle_heap()
     reuse_freed_memory()
     res = evaluate(model, examples, batch_size, deterministic=deterministic, samples=samples, seed=seed,
-                   progress=progress)
-    metrics = {k: res[k] for k in ("accuracy", "balanced_accuracy", "confusion", "auc") if k in res}
+                   progress=progress, draw_sets=draw_sets)
+    metrics = {k: res[k] for k in ("accuracy", "balanced_accuracy", "confusion", "auc", "draw_sets", "uncertain",
+                                   "uncertain_error", "confident_error") if k in res}
     metrics.update(images=len(examples), classes=classes, hit_rate=res["hit_rate"], images_hit=res["images_hit"])
     return metrics
 

@@ -35,6 +35,7 @@ from zoomnet.sources.base import io_counts
 from zoomnet.sources.lazy import LazyImage
 from zoomnet.sources.open import PLAIN, TIFF
 from zoomnet.sources.slide import VENDOR
+from zoomnet.uncertainty import draw_set_statistics, predict_draw_sets, predict_until_settled
 
 
 def expand_inputs(inputs: list[str]) -> list[tuple[str, Path, str]]:
@@ -153,7 +154,11 @@ class _Outputs:
         stem = output_name(given, self.names)
         strides = [lv.cell_stride() for lv in config.model.levels]
         if self.heatmaps is not None:
-            title = f"{given}: {result['label']} (p = {max(probs):.2f})"
+            title = f"{given}: {result['label']} (p = {max(probs):.2f}"
+            if "uncertainty" in result:
+                u = result["uncertainty"]
+                title += f" ± {u['standard_error'][result['label']]:.2f}, flip {u['flip_probability']:.2f}"
+            title += ")"
             (picture,) = render_batch(model, [src], out, [self.heatmaps / f"{stem}.png"], [title],
                                       display=self.heatmap_size)
             result["heatmap"] = str(picture)
@@ -164,16 +169,30 @@ class _Outputs:
             self.geojson.mkdir(parents=True, exist_ok=True)
             target = self.geojson / f"{stem}.geojson"
             collection = geojson_of(out, 0, src, config.data.classes, probs, strides, given)
+            if "uncertainty" in result:
+                collection["properties"]["uncertainty"] = result["uncertainty"]
             atomic_write_bytes(target, json.dumps(collection).encode())
             result["geojson"] = str(target)
 
 
 def _predict_one(model, config: RunConfig, src, views, given: str, label: str, tick: float, outputs: _Outputs,
-                 **draws) -> dict:
-    """One image's result: its class, probabilities, time, what it read, and its files."""
+                 draw_sets: int | str = 1, **draws) -> dict:
+    """One image's result: its class, probabilities, time, what it read, its files, and with
+    several draw sets (or ``"auto"``) how sure the prediction is."""
     classes = config.data.classes
-    out = model.predict([src], views=views, **draws)
-    probs = torch.softmax(out.logits.float(), dim=1)[0].tolist()
+    stats = None
+    if draw_sets == 1 or config.model.kind == "cnn":  # a CNN does not sample: nothing to be unsure of
+        out = model.predict([src], views=views, **draws)
+        probs = torch.softmax(out.logits.float(), dim=1)[0].tolist()
+    else:
+        n = draws["samples"] or config.model.samples
+        if draw_sets == "auto":  # rounds of a quarter of the run's draws until the decision is settled
+            n = max(1, -(-n // 4))
+            logits, out = predict_until_settled(model, src, views, n, draws["generator"])
+        else:
+            logits, out = predict_draw_sets(model, src, views, int(draw_sets), draws["samples"], draws["generator"])
+        stats = draw_set_statistics(logits)
+        probs = stats.probabilities.tolist()
     pixels, read = io_counts(src)
     result = {
         "path": given,
@@ -183,6 +202,11 @@ def _predict_one(model, config: RunConfig, src, views, given: str, label: str, t
         "pixels_read": pixels,
         "bytes_read": read,
     }
+    if stats is not None:
+        result["uncertainty"] = {
+            "draw_sets": stats.sets, "draws": stats.sets * n, "flip_probability": stats.flip,
+            "standard_error": dict(zip(classes, stats.standard_error.tolist())), "settled": stats.settled,
+        }
     if label:
         result["true_label"] = label
     outputs.write(model, config, src, out, given, result, probs)
@@ -201,6 +225,17 @@ def _open(item: tuple[str, Path, str], model, config: RunConfig, where: str):
         if not (config.model.strip_rows and vs[0] > config.model.strip_rows):
             views = model.read_views([src])
     return src, views
+
+
+def _check_draw_sets(draw_sets, deterministic: bool) -> None:
+    """Refuse a number of draw sets that is not a whole number >= 1 or ``"auto"``, and draw
+    sets without sampling (deterministic draws are the same every time)."""
+    option = Option(f"draw_sets={draw_sets!r}", f"--draw-sets {draw_sets}")
+    if draw_sets != "auto" and (isinstance(draw_sets, bool) or not isinstance(draw_sets, int) or draw_sets < 1):
+        raise UserError("{sets}: give a whole number of draw sets >= 1", sets=option)
+    if deterministic and draw_sets != 1:
+        raise UserError("{sets}: deterministic draws are the same every time; leave out {det} to measure how sure "
+                        "a prediction is", sets=option, det=Option("deterministic=True", "--deterministic"))
 
 
 def _check_outputs(out_csv, heatmaps, geojson, attention_tiffs, workers: int, heatmap_size: int) -> None:
@@ -268,8 +303,12 @@ class _Cohort:
 
     def add(self, result: dict, label: str, row: bool = True) -> None:
         if self.writer and row:
+            u = result.get("uncertainty")
+            extra = [] if u is None else [*[f"{v:.6f}" for v in u["standard_error"].values()],
+                                          f"{u['flip_probability']:.6f}", str(u["draws"])]
             self.writer.writerow([result["path"], label, result["label"],
-                                  *[f"{p:.6f}" for p in result["probabilities"].values()], f"{result['seconds']:.3f}"])
+                                  *[f"{p:.6f}" for p in result["probabilities"].values()], f"{result['seconds']:.3f}",
+                                  *extra])
             self.fh.flush()
         self.results.append(result)
         self.slowest = max(self.slowest, (result["seconds"], Path(result["path"]).name))
@@ -282,7 +321,7 @@ def predict_images(
     seed: int = 0, device: str = "cpu", heatmaps: str | Path | None = None, geojson: str | Path | None = None,
     emit: Callable[[dict], None] | None = None, progress: bool = False, out_csv: str | Path | None = None,
     workers: int = 2, heatmap_size: int = 2048, attention_tiffs: str | Path | None = None,
-    shard: tuple[int, int] | None = None,
+    shard: tuple[int, int] | None = None, draw_sets: int | str = 1,
 ) -> list[dict]:
     """Predict images, folders and manifests; one result dict per image (also passed to
     ``emit`` as it comes).
@@ -294,6 +333,11 @@ def predict_images(
     ``heatmaps`` pictures are at most ``heatmap_size`` px on the long side;
     ``attention_tiffs`` get a pyramidal TIFF of the attention at the file's level-0 size.
 
+    ``draw_sets``: R > 1 independent draw sets per image (in one batch) give each prediction
+    its standard errors and the chance that another estimate flips its class
+    (:mod:`zoomnet.uncertainty`); ``"auto"`` draws sets of a quarter of the run's draws until
+    the decision is settled (at most 8).
+
     Under torchrun (or with ``shard=(rank, world)``) each process predicts every
     ``world``-th input from its ``rank``-th on, appends to a part file beside ``out_csv``,
     and rank 0 folds the parts into ``out_csv`` once every process is done; a rerun skips
@@ -304,6 +348,7 @@ def predict_images(
     """
     settle_heap()
     check_draws(samples)
+    _check_draw_sets(draw_sets, deterministic)
     _check_outputs(out_csv, heatmaps, geojson, attention_tiffs, workers, heatmap_size)
     rank, world = shard or distributed.rank_and_world()
     if world > 1 and device != "cpu":
@@ -311,6 +356,8 @@ def predict_images(
     model, config = load_run(run_dir, device)
     items = expand_inputs(images)
     header = ["path", "true_label", "predicted", *[f"p_{c}" for c in config.data.classes], "seconds"]
+    if draw_sets != 1:
+        header += [*[f"se_{c}" for c in config.data.classes], "flip", "draws"]
     out_csv = Path(out_csv) if out_csv is not None else None
     done = _open_csv(out_csv, items, images, header)
     outputs = _Outputs(*(Path(p) if p is not None else None for p in (heatmaps, geojson, attention_tiffs)),
@@ -336,7 +383,7 @@ def predict_images(
             tick = time.perf_counter()
             try:
                 src, views = prepared.result()
-                result = _predict_one(model, config, src, views, given, label, tick, outputs, **draws)
+                result = _predict_one(model, config, src, views, given, label, tick, outputs, draw_sets, **draws)
             except (ImageError, UserError) as exc:  # opening it, or a damaged tile a sub-tile needed
                 if len(items) == 1:
                     raise
