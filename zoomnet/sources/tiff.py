@@ -173,9 +173,9 @@ def _mpp(tif, page) -> float | None:
 class TiffSource(FileBacked):
     """A (pyramidal) TIFF read lazily by tiles.
 
-    Decoded tiles stay in a small LRU cache (``cache_tiles``, 64 by default: 12 MB of
-    256 px RGB tiles), so the many small reads of one prediction that share a tile decode
-    it once.
+    Decoded tiles stay in a small LRU cache (``cache_bytes``, 24 MB by default: 128 RGB
+    tiles of 256 px, 32 of 512 px), so the many small reads of one prediction that share a
+    tile decode it once, and its memory does not depend on the file's tile size.
 
     Args:
         path: the file.
@@ -189,7 +189,7 @@ class TiffSource(FileBacked):
     """
 
     band_pixels = 250_000  # level-0 pixels converted to float at a time where no coarser level exists
-    cache_tiles = 64
+    cache_bytes = 24 << 20
     tile_workers = 4  # tiles of one read decoded at once (1: one at a time)
 
     def __init__(self, path: str | os.PathLike, fill: float = 0.0, max_pixels: int = 256_000_000):
@@ -201,6 +201,7 @@ class TiffSource(FileBacked):
         self.pixels_decoded = 0
         self.bytes_read = 0
         self._cache: OrderedDict[tuple[int, int, int], np.ndarray] = OrderedDict()
+        self._cached_bytes = 0
         try:
             self._tif = tifffile.TiffFile(path)
             series = self._tif.series[0]
@@ -281,8 +282,9 @@ class TiffSource(FileBacked):
             if index < len(lv.bytecounts):
                 self.bytes_read += int(lv.bytecounts[index])
             found[(r, c)] = self._cache[(level, r, c)] = tile
-            while len(self._cache) > self.cache_tiles:
-                self._cache.popitem(last=False)
+            self._cached_bytes += tile.nbytes
+            while self._cached_bytes > self.cache_bytes and len(self._cache) > 1:
+                self._cached_bytes -= self._cache.popitem(last=False)[1].nbytes
         return found
 
     def _tile_span(self, level: int, y0: int, x0: int, y1: int, x1: int) -> tuple[range, range]:
