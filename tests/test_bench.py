@@ -51,9 +51,10 @@ def test_bench_names_its_settings_and_models(capsys):
 
 def test_every_preset_has_a_bench_setting_on_its_stand_in():
     from zoomnet.bench import SETTINGS, setting_config
+    from zoomnet.bench.settings import SLIDE_PRESETS
     from zoomnet.config import available_presets
 
-    assert {s.preset for s in SETTINGS.values()} == set(available_presets())
+    assert {s.preset for s in SETTINGS.values()} | set(SLIDE_PRESETS) == set(available_presets())
     ats = setting_config("fmow", "ats")
     assert ats.model.kind == "ats" and ats.model.levels[0].scale == 0.5  # the preset's ats_scale
     assert setting_config("fmow", "cnn-downsampled").model.cnn_scale == 0.25

@@ -45,6 +45,9 @@ class Setting:
     cost_images: int = 8
 
 
+# presets whose images are whole slides of 50k-200k px: measured by benchmarks/slide_scale.py
+# on slides make-data slides writes, not on a stand-in that trains in minutes
+SLIDE_PRESETS = ("camelyon16-k3",)
 SETTINGS = {
     "colon-cancer": Setting("colon-cancer", "colon-cancer", 300, 500, 10, 0.2),
     "needles": Setting("needle-camelyon", "needles", 400, 1024, 6, 0.25),
