@@ -355,16 +355,59 @@ def predict_images(
         device = str(distributed.local_device(resolve_device(device), world))
     model, config = load_run(run_dir, device)
     items = expand_inputs(images)
-    header = ["path", "true_label", "predicted", *[f"p_{c}" for c in config.data.classes], "seconds"]
-    if draw_sets != 1:
-        header += [*[f"se_{c}" for c in config.data.classes], "flip", "draws"]
+    header = _header(config.data.classes, draw_sets)
     out_csv = Path(out_csv) if out_csv is not None else None
     done = _open_csv(out_csv, items, images, header)
     outputs = _Outputs(*(Path(p) if p is not None else None for p in (heatmaps, geojson, attention_tiffs)),
                        heatmap_size=heatmap_size)
+    todo, redo = _share(items, done, outputs, rank, world, out_csv)
+    draws = dict(deterministic=deterministic, samples=samples, generator=torch.Generator().manual_seed(seed))
+    predict = partial(_predict_one, model, config, outputs=outputs, draw_sets=draw_sets, **draws)
+    prepare = partial(_open, model=model, config=config, where=f"the model in {run_dir}")
+    target = out_csv if out_csv is None or world == 1 else out_csv.with_name(f".{out_csv.name}.part-{rank}.csv")
+    with _Cohort(target, header, len(items) + len(redo), len(todo), progress) as cohort:
+        for (given, _, label), prepared in prefetched(prepare, todo, workers=workers, ahead=workers + 1,
+                                                     name="zoomnet-open"):
+            result = _predict_prepared(predict, prepared, given, label, cohort, len(items) == 1, device, run_dir)
+            if result is not None:
+                cohort.add(result, label, row=given not in redo)
+                if emit:
+                    emit(result)
+    _finish(cohort, out_csv, header, [it[0] for it in items], rank, world)
+    return cohort.results
+
+
+def _finish(cohort: _Cohort, out_csv: Path | None, header: list[str], order: list[str], rank: int, world: int) -> None:
+    """Once every process has written its part, rank 0 folds the parts into ``out_csv``;
+    then the inputs that could not be read are reported.
+
+    Raises:
+        UserError: some inputs could not be read.
+    """
+    distributed.barrier(world)  # every process has written its part
+    if out_csv is not None and rank == 0:
+        _merge_parts(out_csv, header, order)
+    if cohort.failed:
+        raise UserError(
+            f"{len(cohort.failed)} of {len(order)} images could not be read (first: {cohort.failed[0]}); the others "
+            + (f"are in {out_csv}; fix or remove those files and run the same command to finish" if out_csv else "are above")
+        )
+
+
+def _header(classes: list[str], draw_sets: int | str) -> list[str]:
+    """The predictions CSV's columns (with the uncertainty's where draw sets are asked for)."""
+    header = ["path", "true_label", "predicted", *[f"p_{c}" for c in classes], "seconds"]
+    if draw_sets != 1:
+        header += [*[f"se_{c}" for c in classes], "flip", "draws"]
+    return header
+
+
+def _share(items: list, done: set[str], outputs: _Outputs, rank: int, world: int,
+           out_csv: Path | None) -> tuple[list, set[str]]:
+    """This process's inputs to predict, and those among them predicted before whose pictures
+    or files asked for now are missing (written again, their rows kept)."""
     for given, _, _ in items:  # every image's file stem, as the first run named them
         output_name(given, outputs.names)
-    # images already predicted are skipped, unless pictures or files asked for now are missing
     redo = {it[0] for it in items if it[0] in done and outputs.asked() and outputs.missing(it[0])}
     # this process's share: by the inputs' order, so that every process agrees whatever it reads
     todo = [it for i, it in enumerate(items) if i % world == rank and (it[0] not in done or it[0] in redo)]
@@ -373,36 +416,24 @@ def predict_images(
         print(f"zoomnet: {len(done & {it[0] for it in items})} images already in {out_csv} skipped"
               + (f"; {len(redo)} of them lacked the pictures or files asked for now: written (their rows kept)"
                  if redo else ""), file=sys.stderr, flush=True)
-    draws = dict(deterministic=deterministic, samples=samples, generator=torch.Generator().manual_seed(seed))
+    return todo, redo
 
-    prepare = partial(_open, model=model, config=config, where=f"the model in {run_dir}")
-    target = out_csv if out_csv is None or world == 1 else out_csv.with_name(f".{out_csv.name}.part-{rank}.csv")
-    with _Cohort(target, header, len(items) + len(redo), len(todo), progress) as cohort:
-        for (given, _, label), prepared in prefetched(prepare, todo, workers=workers, ahead=workers + 1,
-                                                     name="zoomnet-open"):
-            tick = time.perf_counter()
-            try:
-                src, views = prepared.result()
-                result = _predict_one(model, config, src, views, given, label, tick, outputs, draw_sets, **draws)
-            except (ImageError, UserError) as exc:  # opening it, or a damaged tile a sub-tile needed
-                if len(items) == 1:
-                    raise
-                cohort.skip(given, exc)
-                continue
-            except OUT_OF_MEMORY as exc:
-                raise UserError(f"{given}: out of memory on {device} ({str(exc).splitlines()[0][:120]}); lower "
-                                f"model.chunk, model.view_chunk or model.strip_rows in {run_dir}/config.json (they "
-                                "change the memory, not the weights), or predict on the CPU; the "
-                                "images finished so far are kept in the CSV") from None
-            cohort.add(result, label, row=given not in redo)
-            if emit:
-                emit(result)
-    distributed.barrier(world)  # every process has written its part
-    if out_csv is not None and rank == 0:
-        _merge_parts(out_csv, header, [it[0] for it in items])
-    if cohort.failed:
-        raise UserError(
-            f"{len(cohort.failed)} of {len(items)} images could not be read (first: {cohort.failed[0]}); the others "
-            + (f"are in {out_csv}; fix or remove those files and run the same command to finish" if out_csv else "are above")
-        )
-    return cohort.results
+
+def _predict_prepared(predict: Callable, prepared, given: str, label: str, cohort: _Cohort, alone: bool,
+                      device: str, run_dir) -> dict | None:
+    """One opened input predicted; None where it could not be read and was set aside (raised
+    where it is the only input)."""
+    tick = time.perf_counter()
+    try:
+        src, views = prepared.result()
+        return predict(src, views, given, label, tick)
+    except (ImageError, UserError) as exc:  # opening it, or a damaged tile a sub-tile needed
+        if alone:
+            raise
+        cohort.skip(given, exc)
+        return None
+    except OUT_OF_MEMORY as exc:
+        raise UserError(f"{given}: out of memory on {device} ({str(exc).splitlines()[0][:120]}); lower "
+                        f"model.chunk, model.view_chunk or model.strip_rows in {run_dir}/config.json (they "
+                        "change the memory, not the weights), or predict on the CPU; the "
+                        "images finished so far are kept in the CSV") from None
