@@ -7,6 +7,15 @@ import csv
 from pathlib import Path
 
 
+def rss_mb(field: str) -> float:
+    """``VmRSS`` (resident now) or ``VmHWM`` (peak) of this process, in MB (NaN off Linux)."""
+    status = Path("/proc/self/status")
+    for line in status.read_text().splitlines() if status.exists() else []:
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
 def write_rows(path: str | Path, comments: list[str], rows: list[dict], keys: list[str] | None = None) -> None:
     """``# comment`` lines, then ``rows`` under the header ``keys`` (default: the first row's);
     a row without a key leaves its cell empty."""

@@ -31,14 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from _results import write_rows  # noqa: E402
-
-
-def rss_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024.0
-    return float("nan")
+from _results import rss_mb, write_rows  # noqa: E402
 
 
 def child(run: str, slide: str) -> None:

@@ -35,18 +35,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from _results import write_rows  # noqa: E402
+from _results import rss_mb, write_rows  # noqa: E402
 
 SIZES = ["10000x10000", "25000x25000", "50000x50000", "100000x100000", "100000x200000"]  # height x width
 PRESETS = ["camelyon16", "camelyon16-k3"]
 REPEATS = 3  # prediction processes per slide and preset: the median's peak memory and time
-
-
-def rss_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024.0
-    return float("nan")
 
 
 def make_run(preset: str, out: Path) -> Path:

@@ -13,6 +13,15 @@ from PIL import Image
 from zoomnet import ArraySource, LevelConfig, ModelConfig, ZoomIn
 
 
+def tissue_on_glass(rng: np.random.Generator, height: int, width: int, tissue: int) -> np.ndarray:
+    """An RGB image: coloured texture (tissue) in its left ``tissue`` columns, white glass
+    (245) on the right."""
+    image = np.full((height, width, 3), 245, dtype=np.uint8)
+    image[:, :tissue] = np.stack([rng.integers(150, 230, (height, tissue)), rng.integers(60, 120, (height, tissue)),
+                                  rng.integers(120, 200, (height, tissue))], axis=-1)
+    return image
+
+
 def tiff_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="TIFF")

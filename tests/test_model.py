@@ -22,6 +22,7 @@ from zoomnet.core.geometry import (
     cell_boxes,
 )
 from zoomnet.nets import available
+from helpers import tissue_on_glass
 
 
 def test_estimator_stays_float32_under_autocast():
@@ -429,10 +430,7 @@ def test_strips_equal_the_whole_view(strip):
 def test_tissue_mask_keeps_attention_on_tissue(strip):
     """Left half: coloured texture (tissue); right half: white glass. With the mask on, no
     attention mass and no sample falls in glass, in the ordinary or contrastive sample."""
-    rng = np.random.default_rng(0)
-    image = np.full((128, 256, 3), 245, dtype=np.uint8)
-    image[:, :128] = np.stack([rng.integers(150, 230, (128, 128)), rng.integers(60, 120, (128, 128)),
-                               rng.integers(120, 200, (128, 128))], axis=-1)
+    image = tissue_on_glass(np.random.default_rng(0), 128, 256, 128)
     cfg = ModelConfig(levels=[LevelConfig(0.25, (32, 32)), LevelConfig(0.5, (16, 16), (8, 8))], samples=16,
                       tissue_mask=True, strip_rows=strip, smooth=0.2)
     torch.manual_seed(0)
@@ -451,11 +449,8 @@ def test_contrastive_pass_stays_on_tissue_and_inside_the_image():
     tile off the tissue, no level-2 cell centred outside the image or on the glass of a tile
     that straddles the tissue's edge. Every region either pass reads (tile views,
     full-resolution sub-tiles) is checked through the source."""
-    rng = np.random.default_rng(0)
     # 100 x 200: tissue on the left 100 columns, glass on the right; 64 px tiles stick out below
-    image = np.full((100, 200, 3), 245, dtype=np.uint8)
-    image[:, :100] = np.stack([rng.integers(150, 230, (100, 100)), rng.integers(60, 120, (100, 100)),
-                               rng.integers(120, 200, (100, 100))], axis=-1)
+    image = tissue_on_glass(np.random.default_rng(0), 100, 200, 100)
     cfg = ModelConfig(levels=[LevelConfig(0.25, (64, 64)), LevelConfig(0.5, (16, 16), (8, 8))], samples=24,
                       tissue_mask=True, smooth=0.2)
     for seed in range(4):
@@ -552,10 +547,7 @@ def test_tile_views_repeat_the_image_edge_over_the_fill():
 def test_the_tissue_mask_keeps_deeper_levels_off_the_glass_of_a_tile():
     """A tile that straddles the tissue's edge is drawn (it holds tissue); its level-2 cells
     on glass, by the image's own tissue threshold, are not."""
-    rng = np.random.default_rng(1)
-    image = np.full((64, 128, 3), 245, dtype=np.uint8)
-    image[:, :80] = np.stack([rng.integers(150, 230, (64, 80)), rng.integers(60, 120, (64, 80)),
-                              rng.integers(120, 200, (64, 80))], axis=-1)
+    image = tissue_on_glass(np.random.default_rng(1), 64, 128, 80)
     cfg = ModelConfig(levels=[LevelConfig(0.5, (64, 64)), LevelConfig(0.5, (8, 8), (4, 4))], samples=64,
                       tissue_mask=True, smooth=0.3)
     for seed in range(3):

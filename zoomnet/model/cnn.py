@@ -11,7 +11,7 @@ from torch import nn
 from zoomnet.config.model import ModelConfig
 from zoomnet.core.geometry import Box
 from zoomnet.core.source import ImageSource
-from zoomnet.model.outputs import ZoomInOutput
+from zoomnet.model.outputs import ZoomInOutput, in_eval_mode
 from zoomnet.model.reading import view_size
 from zoomnet.nets.features import PreActBlock
 from zoomnet.nets.layout import conv_layout
@@ -53,9 +53,4 @@ class CNNBaseline(nn.Module):
     @torch.inference_mode()
     def predict(self, sources: Sequence[ImageSource], **kwargs) -> ZoomInOutput:
         """Inference without gradients (in inference mode, in eval mode)."""
-        was = self.training
-        self.eval()
-        try:
-            return self(sources, **kwargs)
-        finally:
-            self.train(was)
+        return in_eval_mode(self, sources, **kwargs)

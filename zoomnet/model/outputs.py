@@ -68,3 +68,15 @@ class ZoomInOutput:
     leaf_paths: list[tuple[tuple[int, Box, int], ...]] = field(default_factory=list)
     cell_logits: list[dict[tuple[int, Box], torch.Tensor]] = field(default_factory=list)
     contrastive_logits: torch.Tensor | None = None
+
+
+def in_eval_mode(model: torch.nn.Module, *args, **kwargs):
+    """``model(*args, **kwargs)`` with every module in eval mode, each put back as it was."""
+    if not any(m.training for m in model.modules()):  # already in eval mode: nothing to switch
+        return model(*args, **kwargs)
+    was = model.training
+    model.eval()
+    try:
+        return model(*args, **kwargs)
+    finally:
+        model.train(was)

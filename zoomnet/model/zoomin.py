@@ -32,7 +32,7 @@ from zoomnet.core.source import ImageSource
 from zoomnet.core.tissue import tissue_of_views, tissue_threshold
 from zoomnet.model.cells import CellTable, LevelGrid, Nodes, restrict
 from zoomnet.model.chunks import in_chunks
-from zoomnet.model.outputs import LevelTrace, Sample, ZoomInOutput
+from zoomnet.model.outputs import LevelTrace, Sample, ZoomInOutput, in_eval_mode
 from zoomnet.model.reading import read_boxes, repeat_edges, view_size
 from zoomnet.nets import build
 from zoomnet.nets.layout import conv_layout
@@ -562,11 +562,4 @@ class ZoomIn(nn.Module):
         It runs in inference mode (no autograd bookkeeping at all), so the output's tensors
         are inference tensors: read them, compute from them, or ``clone()`` them before
         changing them in place outside inference mode."""
-        if not any(m.training for m in self.modules()):  # already in eval mode: nothing to switch
-            return self(sources, **kwargs)
-        was = self.training
-        self.eval()
-        try:
-            return self(sources, **kwargs)
-        finally:
-            self.train(was)
+        return in_eval_mode(self, sources, **kwargs)

@@ -9,6 +9,13 @@ from pathlib import Path
 from zoomnet.errors import Option, UserError
 
 
+def _write_probe(folder: Path) -> None:
+    """Create and remove an empty file in ``folder`` (raises OSError where that fails)."""
+    fd, probe = tempfile.mkstemp(dir=folder, prefix=".zoomnet-write-", suffix=".tmp")
+    os.close(fd)
+    os.unlink(probe)
+
+
 def writable_folder(folder: Path, option: Option) -> None:
     """Make sure ``folder`` exists (created if need be) and a file can be written in it.
 
@@ -19,9 +26,7 @@ def writable_folder(folder: Path, option: Option) -> None:
         raise UserError(f"{{option}} {folder}: a file, not a folder; give a folder for the outputs", option=option)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".zoomnet-write-", suffix=".tmp")
-        os.close(fd)
-        os.unlink(probe)
+        _write_probe(folder)
     except OSError as exc:
         raise UserError(f"{{option}} {folder}: cannot write there ({exc.strerror or exc}); give a folder this user "
                         "may write to", option=option) from None
@@ -41,9 +46,7 @@ def writable_target(path: Path, option: Option) -> None:
     if not ancestor.is_dir():
         raise UserError(f"{{option}} {path}: {ancestor} is a file, not a folder; give a folder path", option=option)
     try:
-        fd, probe = tempfile.mkstemp(dir=ancestor, prefix=".zoomnet-write-", suffix=".tmp")
-        os.close(fd)
-        os.unlink(probe)
+        _write_probe(ancestor)
     except OSError as exc:
         raise UserError(f"{{option}} {path}: cannot write in {ancestor} ({exc.strerror or exc}); give a folder this "
                         "user may write to", option=option) from None

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from zoomnet.data.generators.textures import histology_texture
+from zoomnet.data.generators.textures import bilinear, histology_texture
 
 GLASS = np.array([242.0, 240.0, 244.0], dtype=np.float32)
 INKS = (np.array([40.0, 110.0, 60.0]), np.array([40.0, 60.0, 150.0]), np.array([30.0, 30.0, 35.0]))
@@ -82,13 +82,7 @@ class Scene:
     # ---------------------------------------------------------------- fields of level 0
     def tissue_field(self, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
         """The bilinear random field at level-0 points."""
-        fy, fx = ys / self.cell, xs / self.cell
-        y0 = np.clip(np.floor(fy).astype(int), 0, self.field.shape[0] - 2)
-        x0 = np.clip(np.floor(fx).astype(int), 0, self.field.shape[1] - 2)
-        ty, tx = fy - y0, fx - x0
-        f = self.field
-        return (f[y0, x0] * (1 - ty) * (1 - tx) + f[y0 + 1, x0] * ty * (1 - tx)
-                + f[y0, x0 + 1] * (1 - ty) * tx + f[y0 + 1, x0 + 1] * ty * tx)
+        return bilinear(self.field, ys / self.cell, xs / self.cell)
 
     def tissue_weight(self, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
         """Tissue in [0, 1] at level-0 points: the field above the threshold, soft at the edge."""

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from zoomnet.data.generators.textures import histology_texture
+from zoomnet.data.generators.textures import bilinear, histology_texture
 
 TILE = 256
 WHITE = np.array([242.0, 240.0, 244.0])
@@ -66,13 +66,7 @@ class SlideModel:
 
     def _tissue(self, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
         """Smooth tissue weight in [0, 1] at full-resolution points (bilinear random field)."""
-        fy, fx = ys / self.field_step, xs / self.field_step
-        y0 = np.clip(np.floor(fy).astype(int), 0, self.field.shape[0] - 2)
-        x0 = np.clip(np.floor(fx).astype(int), 0, self.field.shape[1] - 2)
-        ty, tx = fy - y0, fx - x0
-        f = self.field
-        v = (f[y0, x0] * (1 - ty) * (1 - tx) + f[y0 + 1, x0] * ty * (1 - tx)
-             + f[y0, x0 + 1] * (1 - ty) * tx + f[y0 + 1, x0 + 1] * ty * tx)
+        v = bilinear(self.field, ys / self.field_step, xs / self.field_step)
         return np.clip((v + 0.2) * 4.0, 0.0, 1.0)
 
     def render(self, level: int, top: int, left: int, h: int, w: int) -> np.ndarray:

@@ -40,3 +40,13 @@ def mnist_digits() -> tuple[np.ndarray, np.ndarray]:
 def histology_texture() -> np.ndarray:
     """The IHC image of ``scikit-image`` (512x512 RGB), a real histology texture."""
     return np.asarray(Image.open(package_file("skimage", "data/ihc.png")).convert("RGB"))
+
+
+def bilinear(grid: np.ndarray, fy: np.ndarray, fx: np.ndarray) -> np.ndarray:
+    """A 2-D grid (a coarse random field) interpolated bilinearly at points in grid units,
+    held to the grid's last cell beyond its edge."""
+    y0 = np.clip(np.floor(fy).astype(int), 0, grid.shape[0] - 2)
+    x0 = np.clip(np.floor(fx).astype(int), 0, grid.shape[1] - 2)
+    ty, tx = fy - y0, fx - x0
+    return (grid[y0, x0] * (1 - ty) * (1 - tx) + grid[y0 + 1, x0] * ty * (1 - tx)
+            + grid[y0, x0 + 1] * (1 - ty) * tx + grid[y0 + 1, x0 + 1] * ty * tx)
