@@ -295,6 +295,9 @@ def test_every_defined_pixel_type_predicts_like_the_8bit_png_and_the_rest_are_re
         "float300": (lambda p: tifffile.imwrite(p, gray.astype(np.float32) * 300), "neither 0..1 nor 0..255"),
         "five": (lambda p: tifffile.imwrite(p, np.zeros((128, 128, 5), np.uint8), photometric="minisblack",
                                             planarconfig="contig"), "not gray or RGB"),
+        # planar RGB pages, as scikit-image's multipage_rgb.tif
+        "stack": (lambda p: tifffile.imwrite(p, np.zeros((2, 3, 128, 128), np.uint8), planarconfig="separate",
+                                             photometric="rgb"), "holds 2 images"),
     }
     for name, (write, needle) in refused.items():
         write(tmp_path / f"{name}.tif")
@@ -379,3 +382,4 @@ def test_an_array_source_keeps_the_callers_pixels_without_a_copy():
     assert src.image.data_ptr() == image.ctypes.data  # a view of the caller's array
     crop = src.read(Box(10, 20, 30, 40))
     assert crop.is_contiguous() and torch.equal(crop, torch.from_numpy(image[10:40, 20:60]).permute(2, 0, 1).float())
+

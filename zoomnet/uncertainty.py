@@ -20,6 +20,7 @@ enough (coverage of the nominal 95 % interval) and on simulated flips.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -32,9 +33,9 @@ def t_quantile(p: float, df: int) -> float:
     >>> round(t_quantile(0.975, 1000), 3), round(t_quantile(0.975, 9), 2)
     (1.962, 2.26)
     """
-    z = float(torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(p)))
     if df <= 0:
         return float("inf")
+    z = float(torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(p)))
     g1 = (z**3 + z) / 4
     g2 = (5 * z**5 + 16 * z**3 + 3 * z) / 96
     g3 = (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384
@@ -48,8 +49,6 @@ def t_tail(x: float, df: int) -> float:
     >>> round(t_tail(0.0, 5), 6), round(t_tail(2.262157, 9), 4), round(t_tail(-1.0, 1), 4)
     (0.5, 0.975, 0.25)
     """
-    import math
-
     if df <= 0:
         return 0.5
     theta = math.atan(abs(x) / math.sqrt(df))

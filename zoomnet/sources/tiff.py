@@ -207,7 +207,13 @@ class TiffSource(FileBacked):
             series = self._tif.series[0]
             axes = series.axes
             if axes not in ("YX", "YXS", "SYX"):
-                raise ImageError(f"{path}: TIFF axes {axes!r} are not supported; save one RGB or gray image (YX or YXS)")
+                extra = [n for a, n in zip(axes, series.shape) if a not in "YXS"]
+                raise ImageError(
+                    f"{path}: holds {math.prod(extra)} images (TIFF axes {axes!r}: pages, planes or time points); "
+                    "zoomnet reads one RGB or gray image per file: save each as its own file"
+                    if extra and math.prod(extra) > 1 else
+                    f"{path}: TIFF axes {axes!r} are not supported; save one RGB or gray image (YX or YXS)"
+                )
             self._planar = axes == "SYX"  # separate planes: (S, Y, X)
             self._convert = sample_rule(self._tif, series, self._planar, str(path))
             store = series.aszarr()
