@@ -16,6 +16,29 @@ def rss_mb(field: str) -> float:
     return float("nan")
 
 
+def untrained_run(preset: str, out: Path, overrides: tuple[str, ...] = (),
+                  classes: tuple[str, str] = ("negative", "positive")) -> Path:
+    """A run folder of ``preset`` (with ``overrides``) holding untrained weights (seed 0):
+    what time, memory and I/O benchmarks predict with."""
+    import json
+
+    import torch
+
+    from zoomnet.checkpoint import atomic_write_bytes, save_checkpoint
+    from zoomnet.config import load_config
+    from zoomnet.model import build_model
+
+    config = load_config(preset, list(overrides))
+    config.data.classes = list(classes)
+    config.data.reference_class = classes[0]
+    torch.manual_seed(0)
+    model = build_model(config.model)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / "config.json", json.dumps(config.to_dict(), indent=2).encode())
+    save_checkpoint(model, out / "best.safetensors", {"epoch": 0, "classes": config.data.classes})
+    return out
+
+
 def write_rows(path: str | Path, comments: list[str], rows: list[dict], keys: list[str] | None = None) -> None:
     """``# comment`` lines, then ``rows`` under the header ``keys`` (default: the first row's);
     a row without a key leaves its cell empty."""

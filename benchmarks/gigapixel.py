@@ -31,7 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from _results import rss_mb, write_rows  # noqa: E402
+from _results import rss_mb, untrained_run, write_rows  # noqa: E402
 
 
 def child(run: str, slide: str) -> None:
@@ -58,25 +58,6 @@ def child(run: str, slide: str) -> None:
     }))
 
 
-def make_run(kind: str, out: Path) -> Path:
-    """An untrained run folder of the camelyon16 preset (``zoomin`` or ``ats``)."""
-    import torch
-
-    from zoomnet.checkpoint import atomic_write_bytes, save_checkpoint
-    from zoomnet.config import load_config
-    from zoomnet.model import build_model
-
-    config = load_config("camelyon16", [f"model.kind={kind}"])
-    config.data.classes = ["negative", "positive"]
-    config.data.reference_class = "negative"
-    torch.manual_seed(0)
-    model = build_model(config.model)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out / "config.json", json.dumps(config.to_dict(), indent=2).encode())
-    save_checkpoint(model, out / "best.safetensors", {"epoch": 0})
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[10000, 25000, 50000])
@@ -98,7 +79,7 @@ def main() -> None:
         if not slide.exists():
             subprocess.run([python, "-m", "zoomnet", "make-data", "gigapixel", str(slide), "--size", str(size)], check=True)
         for kind in args.models:
-            run = make_run(kind, data / f"run_{kind}")
+            run = untrained_run("camelyon16", data / f"run_{kind}", (f"model.kind={kind}",))
             row = {"size": size, "model": kind}
             tick = time.perf_counter()
             try:

@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _results import write_rows  # noqa: E402
+from _results import untrained_run, write_rows  # noqa: E402
 from zoomnet.runtime.allocator import reuse_freed_memory  # noqa: E402
 from zoomnet.bench import SETTINGS, bench_image, setting_config  # noqa: E402
 from zoomnet.config import load_config  # noqa: E402
@@ -201,9 +201,6 @@ def diagnose(preset: str, draws: int, batch: int, repeats: int) -> list[dict]:
 
 
 def gigapixel_rows(slide: Path, work: Path) -> list[dict]:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from gigapixel import make_run
-
     from zoomnet.runs import predict_images
     from zoomnet.sources.open import image_size
 
@@ -212,7 +209,7 @@ def gigapixel_rows(slide: Path, work: Path) -> list[dict]:
     devices = [CUDA] + ([torch.device("cpu")] if CUDA.type == "cuda" else [])  # the same machine's CPU
     for device in devices:
         for kind in ("zoomin", "ats"):
-            run = make_run(kind, work / f"run_{kind}")
+            run = untrained_run("camelyon16", work / f"run_{kind}", (f"model.kind={kind}",))
             predict_images(run, [str(slide)], deterministic=True, device=device.type)  # warm-up: CUDA, file cache
             base = reset_peak(device)
             tick = time.perf_counter()

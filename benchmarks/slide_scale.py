@@ -35,30 +35,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from _results import rss_mb, write_rows  # noqa: E402
+from _results import rss_mb, untrained_run, write_rows  # noqa: E402
 
 SIZES = ["10000x10000", "25000x25000", "50000x50000", "100000x100000", "100000x200000"]  # height x width
 PRESETS = ["camelyon16", "camelyon16-k3"]
 REPEATS = 3  # prediction processes per slide and preset: the median's peak memory and time
-
-
-def make_run(preset: str, out: Path) -> Path:
-    """An untrained run folder of ``preset``."""
-    import torch
-
-    from zoomnet.checkpoint import atomic_write_bytes, save_checkpoint
-    from zoomnet.config import load_config
-    from zoomnet.model import build_model
-
-    config = load_config(preset)
-    config.data.classes = ["normal", "tumor"]
-    config.data.reference_class = "normal"
-    torch.manual_seed(0)
-    model = build_model(config.model)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out / "config.json", json.dumps(config.to_dict(), indent=2).encode())
-    save_checkpoint(model, out / "best.safetensors", {"epoch": 0, "classes": config.data.classes})
-    return out
 
 
 def child_predict(run: str, slide: str) -> dict:
@@ -162,7 +143,7 @@ def main() -> None:
             print(f"# wrote {slide} in {time.perf_counter() - tick:.0f} s", flush=True)
         for preset in args.presets:
             row = {"height": height, "width": width, "gigapixels": round(height * width / 1e9, 3),
-                   **measure(preset, make_run(preset, data / f"run_{preset}"), slide)}
+                   **measure(preset, untrained_run(preset, data / f"run_{preset}", classes=("normal", "tumor")), slide)}
             print(json.dumps(row), flush=True)
             rows.append(row)
     out = Path(args.out)
