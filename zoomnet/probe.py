@@ -78,7 +78,7 @@ def probe(model: torch.nn.Module, examples: list[Example], classes: list[str], p
             continue
         probed += 1
         pixels = torch.stack([example.source.read(box) for box, _ in boxes])  # (M, C, h, w)
-        logits = model.classifier(model.feature(model.normalize(pixels)))
+        logits = model.classifier(model.encode(pixels))
         for (_, on_object), predicted in zip(boxes, logits.argmax(1).tolist()):
             counts[example.label if on_object else len(classes), predicted] += 1
     objects = counts[: len(classes)]

@@ -41,9 +41,11 @@ class NonFiniteLoss(RuntimeError):
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Adam with a separate learning rate for the attention nets."""
-    att = [p for n, p in model.named_parameters() if n.startswith("attention.")]
-    rest = [p for n, p in model.named_parameters() if not n.startswith("attention.")]
+    """Adam with a separate learning rate for the attention nets; a frozen feature net's
+    weights (no ``requires_grad``) are left out."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    att = [p for n, p in params if n.startswith("attention.")]
+    rest = [p for n, p in params if not n.startswith("attention.")]
     groups = [{"params": rest, "lr": cfg.lr}]
     if att:
         groups.append({"params": att, "lr": cfg.attention_lr or cfg.lr})

@@ -30,6 +30,22 @@ def with_legacy_fields(model: dict) -> dict:
     return {**LEGACY_MODEL_FIELDS, **model}
 
 
+def _statistics(name: str, mean, std) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel input statistics ``name_mean``/``name_std``, checked (0-255 scale)."""
+    try:
+        means, stds = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+        ok = len(means) == len(stds) >= 1 and all(map(math.isfinite, means + stds))
+        ok = ok and min(stds) > 0 and not any(isinstance(v, bool) for v in (*mean, *std))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"{name}_mean={mean!r}, {name}_std={std!r}: give one finite mean and one positive standard "
+            "deviation per channel (0-255 scale)"
+        )
+    return means, stds
+
+
 @dataclass
 class LevelConfig:
     """One level of the hierarchy.
@@ -96,7 +112,21 @@ class ModelConfig:
         feature: registered feature net (``lenet``, ``resnet``) or an import path
             ``package.module:callable`` (called with ``in_channels`` and ``feature_kwargs``;
             the net needs an ``out_dim``), recorded in the run so prediction imports it.
+            A feature net may also be ``torchvision/<arch>`` or ``timm/<arch>`` (random
+            weights, head removed; that package installed): ``zoomnet.nets.encoders``.
         feature_kwargs: extra arguments for the feature net.
+        feature_weights: a local weight file loaded into the feature net when training
+            starts (``.safetensors``, or a weights-only ``torch.save`` of its state dict);
+            the run's checkpoints carry the weights after that. Never downloaded.
+        feature_frozen: the feature net keeps its weights (no gradients through it, no
+            optimiser state, its normalisation layers in eval mode): only the attention
+            nets and the classifier learn.
+        feature_size: ``[h, w]`` (or one side) every sub-tile is resampled to before the
+            feature net; None: the net's declared ``input_size`` (torchvision's and timm's
+            nets declare theirs), else as read. Recorded in the run when training starts.
+        feature_mean, feature_std: the feature net's input statistics (0-255 scale);
+            None: the net's declared ``pixel_mean``/``pixel_std``, else ``pixel_mean`` and
+            ``pixel_std``. Recorded in the run when training starts.
         classifier_scale: input scale of the linear classifier (features are unit vectors).
         attention_width: hidden channels of the attention nets (8 in the paper).
         attention_depth: 3x3 convolutions of the attention nets (3 in the paper).
@@ -136,6 +166,11 @@ class ModelConfig:
     train_samples: int | None = None
     feature: str = "lenet"
     feature_kwargs: dict = field(default_factory=dict)
+    feature_weights: str | None = None
+    feature_frozen: bool = False
+    feature_size: tuple[int, int] | None = None
+    feature_mean: tuple[float, ...] | None = None
+    feature_std: tuple[float, ...] | None = None
     classifier_scale: float = 10.0
     attention_width: int = 8
     attention_depth: int = 3
@@ -180,18 +215,7 @@ class ModelConfig:
         self.cnn_scale = fields.number("model.cnn_scale", self.cnn_scale, positive=True, high=1.0)
         self.smooth = fields.number("model.smooth", self.smooth, high=1.0, below=True)
         self.tissue_mask = fields.boolean("model.tissue_mask", self.tissue_mask)
-        mean, std = self.pixel_mean, self.pixel_std
-        try:
-            self.pixel_mean, self.pixel_std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
-            ok = len(mean) == len(std) >= 1 and all(map(math.isfinite, self.pixel_mean + self.pixel_std))
-            ok = ok and min(self.pixel_std) > 0 and not any(isinstance(v, bool) for v in (*mean, *std))
-        except (TypeError, ValueError):
-            ok = False
-        if not ok:
-            raise ValueError(
-                f"model.pixel_mean={mean!r}, pixel_std={std!r}: give one finite mean and one positive standard "
-                "deviation per channel (0-255 scale)"
-            )
+        self.pixel_mean, self.pixel_std = _statistics("model.pixel", self.pixel_mean, self.pixel_std)
 
     def _check_nets(self) -> None:
         self.attention_width = fields.whole("model.attention_width", self.attention_width, low=1)
@@ -203,6 +227,25 @@ class ModelConfig:
             resolve("feature", self.feature)
         except ValueError as exc:
             raise ValueError(f"model.feature={self.feature!r}: {exc}") from None
+        self.feature_frozen = fields.boolean("model.feature_frozen", self.feature_frozen)
+        if self.feature_weights is not None and (not isinstance(self.feature_weights, str) or not self.feature_weights):
+            raise ValueError(f"model.feature_weights={self.feature_weights!r}: give the path of a local weight file")
+        if isinstance(self.feature_size, int) and not isinstance(self.feature_size, bool):
+            self.feature_size = (self.feature_size, self.feature_size)
+        if self.feature_size is not None:
+            self.feature_size = fields.pair("model.feature_size", self.feature_size)
+            if min(self.feature_size) < 1:
+                raise ValueError(f"model.feature_size={list(self.feature_size)}: give positive sizes in pixels")
+        if (self.feature_mean is None) != (self.feature_std is None):
+            raise ValueError("model.feature_mean and model.feature_std: give both or neither")
+        if self.feature_mean is not None:
+            self.feature_mean, self.feature_std = _statistics("model.feature", self.feature_mean, self.feature_std)
+            if len(self.feature_mean) != len(self.pixel_mean):
+                raise ValueError(f"model.feature_mean={list(self.feature_mean)}: give one value per channel "
+                                 f"({len(self.pixel_mean)})")
+        if self.kind == "cnn" and (self.feature_frozen or self.feature_weights):
+            raise ValueError("model.feature_frozen/feature_weights: the cnn baseline has no feature net; "
+                             "use them with zoomin or ats")
 
     def _check_hierarchy(self) -> None:
         if self.kind == "ats" and len(self.levels) != 1:

@@ -17,11 +17,13 @@ per image, through which it reads every other view and sub-tile.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
@@ -35,6 +37,7 @@ from zoomnet.model.chunks import in_chunks
 from zoomnet.model.outputs import LevelTrace, Sample, ZoomInOutput, in_eval_mode
 from zoomnet.model.reading import read_boxes, repeat_edges, view_size
 from zoomnet.nets import build
+from zoomnet.nets.encoders import encoder_input
 from zoomnet.nets.layout import conv_layout
 from zoomnet.nets.registry import resolve
 
@@ -115,6 +118,12 @@ class ZoomIn(nn.Module):
         )
         self.register_buffer("mean", torch.tensor(config.pixel_mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(config.pixel_std).view(1, -1, 1, 1), persistent=False)
+        size, f_mean, f_std = encoder_input(config, self.feature)
+        self.feature_size = size
+        self.register_buffer("feature_mean", torch.tensor(f_mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("feature_std", torch.tensor(f_std).view(1, -1, 1, 1), persistent=False)
+        if config.feature_frozen:
+            self.feature.requires_grad_(False)
         self._grids: dict[tuple[int, int, int], LevelGrid] = {}
         self._centre_spans: dict[tuple[int, int, int], tuple[float, ...]] = {}
 
@@ -157,6 +166,24 @@ class ZoomIn(nn.Module):
         """Raw pixels ``(M, C, h, w)`` -> network input (in the model's dtype and
         :func:`conv_layout`)."""
         return conv_layout(((pixels.to(self.mean.device) - self.mean) / self.std).to(self.mean.dtype))
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Raw sub-tile pixels ``(L, C, h, w)`` -> features ``(L, D)``: normalised with the
+        feature net's statistics, resampled to its input size (where it declares one), and
+        without gradients through a frozen net."""
+        x = ((pixels.to(self.mean.device) - self.feature_mean) / self.feature_std).to(self.mean.dtype)
+        if self.feature_size is not None and tuple(x.shape[-2:]) != self.feature_size:
+            x = F.interpolate(x, size=self.feature_size, mode="bilinear", align_corners=False, antialias=True)
+        with torch.no_grad() if self.config.feature_frozen else contextlib.nullcontext():
+            return self.feature(conv_layout(x))
+
+    def train(self, mode: bool = True) -> "ZoomIn":
+        """As ``nn.Module.train``; a frozen feature net stays in eval mode (its batch
+        statistics are those it was trained with)."""
+        super().train(mode)
+        if self.config.feature_frozen:
+            self.feature.eval()
+        return self
 
     def views_in_strips(self, height: int, width: int) -> bool:
         """Whether the level-1 view of an image of this size is read and run in strips
@@ -478,11 +505,11 @@ class ZoomIn(nn.Module):
         if keep:
             pixels = read_boxes(sources, keys)  # (L, C, h, w)
             # float32 under autocast too: the classifier and the instance loss take them outside it
-            feats = in_chunks(self.feature, lambda x: self.feature(self.normalize(x)), pixels).to(weights.dtype)
+            feats = in_chunks(self.feature, self.encode, pixels).to(weights.dtype)
             return z.index_add(0, image, weights[:, None] * feats), feats, image, boxes, leaf_paths
         for start in range(0, len(keys), self.config.chunk):  # inference: memory of one chunk
             part = keys[start : start + self.config.chunk]
-            feats = self.feature(self.normalize(read_boxes(sources, part)))  # (chunk, D)
+            feats = self.encode(read_boxes(sources, part))  # (chunk, D)
             sl = slice(start, start + len(part))
             z = z.index_add(0, image[sl], weights[sl, None] * feats.to(weights.dtype))
         return z, None, image, boxes, leaf_paths

@@ -1,16 +1,20 @@
 """A small registry mapping ``(kind, name)`` to network builders (as timm's ``register_model``).
 
 A name may also be an import path, ``package.module:callable``: the callable is imported
-and called like a registered builder. A run records the name in its configuration, so
+and called like a registered builder; a feature net may also be ``torchvision/<arch>`` or
+``timm/<arch>`` (:mod:`zoomnet.nets.encoders`). A run records the name in its configuration, so
 ``zoomnet predict`` and ``evaluate`` import the same net in a fresh process, as long as the
 module is importable there (installed, or on ``PYTHONPATH``).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 from torch import nn
+
+from zoomnet.nets.encoders import build_hub_net, hub_of
 
 _BUILDERS: dict[str, dict[str, Callable[..., nn.Module]]] = {}
 
@@ -31,6 +35,8 @@ def resolve(kind: str, name: str) -> Callable[..., nn.Module]:
     Raises:
         ValueError: an unknown name, or an import path that does not import.
     """
+    if kind == "feature" and hub_of(name):
+        return functools.partial(build_hub_net, name)
     if ":" in name:
         import importlib
 
@@ -49,6 +55,7 @@ def resolve(kind: str, name: str) -> Callable[..., nn.Module]:
     except KeyError:
         raise ValueError(
             f"unknown {kind} net {name!r}; choose one of: {', '.join(available(kind))}, or package.module:callable"
+            + (", torchvision/<arch> or timm/<arch>" if kind == "feature" else "")
         ) from None
 
 

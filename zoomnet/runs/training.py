@@ -19,7 +19,8 @@ from zoomnet.config import RunConfig
 from zoomnet.data.examples import Example
 from zoomnet.data.manifest import class_list, load_examples, read_manifest, resolve_reference
 from zoomnet.errors import FORCE, OUT, RESUME, UserError, epochs_option
-from zoomnet.model import build_model
+from zoomnet.model import ZoomIn, build_model
+from zoomnet.nets.encoders import load_weights, record_encoder_input
 from zoomnet.runtime.device import OUT_OF_MEMORY
 from zoomnet.runs.folder import (
     config_field,
@@ -41,6 +42,9 @@ from zoomnet.runtime.files import writable_target
 from zoomnet.train import NonFiniteLoss, fit, make_optimizer, make_scheduler
 
 
+RESOLVED_AT_START = ("feature_size", "feature_mean", "feature_std")  # record_encoder_input
+
+
 def _resumed_config(config: RunConfig, out: Path) -> RunConfig:
     """The configuration a resumed run continues with: its own, when the given one asks for
     nothing else.
@@ -52,7 +56,12 @@ def _resumed_config(config: RunConfig, out: Path) -> RunConfig:
         raise UserError(f"{out}: no checkpoint to resume from (last.safetensors); train without {{resume}} first",
                         resume=RESUME)
     saved = read_run_config(out / "config.json")
-    differs = first_difference(config.to_dict(), json.loads((out / "config.json").read_text()))
+    recorded = json.loads((out / "config.json").read_text())
+    given = config.to_dict()
+    for name in RESOLVED_AT_START:  # unset: what the run resolved when it started
+        if given["model"].get(name) is None and name in recorded.get("model", {}):
+            given["model"][name] = recorded["model"][name]
+    differs = first_difference(given, recorded)
     if differs:
         raise UserError(
             f"{{resume}} {out}: {differs} differs from the run's ({config_field(saved, differs)!r} in config.json, "
@@ -102,10 +111,7 @@ def _start(config: RunConfig, out: Path, resume: bool, dev: torch.device, rank: 
     if resume:
         model, saved = load_checkpoint(out / "last.safetensors", device=str(dev))
     else:
-        try:
-            model = build_model(config.model).to(dev)
-        except (TypeError, ValueError) as exc:
-            raise UserError(f"model: cannot build the model ({exc}); check model.feature_kwargs") from None
+        model = _new_model(config, dev, rank, log)
     optimizer = make_optimizer(model, config.train)
     state = _State(model, optimizer, make_scheduler(optimizer, config.train),
                    torch.Generator().manual_seed(config.train.seed + rank))
@@ -122,6 +128,25 @@ def _start(config: RunConfig, out: Path, resume: bool, dev: torch.device, rank: 
     state.best = max((epoch_score(r) for r in state.history), default=state.best)
     log(f"resuming {out} after epoch {saved['epoch']}")
     return state
+
+
+def _new_model(config: RunConfig, dev: torch.device, rank: int, log) -> torch.nn.Module:
+    """The model of a new run: built, its feature net's weights loaded from
+    ``model.feature_weights``, and what that net is fed recorded in the configuration."""
+    try:
+        model = build_model(config.model)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"model: cannot build the model ({exc}); check model.feature and model.feature_kwargs") from None
+    if isinstance(model, ZoomIn):
+        if config.model.feature_weights:
+            try:
+                said = load_weights(model.feature, config.model.feature_weights)
+            except ValueError as exc:
+                raise UserError(str(exc)) from None
+            if rank == 0:
+                log(said)
+        record_encoder_input(config.model, model.feature)
+    return model.to(dev)
 
 
 def _tidy_resumed(out: Path, history: list[dict]) -> None:
