@@ -19,6 +19,7 @@ from tqdm import tqdm
 from zoomnet.config.train import TrainConfig
 from zoomnet.data.examples import Example, batches_by_size
 from zoomnet.data.prefetch import prefetched
+from zoomnet.draws import choose_train_samples
 from zoomnet.dynamics import (
     attention_active,
     attention_started,
@@ -281,6 +282,9 @@ def fit(
     if generator is None:
         torch.manual_seed(cfg.seed)
         generator = torch.Generator().manual_seed(cfg.seed)
+    core = getattr(model, "module", model)
+    if getattr(core.config, "train_samples", None) == "auto":  # zoomnet train chooses it before it writes the run
+        core.config.train_samples = choose_train_samples(core, train, cfg).samples
     optimizer = optimizer if optimizer is not None else make_optimizer(model, cfg)
     scheduler = scheduler if scheduler is not None else make_scheduler(optimizer, cfg)
     history = history if history is not None else []

@@ -163,7 +163,7 @@ class ModelConfig:
     )
     num_classes: int = 2
     samples: int = 10
-    train_samples: int | None = None
+    train_samples: int | str | None = None
     feature: str = "lenet"
     feature_kwargs: dict = field(default_factory=dict)
     feature_weights: str | None = None
@@ -207,7 +207,8 @@ class ModelConfig:
         self.kind = fields.choice("model.kind", self.kind, KINDS)
         for name in ("samples", "chunk", "view_chunk"):
             setattr(self, name, fields.whole(f"model.{name}", getattr(self, name), low=1))
-        self.train_samples = fields.whole("model.train_samples", self.train_samples, low=1, optional=True)
+        if self.train_samples != "auto":
+            self.train_samples = fields.whole("model.train_samples", self.train_samples, low=1, optional=True)
         self.strip_rows = fields.whole("model.strip_rows", self.strip_rows, low=1, optional=True)
         self.num_classes = fields.whole("model.num_classes", self.num_classes, low=2)
         self.classifier_scale = fields.number("model.classifier_scale", self.classifier_scale, positive=True)

@@ -78,6 +78,7 @@ class TrainConfig:
     one_class_per_image: bool = False
     seed: int = 0
     bf16: bool = False
+    samples_tolerance: float = 0.1
 
     def __post_init__(self) -> None:
         """Normalise the field types and refuse, naming the field and the fix, a value of
@@ -95,6 +96,7 @@ class TrainConfig:
         self.reference_class = fields.whole("train.reference_class", self.reference_class, low=0, optional=True)
         self.one_class_per_image = fields.boolean("train.one_class_per_image", self.one_class_per_image)
         self.bf16 = fields.boolean("train.bf16", self.bf16)
+        self.samples_tolerance = fields.number("train.samples_tolerance", self.samples_tolerance, positive=True)
         if self.lr > 10 or (self.attention_lr or 0) > 10:
             raise ValueError(f"train.lr={self.lr}, attention_lr={self.attention_lr}: a learning rate above 10 "
                              "diverges; Adam takes 1e-4 to 1e-2")

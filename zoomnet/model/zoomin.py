@@ -538,7 +538,8 @@ class ZoomIn(nn.Module):
         """
         cfg = self.config
         B, (height, width) = len(sources), (sources[0].height, sources[0].width)
-        n = samples or (cfg.train_samples if self.training and cfg.train_samples else cfg.samples)
+        trained_n = cfg.train_samples if isinstance(cfg.train_samples, int) else None  # "auto": not chosen yet
+        n = samples or (trained_n if self.training and trained_n else cfg.samples)
         tables = _Tables.new(len(cfg.levels))
         log_alpha, raw_alpha, cell_mask = self._level1(sources, views, tables)
         whole = Box(0, 0, height, width)

@@ -19,6 +19,7 @@ from zoomnet.config import RunConfig
 from zoomnet.data.examples import Example
 from zoomnet.data.manifest import class_list, load_examples, read_manifest, resolve_reference
 from zoomnet.errors import FORCE, OUT, RESUME, UserError, epochs_option
+from zoomnet.draws import choose_train_samples
 from zoomnet.model import ZoomIn, build_model
 from zoomnet.nets.encoders import load_weights, record_encoder_input
 from zoomnet.runtime.device import OUT_OF_MEMORY
@@ -42,7 +43,8 @@ from zoomnet.runtime.files import writable_target
 from zoomnet.train import NonFiniteLoss, fit, make_optimizer, make_scheduler
 
 
-RESOLVED_AT_START = ("feature_size", "feature_mean", "feature_std")  # record_encoder_input
+# fields a new run resolves and records: record_encoder_input, choose_train_samples
+RESOLVED_AT_START = ("feature_size", "feature_mean", "feature_std", "train_samples")
 
 
 def _resumed_config(config: RunConfig, out: Path) -> RunConfig:
@@ -58,8 +60,8 @@ def _resumed_config(config: RunConfig, out: Path) -> RunConfig:
     saved = read_run_config(out / "config.json")
     recorded = json.loads((out / "config.json").read_text())
     given = config.to_dict()
-    for name in RESOLVED_AT_START:  # unset: what the run resolved when it started
-        if given["model"].get(name) is None and name in recorded.get("model", {}):
+    for name in RESOLVED_AT_START:  # unset (or "auto"): what the run resolved when it started
+        if given["model"].get(name) in (None, "auto") and name in recorded.get("model", {}):
             given["model"][name] = recorded["model"][name]
     differs = first_difference(given, recorded)
     if differs:
@@ -271,6 +273,13 @@ def train_run(
     classes = _classes(config, train_csv, resume, log)
     train, val = _examples(config, train_csv, val_csv, log)
     state = _start(config, out, resume, dev, rank, log)  # before the folder is touched: a model that fails to build
+    if config.model.train_samples == "auto" and isinstance(state.model, ZoomIn):
+        if rank == 0:
+            log("choosing the training draws (model.train_samples=auto) ...")
+        choice = choose_train_samples(state.model, train, config.train, log=log if rank == 0 else None)
+        config.model.train_samples = choice.samples  # config.json and the checkpoints record the number
+        if rank == 0:
+            log(choice.describe())
     with run_lock(out) if rank == 0 else contextlib.nullcontext():  # one process trains into a folder
         if rank == 0:
             if resume:
