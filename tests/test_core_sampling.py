@@ -128,3 +128,21 @@ def test_complement_of_a_saturated_map_is_finite_with_finite_gradients():
     w = expectation.with_replacement_weights(log_q, counts)
     (w * torch.arange(1.0, 5.0)).sum().backward()
     assert torch.isfinite(logits.grad).all()
+
+
+def test_draws_made_where_the_map_lives_follow_the_same_laws():
+    """The device path (a GPU's, run here on the CPU): Gumbel keys in float32 from a generator
+    seeded by the host's, multinomial counts drawn there; the same laws, reproducible."""
+    p = torch.tensor([0.5, 0.25, 0.15, 0.10])
+    draws = sampling.sample_without_replacement(p.log().expand(20000, -1), 2, torch.Generator().manual_seed(0),
+                                                on_device=True)
+    assert (draws[:, 0] != draws[:, 1]).all()
+    pairs = list(itertools.permutations(range(4), 2))
+    observed = torch.tensor([float(((draws[:, 0] == a) & (draws[:, 1] == b)).sum()) for a, b in pairs])
+    expected = torch.tensor([float(p[a] * p[b] / (1 - p[a])) for a, b in pairs]) * 20000
+    assert float(((observed - expected) ** 2 / expected).sum()) < CHI2_11_P001
+    log_p = torch.log(torch.tensor([[0.7, 0.2, 0.1]]))
+    counts = sampling.sample_with_replacement(log_p, 1000, torch.Generator().manual_seed(0), on_device=True)
+    assert counts.sum().item() == 1000 and abs(int(counts[0, 0]) - 700) < 72
+    again = sampling.sample_with_replacement(log_p, 1000, torch.Generator().manual_seed(0), on_device=True)
+    assert torch.equal(counts, again)

@@ -99,7 +99,7 @@ def compute(case: str) -> dict:
         "z": [float(out.z.detach().sum()), float(out.z.detach().abs().sum())],
         "draws": _draws(out),
         "loss": float(loss.detach()),
-        "terms": terms,
+        "terms": {k: float(v) for k, v in terms.items()},
         "grads": {n: [float(p.grad.double().sum()), float(p.grad.double().abs().sum())]
                   for n, p in model.named_parameters() if p.grad is not None},
     }

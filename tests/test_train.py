@@ -131,7 +131,7 @@ def test_multiclass_terms_have_gradients_everywhere():
     cfg = TrainConfig(instance_weight=1.0, distill_weight=1.0, reference_class=None)
     loss, terms = training_loss(model, out, batch, labels, cfg, contrastive=True)
     assert {"ce", "instance", "distill", "contrastive"} <= set(terms)
-    assert all(torch.isfinite(torch.tensor(v)) for v in terms.values())
+    assert all(torch.isfinite(v) for v in terms.values())
     loss.backward()
     for name in ("attention.0", "attention.1", "feature", "classifier"):
         grads = [p.grad for n, p in model.named_parameters() if n.startswith(name)]
@@ -229,3 +229,97 @@ def test_tiny_set_with_an_empty_class_and_three_shapes_reaches_full_training_acc
     accuracy = [r["train_accuracy"] for r in history]
     assert accuracy[-1] == 1.0 and accuracy[0] < 0.8, accuracy
     assert evaluate(model, train, batch_size=8, deterministic=True)["accuracy"] >= 0.9
+
+
+SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "unique_dim",
+            "unique_consecutive", "repeat_interleave", "masked_scatter"}
+
+
+class _Syncs:
+    """Counts what would make a GPU's host wait in a training step, on the CPU: operations
+    whose result the host must read (``item``, ``float``, ``bool`` of a tensor all reach
+    ``_local_scalar_dense``) or whose shape depends on the data (``nonzero``, boolean
+    indexing), through a dispatch mode; ``tolist``, which reads a CPU tensor without one,
+    by a patch; and the sanctioned reads of ``zoomnet.model.host.to_host``. The
+    optimiser's update is left out: its step counters live on the host (PyTorch keeps them
+    there unless ``capturable``)."""
+
+    def __init__(self, monkeypatch, optimizer):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        from zoomnet.model import host
+
+        self.seen: list[str] = []
+        self.host = host
+        self.paused = True
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if not counter.paused and func.__name__.split(".")[0] in SYNC_OPS:
+                    counter.seen.append(func.__name__)
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode
+        tolist = torch.Tensor.tolist
+
+        def counted_tolist(t):
+            if not counter.paused:
+                counter.seen.append("tolist")
+            return tolist(t)
+
+        monkeypatch.setattr(torch.Tensor, "tolist", counted_tolist)
+        step = optimizer.step
+
+        def uncounted_step(*args, **kwargs):
+            counter.paused, was = True, counter.paused
+            try:
+                return step(*args, **kwargs)
+            finally:
+                counter.paused = was
+
+        monkeypatch.setattr(optimizer, "step", uncounted_step)
+
+    def count(self, fn):
+        reads = self.host.reads
+        self.seen, self.paused = [], False
+        try:
+            with self.mode():
+                result = fn()
+        finally:
+            self.paused = True
+        return result, self.seen, self.host.reads - reads
+
+
+def test_a_training_step_waits_for_the_device_once_per_level_of_each_pass(monkeypatch):
+    from zoomnet.data.examples import Example
+    from zoomnet.train import _EpochStats, make_optimizer, training_step
+
+    torch.manual_seed(0)
+    model = ZoomIn(_config(96)).train()
+    rng = np.random.default_rng(0)
+    batch = [Example(ArraySource(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)), i % 3, None, f"i{i}")
+             for i in range(3)]
+    cfg = TrainConfig(instance_weight=1.0, distill_weight=1.0, entropy_weight=1e-5, reference_class=0)
+    optimizer = make_optimizer(model, cfg)
+    generator = torch.Generator().manual_seed(0)
+    syncs = _Syncs(monkeypatch, optimizer)
+    stats = _EpochStats()
+
+    def step():
+        out, labels, loss, terms = training_step(model, batch, cfg, optimizer, generator, contrastive=True,
+                                                 check_finite=False)
+        stats.add(model, out, batch, labels, terms, loss)
+
+    step()  # warm-up: caches of the contrast prior and the chunk sizes
+    _, seen, reads = syncs.count(step)
+    levels, passes = len(model.config.levels), 2  # the ordinary and the contrastive pass
+    assert seen == [] and reads == levels * passes, (seen, reads)
+    # the epoch's figures are read every few steps, in one transfer
+    stats.every = 1
+    _, seen, reads = syncs.count(step)
+    assert seen == ["tolist"] and reads == levels * passes, (seen, reads)
+    assert stats.seen == 3 * 3 and "ce" in stats.sums  # the pending steps folded in
+    # a step that checks itself waits twice more (its loss, its gradient norm)
+    _, seen, _ = syncs.count(lambda: training_step(model, batch, cfg, optimizer, generator, contrastive=True))
+    assert seen == ["_local_scalar_dense.default"] * 2, seen

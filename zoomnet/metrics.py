@@ -131,6 +131,12 @@ def attention_entropy(out: ZoomInOutput) -> list[float]:
     >>> round(attention_entropy(ZoomInOutput(None, None, [], [[three]], []))[0], 6)
     1.0
     """
+    return attention_entropy_values(out).tolist()
+
+
+def attention_entropy_values(out: ZoomInOutput) -> torch.Tensor:
+    """:func:`attention_entropy` as a ``(levels,)`` tensor on the maps' device, computed
+    without reading anything back (training logs it every few steps)."""
     values = []
     for level in out.log_maps:
         ratios = []
@@ -140,21 +146,34 @@ def attention_entropy(out: ZoomInOutput) -> list[float]:
             lp = lp.detach().float()
             cells = sampling.drawable(lp).sum(-1)  # (M,) cells each map may draw
             keep = cells > 1
-            if keep.any():
-                ratios.append(-(lp.exp() * lp).sum(-1)[keep] / cells[keep].double().log().float())
-        values.append(float(torch.cat(ratios).mean()) if ratios else float("nan"))
-    return values
+            ratio = -(lp.exp() * lp).sum(-1) / torch.where(keep, cells, 2).double().log().float()
+            ratios.append((torch.where(keep, ratio, 0.0).sum(), keep.sum()))
+        if ratios:
+            total, kept = (torch.stack(v).sum() for v in zip(*ratios))
+            values.append((total / kept).float())  # 0 / 0: NaN where no map has two cells
+        else:
+            values.append(None)
+    device = next((v.device for v in values if v is not None), torch.device("cpu"))
+    nan = torch.tensor(float("nan"), device=device)
+    return torch.stack([nan if v is None else v for v in values]) if values else torch.zeros(0)
 
 
 def subtile_signal(leaf_logits: torch.Tensor, leaf_image: torch.Tensor, labels: torch.Tensor) -> float:
     """Mean over images of the best ``p(image label)`` among its sampled sub-tiles: ``1 /
     classes`` while ``f`` sees nothing in them, near 1 once each image has a telling one."""
+    return float(subtile_signal_value(leaf_logits, leaf_image, labels))
+
+
+def subtile_signal_value(leaf_logits: torch.Tensor, leaf_image: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """:func:`subtile_signal` as a 0-d tensor on the logits' device (NaN without sub-tiles),
+    computed without reading anything back."""
     probs = torch.softmax(leaf_logits.detach().float(), dim=1)
-    p_label = probs.gather(1, labels[leaf_image][:, None]).squeeze(1)  # (L,)
-    best = torch.full((len(labels),), float("nan")).scatter_reduce(
-        0, leaf_image.cpu(), p_label.cpu(), reduce="amax", include_self=False
+    image = leaf_image.to(probs.device)
+    p_label = probs.gather(1, labels.to(probs.device)[image][:, None]).squeeze(1)  # (L,)
+    best = torch.full((len(labels),), float("nan"), device=probs.device).scatter_reduce(
+        0, image, p_label, reduce="amax", include_self=False
     )
-    return float(best[~best.isnan()].mean()) if (~best.isnan()).any() else float("nan")
+    return torch.nanmean(best)
 
 
 def prediction_metrics(rows: list[dict], classes: list[str]) -> dict | None:

@@ -35,7 +35,8 @@ def training_loss(
     model: torch.nn.Module, out: ZoomInOutput, batch: list[Example], labels: torch.Tensor,
     cfg: TrainConfig, contrastive: bool, class_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The total loss of one batch and its terms (``model`` unwrapped from DDP)."""
+    """The total loss of one batch and its terms, as detached 0-d tensors (``model``
+    unwrapped from DDP): nothing here waits for the device."""
     terms: dict[str, torch.Tensor] = {"ce": F.cross_entropy(out.logits.float(), labels, weight=class_weight)}
     if isinstance(model, ZoomIn):
         if cfg.entropy_weight:
@@ -60,4 +61,4 @@ def training_loss(
             maps, covers = mask_coverage(model, out, batch)
             terms["mask"] = cfg.mask_weight * losses.mask_attention_loss(maps, covers)
     total = sum(terms.values())
-    return total, {k: float(v.detach()) for k, v in terms.items()}
+    return total, {k: v.detach() for k, v in terms.items()}  # tensors: read when the epoch logs them

@@ -28,7 +28,7 @@ from zoomnet.dynamics import (
     signal_started,
 )
 from zoomnet.evaluate import evaluate
-from zoomnet.metrics import attention_entropy, log_loss, object_hits, subtile_signal
+from zoomnet.metrics import attention_entropy_values, log_loss, object_hits, subtile_signal_value
 from zoomnet.model import ZoomIn, ZoomInOutput
 from zoomnet.objective import training_loss
 from zoomnet.sources.jitter import JitteredSource
@@ -70,8 +70,8 @@ def training_step(
     model: torch.nn.Module, batch: list[Example], cfg: TrainConfig, optimizer: torch.optim.Optimizer,
     generator: torch.Generator, *, views: torch.Tensor | None = None, contrastive: bool = False,
     attention: bool = True, autocast: bool = False, class_weight: torch.Tensor | None = None,
-    augment: float = 0.0,
-) -> tuple[ZoomInOutput, torch.Tensor, torch.Tensor, dict[str, float]]:
+    augment: float = 0.0, check_finite: bool = True,
+) -> tuple[ZoomInOutput, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """One optimisation step: forward (with the contrastive pass where asked), the loss,
     backward, clipping and the update.
 
@@ -84,12 +84,17 @@ def training_step(
         autocast: bfloat16 autocast of the nets on CUDA (estimator and losses in float32).
         class_weight: cross-entropy weight per class (imbalanced sets).
         augment: colour-jitter strength (0: none); one draw per image, for all it reads.
+        check_finite: read the loss and the gradient norm back and raise at once if either
+            is not finite (two waits for the device a step). False: the caller checks the
+            returned ``terms["grad_norm"]`` and the loss later (the epoch loop does, every
+            few steps: :class:`_EpochStats`).
 
     Returns:
-        The output, the labels, the loss and its terms.
+        The output, the labels, the loss and its terms (detached 0-d tensors, with the
+        gradient norm as ``grad_norm``).
 
     Raises:
-        NonFiniteLoss: the loss or the gradient norm is not finite.
+        NonFiniteLoss: the loss or the gradient norm is not finite (with ``check_finite``).
     """
     core = getattr(model, "module", model)
     device = next(core.parameters()).device
@@ -102,8 +107,9 @@ def training_step(
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast and device.type == "cuda"):
         out = model(sources, views=views, contrastive=contrastive, generator=generator)
     loss, terms = training_loss(core, out, batch, labels, cfg, contrastive, class_weight)
-    if not math.isfinite(float(loss.detach())):
-        raise NonFiniteLoss(f"loss is {float(loss.detach())} ({terms})")
+    loss_value = float(loss.detach()) if check_finite else None  # no backward through a non-finite loss
+    if loss_value is not None and not math.isfinite(loss_value):
+        raise NonFiniteLoss(f"loss is {loss_value} ({_readable(terms)})")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if not attention:  # a parameter without a gradient is left alone by Adam
@@ -112,15 +118,35 @@ def training_step(
                 p.grad = None
     # the norm also tells whether a gradient blew up (clip 0: measured, not clipped)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip or float("inf"))
-    if not math.isfinite(float(norm)):
-        raise NonFiniteLoss(f"the gradients are not finite (norm {float(norm)}), loss {terms}")
+    if check_finite:
+        check_step(loss_value, norm, terms)
+    else:  # checked later: a non-finite step's gradients are zeroed on the device, the weights stay finite
+        bad = ~torch.isfinite(norm)
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.masked_fill_(bad, 0.0)
     optimizer.step()
-    return out, labels, loss, terms
+    return out, labels, loss, {**terms, "grad_norm": norm.detach()}
+
+
+def check_step(loss: float | torch.Tensor, norm: float | torch.Tensor, terms: dict) -> None:
+    """Raise :class:`NonFiniteLoss` for a step whose loss or gradient norm is not finite."""
+    loss, norm = float(loss), float(norm)
+    if not math.isfinite(loss):
+        raise NonFiniteLoss(f"loss is {loss} ({_readable(terms)})")
+    if not math.isfinite(norm):
+        raise NonFiniteLoss(f"the gradients are not finite (norm {norm}), loss {_readable(terms)}")
+
+
+def _readable(terms: dict) -> dict[str, float]:
+    return {k: round(float(v), 4) for k, v in terms.items() if k != "grad_norm"}
 
 
 class _EpochStats:
     """What one epoch's steps add up to: mean loss terms, accuracy, hit rates, attention
     entropy per level and the sub-tile signal."""
+
+    every = 8  # steps between reads of the accumulated values (the only waits for the device)
 
     def __init__(self) -> None:
         self.sums: dict[str, float] = {}
@@ -128,19 +154,54 @@ class _EpochStats:
         self.hits = [0, 0, 0, 0]
         self.entropy: list[list[float]] = []  # per batch, per level
         self.signal: list[float] = []
+        self._pending: list[tuple[int, dict[str, torch.Tensor]]] = []  # per step: images, device values
 
     def add(self, core: torch.nn.Module, out: ZoomInOutput, batch: list[Example], labels: torch.Tensor,
-            terms: dict[str, float]) -> None:
-        for k, v in terms.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v * len(batch)
-        self.correct += int((out.logits.argmax(1) == labels).sum())  # this rank's share
-        self.seen += len(batch)
-        self.hits = [a + b for a, b in zip(self.hits, object_hits(out, batch))]
+            terms: dict[str, torch.Tensor], loss: torch.Tensor | None = None) -> None:
+        """One step's values, kept on the device; read back every ``every`` steps
+        (:meth:`flush`), where a non-finite loss or gradient raises."""
+        values = dict(terms)
+        values["correct"] = (out.logits.detach().argmax(1) == labels).sum()  # this rank's share
+        if loss is not None:
+            values["loss"] = loss.detach()
         if isinstance(core, ZoomIn):
-            self.entropy.append(attention_entropy(out))
+            values["entropy"] = attention_entropy_values(out)
             if out.leaf_features is not None:
                 with torch.no_grad():
-                    self.signal.append(subtile_signal(core.classifier(out.leaf_features), out.leaf_image, labels))
+                    values["signal"] = subtile_signal_value(core.classifier(out.leaf_features), out.leaf_image, labels)
+        self.hits = [a + b for a, b in zip(self.hits, object_hits(out, batch))]  # masks: on the host
+        self._pending.append((len(batch), values))
+        if len(self._pending) >= self.every:
+            self.flush()
+
+    def flush(self) -> None:
+        """Read the pending steps' values back in one transfer, add them up, and raise
+        :class:`NonFiniteLoss` at the first step whose loss or gradient norm is not finite."""
+        if not self._pending:
+            return
+        flat = [v.detach().float().reshape(-1) for _, values in self._pending for v in values.values()]
+        host = torch.cat([v.to(flat[0].device) for v in flat]).cpu().tolist()
+        at = 0
+        for size, values in self._pending:
+            step = {}
+            for key, v in values.items():
+                n = v.numel()
+                step[key] = host[at:at + n] if key == "entropy" else host[at]
+                at += n
+            self._fold(size, step)
+        self._pending = []
+
+    def _fold(self, size: int, step: dict) -> None:
+        correct, entropy, signal = step.pop("correct"), step.pop("entropy", None), step.pop("signal", None)
+        check_step(step.pop("loss", 0.0), step.pop("grad_norm", 0.0), step)  # the rest: the loss terms
+        self.correct += int(correct)
+        self.seen += size
+        if entropy is not None:
+            self.entropy.append(entropy)
+        if signal is not None:
+            self.signal.append(signal)
+        for k, v in step.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v * size
 
     def row(self, seconds: float) -> dict[str, float]:
         seen = max(self.seen, 1)
@@ -154,8 +215,9 @@ class _EpochStats:
         )
         for level, values in enumerate(zip(*self.entropy), start=1):
             stats[f"attention_entropy_{level}"] = sum(values) / len(values)
-        if self.signal:
-            stats["subtile_signal"] = sum(self.signal) / len(self.signal)
+        signal = [v for v in self.signal if math.isfinite(v)]  # a batch without sub-tiles has none
+        if signal:
+            stats["subtile_signal"] = sum(signal) / len(signal)
         return stats
 
 
@@ -194,12 +256,18 @@ def train_epoch(
         try:
             out, labels, loss, terms = training_step(
                 model, batch, cfg, optimizer, generator, views=views.result(), contrastive=contrastive,
-                attention=attention, autocast=autocast, class_weight=class_weight, augment=augment)
+                attention=attention, autocast=autocast, class_weight=class_weight, augment=augment,
+                check_finite=False)
+            stats.add(core, out, batch, labels, terms, loss)  # read back every few steps, checked there
         except NonFiniteLoss as exc:
             raise NonFiniteLoss(f"{exc} at epoch {epoch}") from None
-        stats.add(core, out, batch, labels, terms)
-        bar.set_postfix(loss=f"{float(loss.detach()):.3f}", acc=f"{stats.correct / stats.seen:.2f}")
+        if stats.seen:
+            bar.set_postfix(loss=f"{stats.sums.get('ce', 0.0) / stats.seen:.3f}", acc=f"{stats.correct / stats.seen:.2f}")
         bar.update(1)
+    try:
+        stats.flush()
+    except NonFiniteLoss as exc:
+        raise NonFiniteLoss(f"{exc} at epoch {epoch}") from None
     bar.close()
     seconds = time.perf_counter() - start
     # once an epoch, not every step: finite gradients and a sane learning rate keep the weights

@@ -41,7 +41,7 @@ def entropy_regularizer(log_maps: list[list[torch.Tensor]]) -> torch.Tensor:
         if len({lp.shape[1] for lp in maps}) > 1:  # grids of different sizes: image by image
             for b, lp in enumerate(level):
                 if lp.numel():
-                    total = total + F.one_hot(torch.tensor(b), B).to(total) * (-(lp.exp() * lp).sum(-1)).mean()
+                    total = total + (torch.arange(B, device=total.device) == b).to(total) * (-(lp.exp() * lp).sum(-1)).mean()
             continue
         lp = torch.cat(maps)  # (R, G)
         entropy = -(lp.exp() * lp).sum(dim=-1)  # (R,)
@@ -62,12 +62,13 @@ def contrastive_loss(logits: torch.Tensor, labels: torch.Tensor, reference: int 
             multi-class form).
     """
     keep = labels != reference if reference is not None else torch.ones_like(labels, dtype=torch.bool)
-    if not keep.any():
-        return logits.new_zeros(())
-    log_p = torch.log_softmax(logits[keep], dim=1)  # (B', classes)
-    log_py = log_p.gather(1, labels[keep, None]).squeeze(1)
-    # log(1 - p_y), stably: log1p(-exp(log p_y)), with p_y kept below one
-    return -torch.log1p(-log_py.exp().clamp(max=1 - 1e-6)).mean()
+    log_p = torch.log_softmax(logits, dim=1)  # (B, classes)
+    log_py = log_p.gather(1, labels[:, None]).squeeze(1)  # (B,)
+    # log(1 - p_y), stably: log1p(-exp(log p_y)), with p_y kept below one; the mean over the
+    # kept images as a weighted sum (no data-dependent shape: nothing waits for the device)
+    per_image = -torch.log1p(-log_py.exp().clamp(max=1 - 1e-6))
+    kept = keep.to(per_image.dtype)
+    return (per_image * kept).sum() / kept.sum().clamp_min(1)
 
 
 def instance_loss(
@@ -109,7 +110,8 @@ def instance_loss(
     else:
         per_bag = _reference_bags(leaf_logits, image, y, n, labels.to(n.device) == reference, reference,
                                   reference_share)
-    return per_bag[n > 0].mean()
+    filled = (n > 0).to(per_bag.dtype)  # bags with a sub-tile (a weighted mean: no data-dependent shape)
+    return (torch.where(n > 0, per_bag, torch.zeros_like(per_bag)) * filled).sum() / filled.sum().clamp_min(1)
 
 
 def _one_vs_rest_bags(leaf_logits: torch.Tensor, image: torch.Tensor, y: torch.Tensor, n: torch.Tensor,
@@ -128,7 +130,7 @@ def _one_vs_rest_bags(leaf_logits: torch.Tensor, image: torch.Tensor, y: torch.T
     B, C = n.shape[0], leaf_logits.shape[1]
     own = leaf_logits.gather(1, y[:, None]).squeeze(1)  # (L,)
     bag = _bag_logsumexp(own, image, B) - torch.log(n.clamp_min(1))
-    others = F.softplus(leaf_logits).masked_fill(F.one_hot(y, C).bool(), 0.0).sum(1) / max(C - 1, 1)  # (L,)
+    others = F.softplus(leaf_logits).masked_fill(_is_class(y, C), 0.0).sum(1) / max(C - 1, 1)  # (L,)
     per_bag = F.softplus(-bag) + _bag_mean(others, image, n)
     if one_class_per_image:
         score = torch.sigmoid(leaf_logits.detach().amax(dim=1))  # (L,) one against the rest: shows some class
@@ -153,7 +155,7 @@ def _reference_bags(leaf_logits: torch.Tensor, image: torch.Tensor, y: torch.Ten
     """
     B, C = n.shape[0], leaf_logits.shape[1]
     own = leaf_logits.gather(1, y[:, None]).squeeze(1)  # (L,)
-    margin = own - torch.logsumexp(leaf_logits.masked_fill(F.one_hot(y, C).bool(), -torch.inf), dim=1)  # (L,)
+    margin = own - torch.logsumexp(leaf_logits.masked_fill(_is_class(y, C), -torch.inf), dim=1)  # (L,)
     bag = _bag_logsumexp(margin, image, B) - torch.log(n.clamp_min(1))
     reference_column = torch.arange(C, device=leaf_logits.device) == reference  # (C,)
     objects_lse = torch.logsumexp(leaf_logits.masked_fill(reference_column, -torch.inf), dim=1)  # (L,)
@@ -187,6 +189,12 @@ def _bag_logsumexp(values: torch.Tensor, image: torch.Tensor, bags: int) -> torc
     peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
     sums = torch.zeros_like(peak).index_add(0, image, torch.exp(values - peak[image]))
     return torch.log(sums.clamp_min(torch.finfo(sums.dtype).tiny)) + peak  # finite gradients for empty bags
+
+
+def _is_class(y: torch.Tensor, classes: int) -> torch.Tensor:
+    """``(L, classes)``: True at each row's class (``F.one_hot`` reads the labels back to
+    check them; this does not)."""
+    return torch.arange(classes, device=y.device) == y[:, None]
 
 
 def _bag_mean(values: torch.Tensor, image: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
@@ -251,24 +259,32 @@ def attention_distillation_loss(
         leaf_paths: per sub-tile, ``(image, parent box, cell)`` at every level.
         leaf_scores: ``(L,)`` targets in [0, 1].
     """
-    targets: dict[tuple[int, tuple, int], float] = {}
-    for path, score in zip(leaf_paths, leaf_scores.tolist()):
+    # which cell each step of each path is (on the host, from the paths alone); the highest
+    # score per cell is taken on the device, so nothing waits for the scores
+    slot: dict[tuple[int, tuple, int], int] = {}
+    step_slot, step_leaf = [], []
+    for leaf, path in enumerate(leaf_paths):
         for level, (image, box, cell) in enumerate(path):
-            key = (level, (image, box), cell)
-            targets[key] = max(targets.get(key, 0.0), score)
-    if not targets:
+            step_slot.append(slot.setdefault((level, (image, box), cell), len(slot)))
+            step_leaf.append(leaf)
+    if not slot:
         return leaf_scores.new_zeros(())
-    logits, goal = [], []
+    device = leaf_scores.device
+    best = torch.zeros(len(slot), dtype=leaf_scores.dtype, device=device).scatter_reduce(
+        0, torch.tensor(step_slot, device=device), leaf_scores.detach()[torch.tensor(step_leaf, device=device)],
+        reduce="amax", include_self=True)  # (S,) a cell's target: the highest score reaching it, at least 0
+    keys = list(slot)
+    logits, order = [], []
     for lv, table in enumerate(cell_logits):
-        chosen = [((parent, cell), score) for (level, parent, cell), score in targets.items() if level == lv]
+        chosen = [i for i, (level, _, _) in enumerate(keys) if level == lv]
         if not chosen:
             continue
-        cells = [pc for pc, _ in chosen]
+        cells = [(keys[i][1], keys[i][2]) for i in chosen]
         if hasattr(table, "flat_index"):  # the model's CellTable: one gather per level
             logits.append(table.table().flatten()[table.flat_index(cells)])
         else:
             logits.append(torch.stack([table[parent][cell] for parent, cell in cells]))
-        goal += [score for _, score in chosen]
+        order += chosen
     logits = torch.cat(logits)
-    goal = torch.tensor(goal, dtype=logits.dtype, device=logits.device)
+    goal = best[torch.tensor(order, device=device)].to(logits.dtype)
     return F.binary_cross_entropy_with_logits(logits, goal)

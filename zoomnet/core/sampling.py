@@ -69,19 +69,39 @@ def complement_log_probs(log_p: torch.Tensor) -> torch.Tensor:
     return log_q - torch.logsumexp(log_q, dim=-1, keepdim=True)
 
 
+def _on_device(log_p: torch.Tensor, on_device: bool | None) -> bool:
+    return log_p.device.type != "cpu" if on_device is None else on_device
+
+
+def device_generator(generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:
+    """A generator on ``device`` seeded from the host ``generator`` (one number drawn from
+    it, on the host): draws made on a GPU are reproducible on that device and seed, and
+    differ from the CPU's, which draws from the host generator itself."""
+    if generator is None:
+        return None
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    return torch.Generator(device=device).manual_seed(seed)
+
+
 def sample_with_replacement(
-    log_p: torch.Tensor, n: int, generator: torch.Generator | None = None
+    log_p: torch.Tensor, n: int, generator: torch.Generator | None = None, on_device: bool | None = None,
 ) -> torch.Tensor:
     """Draw ``n`` cells with replacement; return the counts per cell.
 
     Args:
         log_p: ``(B, G)`` log-probabilities.
         n: draws per row.
-        generator: random source.
+        generator: random source (the host's; on a GPU it seeds a generator there).
+        on_device: draw where ``log_p`` lives with :func:`device_generator` (None: where it
+            is not on the CPU), so that only the drawn cells come back to the host.
 
     Returns:
         ``(B, G)`` int64 counts, each row summing to ``n``.
     """
+    if _on_device(log_p, on_device) and log_p.shape[1] <= MULTINOMIAL_LIMIT:  # drawn where the map is
+        p = log_p.detach().float().exp()
+        draws = torch.multinomial(p, n, replacement=True, generator=device_generator(generator, p.device))
+        return torch.zeros(p.shape, dtype=torch.long, device=p.device).scatter_add_(1, draws, torch.ones_like(draws))
     p = log_p.detach().float().cpu().exp()  # (B, G); sampled on the CPU with a CPU generator
     if p.shape[1] <= MULTINOMIAL_LIMIT:
         draws = torch.multinomial(p, n, replacement=True, generator=generator)  # (B, n)
@@ -115,7 +135,7 @@ def largest_remainder_counts(log_p: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def sample_without_replacement(
-    log_p: torch.Tensor, k: int, generator: torch.Generator | None = None
+    log_p: torch.Tensor, k: int, generator: torch.Generator | None = None, on_device: bool | None = None,
 ) -> torch.Tensor:
     """Gumbel-top-k: ``k`` distinct cells per row, in draw order.
 
@@ -126,10 +146,16 @@ def sample_without_replacement(
         log_p: ``(M, G)`` log-probabilities.
         k: draws per row, ``k <= G``.
         generator: random source.
+        on_device: draw the Gumbel keys where ``log_p`` lives (None: where it is not on
+            the CPU), in float32, with :func:`device_generator`.
 
     Returns:
         ``(M, k)`` int64 cell indices; column ``m`` is the ``m``-th draw.
     """
+    if _on_device(log_p, on_device):
+        u = torch.rand(log_p.shape, generator=device_generator(generator, log_p.device), device=log_p.device)
+        u.clamp_(torch.finfo(torch.float32).tiny, 1.0 - 1e-7)
+        return torch.topk(u.log_().neg_().log_().neg_().add_(log_p.detach().float()), k, dim=1).indices
     u = torch.rand(log_p.shape, generator=generator, dtype=torch.float64)
     tiny = torch.finfo(torch.float64).tiny
     u.clamp_(tiny, 1.0 - 1e-16)  # no log(0) at either end

@@ -14,12 +14,20 @@ from zoomnet.core.geometry import Box
 
 @dataclass
 class Sample:
-    """One drawn region: its box, how often it was drawn, and its (detached) path weight."""
+    """One drawn region: its box, how often it was drawn, and its (detached) path weight
+    (a number, or ``(HostValues, index)``: read from the device when first asked for)."""
 
     box: Box
     count: int
-    weight: float
+    _weight: float | tuple
     cell: int
+
+    @property
+    def weight(self) -> float:
+        if isinstance(self._weight, tuple):
+            values, index = self._weight
+            self._weight = float(values[index])
+        return self._weight
 
 
 @dataclass

@@ -22,6 +22,7 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
@@ -34,6 +35,7 @@ from zoomnet.core.source import ImageSource
 from zoomnet.core.tissue import tissue_of_views, tissue_threshold
 from zoomnet.model.cells import CellTable, LevelGrid, Nodes, restrict
 from zoomnet.model.chunks import in_chunks
+from zoomnet.model.host import HostValues, to_host
 from zoomnet.model.outputs import LevelTrace, Sample, ZoomInOutput, in_eval_mode
 from zoomnet.model.reading import read_boxes, repeat_edges, view_size
 from zoomnet.nets import build
@@ -357,16 +359,15 @@ class ZoomIn(nn.Module):
         else:
             counts = sampling.sample_with_replacement(la, p.n, p.generator)  # (B, G1)
         weights = expectation.with_replacement_weights(la, counts.to(la.device))  # (B, G1)
-        rel = self._level_grid(0, (height, width)).rel
+        rel = self._level_grid(0, (height, width)).rel.numpy()
         whole = Box(0, 0, height, width)
-        counts = counts.cpu()
-        drawn = torch.nonzero(counts)  # (M, 2): (image, cell), image by image
-        images, cells = drawn[:, 0].tolist(), drawn[:, 1].tolist()
+        counts = to_host(counts)  # the level's one read: the reader needs the drawn tiles
+        image_at, cell_at = np.nonzero(counts)  # (M,) each: (image, cell), image by image
+        images, cells = image_at.tolist(), cell_at.tolist()
+        at = torch.from_numpy(np.stack([image_at, cell_at])).to(la.device)
         return Nodes(
-            images, [Box(*r) for r in rel[drawn[:, 1]].tolist()],
-            weights[drawn[:, 0].to(la.device), drawn[:, 1].to(la.device)],
-            counts[drawn[:, 0], drawn[:, 1]].tolist(), cells,
-            [((b, whole, c),) for b, c in zip(images, cells)],
+            images, [Box(*r) for r in rel[cell_at].tolist()], weights[at[0], at[1]],
+            counts[image_at, cell_at].tolist(), cells, [((b, whole, c),) for b, c in zip(images, cells)],
         )
 
     def _parent_maps(
@@ -429,15 +430,16 @@ class ZoomIn(nn.Module):
         G = log_beta.shape[1]
         # draws per parent: its multiplicity, at most its drawable cells (Python numbers
         # where every cell is drawable: no tensor work for a few small integers)
-        cells = [G] * len(nodes.image) if allowed is None else allowed.sum(dim=1).tolist()
+        cells = [G] * len(nodes.image) if allowed is None else to_host(allowed.sum(dim=1)).tolist()
         k_list = [min(c, n) for c, n in zip(nodes.count, cells)]
         order, w = self._child_weights(log_beta, allowed, k_list, cells, p)  # (M, k_max) each
         # the first k of each parent's draws, row by row, in draw order
         parents = [i for i, n_i in enumerate(k_list) for _ in range(n_i)]
-        rows, cols = torch.tensor(parents), torch.tensor([j for n_i in k_list for j in range(n_i)])
-        child_w = (nodes.weight[:, None] * w)[rows.to(w.device), cols.to(w.device)]
-        draws = order.cpu()[rows, cols]
-        rel = self._level_grid(level, tuple(self.config.levels[level - 1].region)).rel
+        rows, cols = np.array(parents, dtype=np.int64), np.array([j for n_i in k_list for j in range(n_i)], dtype=np.int64)
+        at = torch.from_numpy(np.stack([rows, cols])).to(w.device)
+        child_w = (nodes.weight[:, None] * w)[at[0], at[1]]
+        draws = to_host(order)[rows, cols]  # the level's one read: the reader needs the drawn sub-tiles
+        rel = self._level_grid(level, tuple(self.config.levels[level - 1].region)).rel.numpy()
         rel_draws = rel[draws].tolist()
         draws = draws.tolist()
         return Nodes(
@@ -476,8 +478,9 @@ class ZoomIn(nn.Module):
     @staticmethod
     def _samples_of(nodes: Nodes, batch: int) -> list[list[Sample]]:
         out: list[list[Sample]] = [[] for _ in range(batch)]
-        for b, box, count, w, cell in zip(nodes.image, nodes.box, nodes.count, nodes.weight.detach().tolist(), nodes.cell):
-            out[b].append(Sample(box, count, w, cell))
+        weights = HostValues(nodes.weight)  # read only where a picture or a GeoJSON asks
+        for i, (b, box, count, cell) in enumerate(zip(nodes.image, nodes.box, nodes.count, nodes.cell)):
+            out[b].append(Sample(box, count, (weights, i), cell))
         return out
 
     # ------------------------------------------------------------------ the estimator
