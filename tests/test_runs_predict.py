@@ -206,6 +206,7 @@ def test_an_interrupted_cohort_leaves_a_csv_the_rerun_completes(data, run, tmp_p
     (["--samples", "0"], "--samples 0: the number of draws must be at least 1"),
     (["--samples", "-3"], "--samples -3: the number of draws must be at least 1"),
     (["--workers", "0"], "--workers 0: give at least 1 thread"),
+    (["--batch", "0"], "--batch 0: give a whole number of images >= 1"),
     (["--heatmaps", "FILE"], "--heatmaps FILE: a file, not a folder"),
     (["--geojson", "FILE"], "--geojson FILE: a file, not a folder"),
     (["--attention-tiffs", "FILE"], "--attention-tiffs FILE: a file, not a folder"),
@@ -274,3 +275,61 @@ def test_torchrun_predict_writes_one_csv(data, run, tmp_path):
                  "--deterministic", "--quiet"]) == 0
     assert [(r["path"], r["predicted"]) for r in _rows(out)] == [(r["path"], r["predicted"]) for r in _rows(tmp_path / "one.csv")]
     assert not list(tmp_path.glob(".p.csv.part-*"))
+
+
+def test_a_batched_cohort_gives_what_one_at_a_time_gives(data, run, tmp_path, capsys):
+    """Images of two sizes and an unreadable one, four a call: each net once per level for a
+    group, the same predictions and pictures as one image at a time (deterministic draws)."""
+    images = tmp_path / "cohort"
+    images.mkdir()
+    for i in range(5):
+        shutil.copy(data / f"set/images/tiny_0000{i}.png", images / f"a{i}.png")
+    big = np.asarray(Image.open(data / "set/images/tiny_00005.png").convert("RGB"))
+    Image.fromarray(np.concatenate([big, big], axis=1)).save(images / "wide.png")
+    (images / "broken.png").write_bytes(b"not a png")
+    outs = {}
+    for batch in ("1", "4"):
+        out, pictures = tmp_path / f"b{batch}.csv", tmp_path / f"heat{batch}"
+        code = main(["predict", str(run), str(images), "--out", str(out), "--batch", batch, "--deterministic",
+                     "--heatmaps", str(pictures), "--geojson", str(pictures), "--quiet"])
+        assert code == 2 and "broken.png" in capsys.readouterr().err
+        outs[batch] = (out, pictures)
+    # the same to float rounding (a batch's convolutions sum in another order)
+    rows = {b: {r["path"]: [r["predicted"], float(r["p_positive"])] for r in _rows(out)} for b, (out, _) in outs.items()}
+    assert rows["1"].keys() == rows["4"].keys() and len(rows["4"]) == 6
+    for path, (label, p) in rows["1"].items():
+        assert rows["4"][path][0] == label and rows["4"][path][1] == pytest.approx(p, abs=2e-6), path
+    for name in [f"a{i}" for i in range(5)] + ["wide"]:
+        one, four = (json.loads((outs[b][1] / f"{name}.geojson").read_text())["features"] for b in ("1", "4"))
+        assert [f["geometry"] for f in one] == [f["geometry"] for f in four], name
+        for a, b in zip(one, four):
+            assert a["properties"]["measurements"] == pytest.approx(b["properties"]["measurements"], rel=1e-5), name
+        pictures = [np.asarray(Image.open(outs[b][1] / f"{name}.png"), dtype=int) for b in ("1", "4")]
+        assert np.abs(pictures[0] - pictures[1]).max() <= 1, name
+
+
+def test_a_group_calls_each_net_once_per_level(run):
+    from zoomnet.runs.loading import load_run
+
+    model, config = load_run(run)
+    calls = {"level 1": 0, "level 2": 0, "f": 0}
+    for name, net in (("level 1", model.attention[0]), ("level 2", model.attention[1]), ("f", model.feature)):
+        net.register_forward_hook(lambda *_a, name=name: calls.__setitem__(name, calls[name] + 1))
+    rng = np.random.default_rng(0)
+    sources = [ArraySource(rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)) for _ in range(4)]
+    model.predict(sources, generator=torch.Generator().manual_seed(0))
+    assert calls == {"level 1": 1, "level 2": 1, "f": 1}
+    for source in sources:
+        model.predict([source], generator=torch.Generator().manual_seed(0))
+    assert calls == {"level 1": 5, "level 2": 5, "f": 5}
+
+
+def test_off_the_cpu_inference_runs_in_chunks_a_gpu_can_fill(run):
+    from zoomnet.model.zoomin import GPU_CHUNKS
+    from zoomnet.runs.loading import load_run
+
+    model, _ = load_run(run)
+    model.config.chunk, model.config.view_chunk = 1, 1  # the colon preset's, for a CPU's cache
+    assert model.inference_chunks() == (1, 1)
+    model.mean = torch.zeros(1, 3, 1, 1, device="meta")  # where the model's tensors live
+    assert model.inference_chunks() == GPU_CHUNKS

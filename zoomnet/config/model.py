@@ -142,10 +142,11 @@ class ModelConfig:
             statistics, for a feature net trained with them: ``[123.7, 116.3, 103.5]``).
         pixel_std: raw pixel standard deviation divided out before every net (ImageNet:
             ``[58.4, 57.1, 57.4]``).
-        chunk: sub-tiles per chunk of ``f`` at inference (memory of one chunk).
+        chunk: sub-tiles per chunk of ``f`` at inference (memory of one chunk); on a GPU at
+            least 256 (``ZoomIn.inference_chunks``).
         view_chunk: parent views per batch of a deeper level's attention net at inference
             (training runs a level's views in one batch: their activations are kept for the
-            backward pass anyway).
+            backward pass anyway); on a GPU at least 64.
         tissue_mask: cells without tissue get no attention mass, at every level, in the
             ordinary and the contrastive sample alike (bright-field slides): Otsu's threshold
             on the saturation of each image's level-1 view, applied to every view of it.

@@ -44,6 +44,9 @@ from zoomnet.nets.layout import conv_layout
 from zoomnet.nets.registry import resolve
 
 
+GPU_CHUNKS = (256, 64)  # the least chunk and view_chunk off the CPU (the defaults: a few MB of activations)
+
+
 def attend(net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """An attention net's ``(M, h, w)`` logits and their learnt part (the same tensor for a
     net without a prior, e.g. one registered by a user)."""
@@ -186,6 +189,16 @@ class ZoomIn(nn.Module):
         if self.config.feature_frozen:
             self.feature.eval()
         return self
+
+    def inference_chunks(self) -> tuple[int, int]:
+        """Sub-tiles per call of ``f`` and parent views per call of a deeper level's attention
+        net at inference: the configuration's on a CPU (where small chunks stay in cache:
+        the colon preset's 1 and 1); elsewhere at least ``GPU_CHUNKS`` (256, 64), below which
+        a GPU waits on one launch per sub-tile."""
+        chunk, view_chunk = self.config.chunk, self.config.view_chunk
+        if self.mean.device.type == "cpu":
+            return chunk, view_chunk
+        return max(chunk, GPU_CHUNKS[0]), max(view_chunk, GPU_CHUNKS[1])
 
     def views_in_strips(self, height: int, width: int) -> bool:
         """Whether the level-1 view of an image of this size is read and run in strips
@@ -403,7 +416,7 @@ class ZoomIn(nn.Module):
         vs = self._level_grid(level, parent_hw).view
         # inference: the memory of one chunk; training keeps every chunk's activations for
         # the backward pass anyway, so its views go through the net in one call
-        step = self.config.view_chunk if not torch.is_grad_enabled() else len(missing)
+        step = self.inference_chunks()[1] if not torch.is_grad_enabled() else len(missing)
         pieces, tissue = [], []  # cell logits, chunk by chunk: small beside the net's activations
         for start in range(0, len(missing), step):
             part = missing[start : start + step]
@@ -510,8 +523,9 @@ class ZoomIn(nn.Module):
             # float32 under autocast too: the classifier and the instance loss take them outside it
             feats = in_chunks(self.feature, self.encode, pixels).to(weights.dtype)
             return z.index_add(0, image, weights[:, None] * feats), feats, image, boxes, leaf_paths
-        for start in range(0, len(keys), self.config.chunk):  # inference: memory of one chunk
-            part = keys[start : start + self.config.chunk]
+        chunk = self.inference_chunks()[0]
+        for start in range(0, len(keys), chunk):  # inference: memory of one chunk
+            part = keys[start : start + chunk]
             feats = self.encode(read_boxes(sources, part))  # (chunk, D)
             sl = slice(start, start + len(part))
             z = z.index_add(0, image[sl], weights[sl, None] * feats.to(weights.dtype))

@@ -26,7 +26,7 @@ from zoomnet.data.prefetch import prefetched
 from zoomnet.errors import OUT_CSV, ImageError, Option, UserError
 from zoomnet.runtime.files import writable_folder
 from zoomnet.model import view_size
-from zoomnet.outputs import geojson_of, render_batch, write_attention_tiff
+from zoomnet.outputs import geojson_of, render_heatmap, write_attention_tiff
 from zoomnet.runs.loading import check_draws, check_image_sizes, load_run
 from zoomnet.runtime.allocator import settle_heap
 from zoomnet.runtime import distributed
@@ -36,6 +36,10 @@ from zoomnet.sources.lazy import LazyImage
 from zoomnet.sources.open import PLAIN, TIFF
 from zoomnet.sources.slide import VENDOR
 from zoomnet.uncertainty import draw_set_statistics, predict_draw_sets, predict_until_settled
+
+# --samples auto: draw sets of N / AUTO_PART draws, two and then one at a time, at most eight (never
+# more draws than N); docs/experiments/draws.md measured N/8 against N/4 and the fixed N
+AUTO_PART = 8
 
 
 def expand_inputs(inputs: list[str]) -> list[tuple[str, Path, str]]:
@@ -147,8 +151,9 @@ class _Outputs:
                  (self.attention_tiffs, f"{stem}.attention.tif")]
         return any(folder is not None and not (folder / name).is_file() for folder, name in files)
 
-    def write(self, model, config: RunConfig, src, out, given: str, result: dict, probs: list[float]) -> None:
-        """Write what was asked for one image; record each file's path in ``result``."""
+    def write(self, model, config: RunConfig, src, out, given: str, result: dict, probs: list[float],
+              index: int = 0) -> None:
+        """Write what was asked for image ``index`` of ``out``; record each file's path in ``result``."""
         if not out.levels:  # the CNN baseline looks everywhere
             return
         stem = output_name(given, self.names)
@@ -159,16 +164,16 @@ class _Outputs:
                 u = result["uncertainty"]
                 title += f" ± {u['standard_error'][result['label']]:.2f}, flip {u['flip_probability']:.2f}"
             title += ")"
-            (picture,) = render_batch(model, [src], out, [self.heatmaps / f"{stem}.png"], [title],
-                                      display=self.heatmap_size)
+            picture = render_heatmap(src, out, index, self.heatmaps / f"{stem}.png", strides, title,
+                                     display=self.heatmap_size, tissue=config.model.tissue_mask)
             result["heatmap"] = str(picture)
         if self.attention_tiffs is not None:
             target = self.attention_tiffs / f"{stem}.attention.tif"
-            result["attention_tiff"] = str(write_attention_tiff(src, out, 0, target, strides))
+            result["attention_tiff"] = str(write_attention_tiff(src, out, index, target, strides))
         if self.geojson is not None:
             self.geojson.mkdir(parents=True, exist_ok=True)
             target = self.geojson / f"{stem}.geojson"
-            collection = geojson_of(out, 0, src, config.data.classes, probs, strides, given)
+            collection = geojson_of(out, index, src, config.data.classes, probs, strides, given)
             if "uncertainty" in result:
                 collection["properties"]["uncertainty"] = result["uncertainty"]
             atomic_write_bytes(target, json.dumps(collection).encode())
@@ -186,31 +191,48 @@ def _predict_one(model, config: RunConfig, src, views, given: str, label: str, t
         probs = torch.softmax(out.logits.float(), dim=1)[0].tolist()
     else:
         n = draws["samples"] or config.model.samples
-        if draw_sets == "auto":  # rounds of a quarter of the run's draws until the decision is settled
-            n = max(1, -(-n // 4))
+        if draw_sets == "auto":  # rounds of an eighth of the run's draws until the decision is settled
+            n = max(1, -(-n // AUTO_PART))
             logits, out = predict_until_settled(model, src, views, n, draws["generator"])
         else:
             logits, out = predict_draw_sets(model, src, views, int(draw_sets), draws["samples"], draws["generator"])
         stats = draw_set_statistics(logits)
         probs = stats.probabilities.tolist()
-    pixels, read = io_counts(src)
-    result = {
-        "path": given,
-        "label": classes[int(torch.tensor(probs).argmax())],
-        "probabilities": dict(zip(classes, probs)),
-        "seconds": time.perf_counter() - tick,
-        "pixels_read": pixels,
-        "bytes_read": read,
-    }
+    result = _result(classes, src, given, label, probs, time.perf_counter() - tick)
     if stats is not None:
         result["uncertainty"] = {
             "draw_sets": stats.sets, "draws": stats.sets * n, "flip_probability": stats.flip,
             "standard_error": dict(zip(classes, stats.standard_error.tolist())), "settled": stats.settled,
         }
-    if label:
-        result["true_label"] = label
     outputs.write(model, config, src, out, given, result, probs)
     return result
+
+
+def _result(classes: list[str], src, given: str, label: str, probs: list[float], seconds: float) -> dict:
+    """One image's result dict: its class, probabilities, time and what it read."""
+    pixels, read = io_counts(src)
+    result = {"path": given, "label": classes[max(range(len(probs)), key=probs.__getitem__)],
+              "probabilities": dict(zip(classes, probs)), "seconds": seconds, "pixels_read": pixels,
+              "bytes_read": read}
+    if label:
+        result["true_label"] = label
+    return result
+
+
+def _predict_group(model, config: RunConfig, group: list[tuple], outputs: "_Outputs", **draws) -> list[dict]:
+    """Images of one size, each with its level-1 view read, predicted in one call of the
+    model (each net once per level for the whole group, as far as the chunks allow); the
+    call's time shared among them."""
+    tick = time.perf_counter()
+    sources = [src for _, _, src, _ in group]
+    out = model.predict(sources, views=torch.cat([v for _, _, _, v in group]), **draws)
+    probs = torch.softmax(out.logits.float(), dim=1).tolist()
+    seconds = (time.perf_counter() - tick) / len(group)
+    results = []
+    for b, (given, label, src, _) in enumerate(group):
+        results.append(_result(config.data.classes, src, given, label, probs[b], seconds))
+        outputs.write(model, config, src, out, given, results[-1], probs[b], index=b)
+    return results
 
 
 def _open(item: tuple[str, Path, str], model, config: RunConfig, where: str):
@@ -321,7 +343,7 @@ def predict_images(
     seed: int = 0, device: str = "cpu", heatmaps: str | Path | None = None, geojson: str | Path | None = None,
     emit: Callable[[dict], None] | None = None, progress: bool = False, out_csv: str | Path | None = None,
     workers: int = 2, heatmap_size: int = 2048, attention_tiffs: str | Path | None = None,
-    shard: tuple[int, int] | None = None, draw_sets: int | str = 1,
+    shard: tuple[int, int] | None = None, draw_sets: int | str = 1, batch: int = 1,
 ) -> list[dict]:
     """Predict images, folders and manifests; one result dict per image (also passed to
     ``emit`` as it comes).
@@ -335,8 +357,12 @@ def predict_images(
 
     ``draw_sets``: R > 1 independent draw sets per image (in one batch) give each prediction
     its standard errors and the chance that another estimate flips its class
-    (:mod:`zoomnet.uncertainty`); ``"auto"`` draws sets of a quarter of the run's draws until
+    (:mod:`zoomnet.uncertainty`); ``"auto"`` draws sets of an eighth of the run's draws until
     the decision is settled (at most 8).
+
+    ``batch``: images of one size predicted together, each net called once per level for
+    the whole group (a GPU's way; the draws follow the same laws, not the same numbers as
+    one at a time). ``zoomnet predict --batch`` defaults to 8 on a GPU and 1 on a CPU.
 
     Under torchrun (or with ``shard=(rank, world)``) each process predicts every
     ``world``-th input from its ``rank``-th on, appends to a part file beside ``out_csv``,
@@ -350,6 +376,8 @@ def predict_images(
     check_draws(samples)
     _check_draw_sets(draw_sets, deterministic)
     _check_outputs(out_csv, heatmaps, geojson, attention_tiffs, workers, heatmap_size)
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise UserError("{batch}: give a whole number of images >= 1", batch=Option(f"batch={batch!r}", f"--batch {batch}"))
     rank, world = shard or distributed.rank_and_world()
     if world > 1 and device != "cpu":
         device = str(distributed.local_device(resolve_device(device), world))
@@ -366,15 +394,69 @@ def predict_images(
     prepare = partial(_open, model=model, config=config, where=f"the model in {run_dir}")
     target = out_csv if out_csv is None or world == 1 else out_csv.with_name(f".{out_csv.name}.part-{rank}.csv")
     with _Cohort(target, header, len(items) + len(redo), len(todo), progress) as cohort:
-        for (given, _, label), prepared in prefetched(prepare, todo, workers=workers, ahead=workers + 1,
-                                                     name="zoomnet-open"):
-            result = _predict_prepared(predict, prepared, given, label, cohort, len(items) == 1, device, run_dir)
-            if result is not None:
-                cohort.add(result, label, row=given not in redo)
-                if emit:
-                    emit(result)
+        def report(result: dict) -> None:
+            cohort.add(result, result.get("true_label", ""), row=result["path"] not in redo)
+            if emit:
+                emit(result)
+
+        opened = prefetched(prepare, todo, workers=workers, ahead=workers + batch, name="zoomnet-open")
+        if batch > 1 and draw_sets == 1:
+            group = partial(_predict_group, model, config, outputs=outputs, **draws)
+            _in_groups(opened, batch, group, predict, cohort, len(items) == 1, device, run_dir, report)
+        else:
+            for (given, _, label), prepared in opened:
+                result = _predict_prepared(predict, prepared, given, label, cohort, len(items) == 1, device, run_dir)
+                if result is not None:
+                    report(result)
     _finish(cohort, out_csv, header, [it[0] for it in items], rank, world)
     return cohort.results
+
+
+def _in_groups(opened, batch: int, group: Callable, predict: Callable, cohort: "_Cohort", alone: bool, device: str,
+               run_dir, report: Callable[[dict], None]) -> None:
+    """Opened inputs predicted ``batch`` at a time: consecutive ones of one size whose
+    level-1 views were read (a view read in strips goes alone). A group that fails (a
+    damaged tile) is predicted image by image, so that only the damaged one is set aside."""
+    pending: list[tuple] = []
+
+    def run() -> None:
+        if not pending:
+            return
+        try:
+            results = group(pending) if len(pending) > 1 else None
+        except (ImageError, UserError):
+            results = None
+        except OUT_OF_MEMORY as exc:
+            raise UserError(f"out of memory on {device} predicting {len(pending)} images at once "
+                            f"({str(exc).splitlines()[0][:120]}); give a smaller --batch") from None
+        if results is None:  # alone, or again one by one
+            results = []
+            for given, label, src, views in pending:
+                try:
+                    results.append(predict(src, views, given, label, time.perf_counter()))
+                except (ImageError, UserError) as exc:  # a damaged tile a sub-tile needed
+                    if alone:
+                        raise
+                    cohort.skip(given, exc)
+        for result in results:
+            report(result)
+        pending.clear()
+
+    for (given, _, label), prepared in opened:
+        try:
+            src, views = prepared.result()
+        except (ImageError, UserError) as exc:
+            if alone:
+                raise
+            cohort.skip(given, exc)
+            continue
+        size = (src.height, src.width)
+        if pending and (views is None or len(pending) == batch or (pending[0][2].height, pending[0][2].width) != size):
+            run()
+        pending.append((given, label, src, views))
+        if views is None:
+            run()
+    run()
 
 
 def _finish(cohort: _Cohort, out_csv: Path | None, header: list[str], order: list[str], rank: int, world: int) -> None:
