@@ -557,3 +557,25 @@ def test_the_tissue_mask_keeps_deeper_levels_off_the_glass_of_a_tile():
         assert any(s.box.left == 64 for s in out.levels[0].samples[0])  # the straddling tile is drawn
         leaves = src.full_resolution_reads()
         assert leaves and all(b.left + b.width / 2 <= 80 + 2 for b in leaves), sorted(b.left for b in leaves)
+
+
+def test_the_mil_baseline_reads_the_tissue_tiles_only_and_trains(data, tmp_path):
+    from zoomnet.cli import main
+    from zoomnet.model.mil import AttentionMIL
+
+    from helpers import tissue_on_glass
+
+    rng = np.random.default_rng(0)
+    image = np.full((256, 256, 3), 245, dtype=np.uint8)
+    image[:, :128] = tissue_on_glass(rng, 256, 128, 128)[:, :128]  # tissue on the left half only
+    cfg = ModelConfig(kind="mil", levels=[LevelConfig(0.125, (64, 64))], mil_tile=32, mil_scale=0.5)
+    model = AttentionMIL(cfg)
+    source = ArraySource(image)
+    tiles = model.tiles(model.read_views([source])[0], 256, 256)
+    assert len(tiles) == 8 * 4 and all(b.left < 128 for b in tiles)  # 8 rows of the 4 tissue columns
+    out = model.predict([source])
+    assert out.logits.shape == (1, 2) and not out.levels
+    run = tmp_path / "mil"
+    assert main(["train", "--config", str(data / "tiny.json"), "--train", str(data / "set/train.csv"), "--out", str(run),
+                 "--quiet", "--device", "cpu", "--set", "model.kind=mil", "model.mil_tile=32"]) == 0
+    assert main(["predict", str(run), str(data / "set/images/tiny_00000.png"), "--quiet"]) == 0

@@ -281,7 +281,7 @@ def test_a_hub_that_does_not_import_says_what_to_install(monkeypatch):
     (["model.feature_mean=[1,2,3]"], "give both or neither"),
     (["model.feature_size=[0,4]"], "positive sizes"),
     (["model.feature_mean=[1,2]", "model.feature_std=[1,2]"], "one value per channel"),
-    (["model.kind=cnn", "model.feature_frozen=true"], "the cnn baseline has no feature net"),
+    (["model.kind=cnn", "model.feature_frozen=true"], "the cnn baseline does not take them"),
     (["model.feature=torchvision"], "unknown feature net"),
 ])
 def test_encoder_settings_are_checked(data, tmp_path, capsys, setting, expected):

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from zoomnet.config import fields
 from zoomnet.nets.registry import available, resolve
 
-KINDS = ("zoomin", "ats", "cnn")
+KINDS = ("zoomin", "ats", "cnn", "mil")
 ATTENTION_HEADS = ("3x3", "1x1")
 MAX_CELLS = 4_000_000  # cells of one parent at a deeper level: each is a row of every level table
 MAX_VIEW_PIXELS = 64_000_000  # one parent's view at a deeper level (its activations are several times more)
@@ -103,7 +103,8 @@ class ModelConfig:
     """Everything that defines a model; saved with every run and checkpoint.
 
     Attributes:
-        kind: ``zoomin`` (K >= 2 levels), ``ats`` (one level) or ``cnn`` (the baseline).
+        kind: ``zoomin`` (K >= 2 levels), ``ats`` (one level), ``cnn`` (the CNN baseline)
+            or ``mil`` (the attention-MIL baseline; level 1's scale finds the tissue).
         levels: the hierarchy, level 1 first.
         num_classes: number of classes.
         samples: draws N at level 1 at inference.
@@ -153,6 +154,10 @@ class ModelConfig:
         strip_rows: level-1 view rows per strip (None: the whole view at once); for
             gigapixel images, whose level-1 view alone can be thousands of pixels high.
         cnn_scale: input scale of the CNN baseline (1 = full resolution).
+        mil_tile: tile side in full-resolution pixels of the attention-MIL baseline
+            (``kind = "mil"``: every tissue tile embedded by ``f``, gated attention pooling).
+        mil_scale: the scale the MIL baseline reads its tiles at (0.25: a 256 px tile is
+            embedded as 64 px).
     """
 
     kind: str = "zoomin"
@@ -185,6 +190,8 @@ class ModelConfig:
     strip_rows: int | None = None
     tissue_mask: bool = False
     cnn_scale: float = 1.0
+    mil_tile: int = 256
+    mil_scale: float = 0.25
 
     def __post_init__(self) -> None:
         if not isinstance(self.levels, (list, tuple)) or not self.levels:
@@ -215,6 +222,8 @@ class ModelConfig:
         self.classifier_scale = fields.number("model.classifier_scale", self.classifier_scale, positive=True)
         self.attention_prior = fields.number("model.attention_prior", self.attention_prior)
         self.cnn_scale = fields.number("model.cnn_scale", self.cnn_scale, positive=True, high=1.0)
+        self.mil_tile = fields.whole("model.mil_tile", self.mil_tile, low=1)
+        self.mil_scale = fields.number("model.mil_scale", self.mil_scale, positive=True, high=1.0)
         self.smooth = fields.number("model.smooth", self.smooth, high=1.0, below=True)
         self.tissue_mask = fields.boolean("model.tissue_mask", self.tissue_mask)
         self.pixel_mean, self.pixel_std = _statistics("model.pixel", self.pixel_mean, self.pixel_std)
@@ -245,8 +254,8 @@ class ModelConfig:
             if len(self.feature_mean) != len(self.pixel_mean):
                 raise ValueError(f"model.feature_mean={list(self.feature_mean)}: give one value per channel "
                                  f"({len(self.pixel_mean)})")
-        if self.kind == "cnn" and (self.feature_frozen or self.feature_weights):
-            raise ValueError("model.feature_frozen/feature_weights: the cnn baseline has no feature net; "
+        if self.kind in ("cnn", "mil") and (self.feature_frozen or self.feature_weights):
+            raise ValueError(f"model.feature_frozen/feature_weights: the {self.kind} baseline does not take them; "
                              "use them with zoomin or ats")
 
     def _check_hierarchy(self) -> None:

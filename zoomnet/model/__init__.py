@@ -7,12 +7,14 @@ from torch import nn
 
 from zoomnet.config.model import LevelConfig, ModelConfig, with_legacy_fields
 from zoomnet.model.cnn import CNNBaseline
+from zoomnet.model.mil import AttentionMIL
 from zoomnet.model.outputs import LevelTrace, Sample, ZoomInOutput
 from zoomnet.model.reading import read_boxes, view_size
 from zoomnet.model.zoomin import ZoomIn
 from zoomnet.nets.layout import conv_layout
 
 __all__ = [
+    "AttentionMIL",
     "CNNBaseline",
     "LevelConfig",
     "LevelTrace",
@@ -29,5 +31,8 @@ __all__ = [
 
 
 def build_model(config: ModelConfig) -> nn.Module:
-    """The model a config names: :class:`ZoomIn` for ``zoomin`` and ``ats``, else the CNN."""
+    """The model a config names: :class:`ZoomIn` for ``zoomin`` and ``ats``, the CNN or the
+    attention-MIL baseline."""
+    if config.kind == "mil":
+        return AttentionMIL(config)
     return CNNBaseline(config) if config.kind == "cnn" else ZoomIn(config)

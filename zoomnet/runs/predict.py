@@ -186,7 +186,7 @@ def _predict_one(model, config: RunConfig, src, views, given: str, label: str, t
     several draw sets (or ``"auto"``) how sure the prediction is."""
     classes = config.data.classes
     stats = None
-    if draw_sets == 1 or config.model.kind == "cnn":  # a CNN does not sample: nothing to be unsure of
+    if draw_sets == 1 or config.model.kind in ("cnn", "mil"):  # the baselines do not sample: nothing to be unsure of
         out = model.predict([src], views=views, **draws)
         probs = torch.softmax(out.logits.float(), dim=1)[0].tolist()
     else:

@@ -86,7 +86,7 @@ def _classes(config: RunConfig, train_csv: str | Path, resume: bool, log: Callab
     ref = resolve_reference(classes, config.data.reference_class)
     config.data.reference_class = ref if ref is not None else "none"
     config.train.reference_class = classes.index(ref) if ref is not None else None
-    if ref is None and config.model.kind != "cnn" and not resume:
+    if ref is None and config.model.kind in ("zoomin", "ats") and not resume:
         log(f"no reference (negative) class among {', '.join(classes[:12])}{' ...' if len(classes) > 12 else ''}: "
             "instance, distillation and contrastive terms in their multi-class form "
             "(the override data.reference_class=NAME names one)")
