@@ -8,7 +8,7 @@ runs on, for float32 and for bfloat16 autocast (the nets only; the estimator sta
   image through the lazy source: milliseconds per image (median of ``--repeats`` runs after
   two warm-ups, ``torch.cuda.synchronize`` around each) and the peak of CUDA memory above
   what was allocated before the run (``torch.cuda.max_memory_allocated`` after
-  ``reset_peak_memory_stats``); also images/s for a batch of 8.
+  ``reset_peak_memory_stats``); also images/s for batches of 8 and 64 (``predict --batch``).
 - ``train``: one training step (forward, loss, backward, optimiser) of a preset at a batch
   size and draw count, on random pixels: seconds per step and images/s, median of
   ``--repeats`` steps. The same steps on the machine's CPU (all its cores) give the ratio.
@@ -121,8 +121,10 @@ def inference_row(name: str, kind: str, precision: str, repeats: int) -> dict:
     peak = peak_mb(CUDA, base)
     ms = timed(run, CUDA, repeats) * 1000
     batch_s = timed(lambda: run(8), CUDA, max(repeats // 2, 2), warmups=1)
+    wide_s = timed(lambda: run(64), CUDA, max(repeats // 4, 2), warmups=1)  # predict --batch 64
     return {"part": "inference", "setting": name, "model": kind, "precision": precision, "device": CUDA.type,
-            "ms_per_image": round(ms, 2), "images_per_s": round(8 / batch_s, 1), "peak_cuda_mb": peak}
+            "ms_per_image": round(ms, 2), "images_per_s": round(8 / batch_s, 1),
+            "images_per_s_batch64": round(64 / wide_s, 1), "peak_cuda_mb": peak}
 
 
 def train_row(preset: str, draws: int | None, batch: int, precision: str, device: torch.device, repeats: int) -> dict:
@@ -270,7 +272,7 @@ def main() -> None:
                         str(args.slide_size)], stdout=subprocess.DEVNULL, cwd=ROOT, check=False)
     if args.slide_size and slide.exists():
         attempt(gigapixel_rows, slide, work)
-    keys = ["part", "setting", "model", "precision", "device", "ms_per_image", "images_per_s", "peak_cuda_mb",
+    keys = ["part", "setting", "model", "precision", "device", "ms_per_image", "images_per_s", "images_per_s_batch64", "peak_cuda_mb",
             "decoded_frac", "host_ms", "device_ms", "status"]
     name = torch.cuda.get_device_name(0) if CUDA.type == "cuda" else platform.processor() or "cpu"
     write_rows(args.out, [f"{name}, {os.cpu_count()} CPU cores, torch {torch.__version__}, Python "
