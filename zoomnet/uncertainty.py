@@ -130,6 +130,8 @@ def predict_draw_sets(model, source, views: torch.Tensor | None, sets: int, samp
                       generator: torch.Generator | None):
     """``(R, C)`` logits of ``sets`` independent draw sets of one image (its copies in one
     batch: the model draws each row on its own), and the output (pictures show the first)."""
+    if views is None and hasattr(model, "views_in_strips") and not model.views_in_strips(source.height, source.width):
+        views = model.read_views([source])  # read once; the copies share it (and its level-1 maps)
     batch_views = None if views is None else views.expand(sets, *views.shape[1:])
     out = model.predict([source] * sets, views=batch_views, samples=samples, generator=generator)
     return out.logits, out

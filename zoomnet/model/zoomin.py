@@ -255,7 +255,10 @@ class ZoomIn(nn.Module):
         else:
             if views is None:
                 views = self.read_views(sources)
-            log_alpha, raw_alpha = self._attention_maps(0, views, (height, width))  # (B, G1) each
+            if len(views) > 1 and views.stride(0) == 0:  # copies of one view (draw sets of one image): its maps once
+                log_alpha, raw_alpha = (t.expand(len(views), -1) for t in self._attention_maps(0, views[:1], (height, width)))
+            else:
+                log_alpha, raw_alpha = self._attention_maps(0, views, (height, width))  # (B, G1) each
             if self.config.tissue_mask:
                 tables.thresholds = [tissue_threshold(v) for v in views.cpu()]
                 tissue = tissue_of_views(views.cpu(), tables.thresholds)
