@@ -70,6 +70,8 @@ def stratified_split(labels: list[str], seed: int, shares: tuple[float, float] =
     >>> parts = stratified_split(["a"] * 10 + ["b"] * 5, seed=0)
     >>> [sorted({["a", "b"][i >= 10] for i in parts[p]}) for p in ("train", "val", "test")]
     [['a', 'b'], ['a', 'b'], ['a', 'b']]
+    >>> [len(p) for p in stratified_split(["a", "a", "b"], seed=0).values()]  # too few to stratify
+    [1, 1, 1]
     """
     rng = np.random.default_rng(seed)
     parts: dict[str, list[int]] = {"train": [], "val": [], "test": []}
@@ -82,6 +84,9 @@ def stratified_split(labels: list[str], seed: int, shares: tuple[float, float] =
         parts["train"] += idx[:n_train]
         parts["val"] += idx[n_train : n_train + n_val]
         parts["test"] += idx[n_train + n_val :]
+    for name in ("test", "val"):  # classes too small to split (a cohort of 3): an image each all the same
+        if not parts[name] and len(parts["train"]) > 1:
+            parts[name].append(parts["train"].pop())
     return parts
 
 
