@@ -579,3 +579,18 @@ def test_the_mil_baseline_reads_the_tissue_tiles_only_and_trains(data, tmp_path)
     assert main(["train", "--config", str(data / "tiny.json"), "--train", str(data / "set/train.csv"), "--out", str(run),
                  "--quiet", "--device", "cpu", "--set", "model.kind=mil", "model.mil_tile=32"]) == 0
     assert main(["predict", str(run), str(data / "set/images/tiny_00000.png"), "--quiet"]) == 0
+
+
+def test_sub_tiles_read_ahead_in_a_thread_give_the_same_prediction(monkeypatch):
+    from zoomnet.model import zoomin
+
+    model = ZoomIn(ModelConfig(levels=[LevelConfig(0.125, (64, 64)), LevelConfig(0.5, (16, 16), (8, 8))], samples=12,
+                               chunk=3)).eval()
+    source = ArraySource(np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8))
+    outs = []
+    for overlap in (False, True):
+        monkeypatch.setattr(zoomin, "OVERLAP_READS", overlap)
+        assert model.overlap_reads() is overlap
+        outs.append(model.predict([source], generator=torch.Generator().manual_seed(0)))
+    assert torch.equal(outs[0].logits, outs[1].logits) and outs[0].leaf_boxes == outs[1].leaf_boxes
+    assert len(outs[0].leaf_boxes) > 3  # several chunks of three

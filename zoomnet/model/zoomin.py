@@ -33,6 +33,7 @@ from zoomnet.core import expectation, sampling
 from zoomnet.core.geometry import Box, cell_boxes, cells_in_image, grid_shape, pool_to_grid, pooling_plan, sum_to_grid
 from zoomnet.core.source import ImageSource
 from zoomnet.core.tissue import tissue_of_views, tissue_threshold
+from zoomnet.data.prefetch import prefetched
 from zoomnet.model.cells import CellTable, LevelGrid, Nodes, restrict
 from zoomnet.model.chunks import in_chunks
 from zoomnet.model.host import HostValues, to_host
@@ -42,6 +43,19 @@ from zoomnet.nets import build
 from zoomnet.nets.encoders import encoder_input
 from zoomnet.nets.layout import conv_layout
 from zoomnet.nets.registry import resolve
+
+
+OVERLAP_READS: bool | None = None  # None: by device (ZoomIn.overlap_reads)
+
+
+class _Done:
+    """A value in the shape of a finished future."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
 
 
 GPU_CHUNKS = (256, 64)  # the least chunk and view_chunk off the CPU (the defaults: a few MB of activations)
@@ -527,12 +541,22 @@ class ZoomIn(nn.Module):
             feats = in_chunks(self.feature, self.encode, pixels).to(weights.dtype)
             return z.index_add(0, image, weights[:, None] * feats), feats, image, boxes, leaf_paths
         chunk = self.inference_chunks()[0]
-        for start in range(0, len(keys), chunk):  # inference: memory of one chunk
-            part = keys[start : start + chunk]
-            feats = self.encode(read_boxes(sources, part))  # (chunk, D)
-            sl = slice(start, start + len(part))
+        starts = range(0, len(keys), chunk)
+        if self.overlap_reads():  # the next chunk is read (and copied) while f runs on this one
+            reads = prefetched(lambda s: read_boxes(sources, keys[s : s + chunk]), starts, name="zoomnet-subtiles")
+        else:
+            reads = ((s, _Done(read_boxes(sources, keys[s : s + chunk]))) for s in starts)
+        for start, pixels in reads:  # inference: memory of one chunk
+            feats = self.encode(pixels.result())  # (chunk, D)
+            sl = slice(start, min(start + chunk, len(keys)))
             z = z.index_add(0, image[sl], weights[sl, None] * feats.to(weights.dtype))
         return z, None, image, boxes, leaf_paths
+
+    def overlap_reads(self) -> bool:
+        """Whether inference reads the next chunk of sub-tiles in a thread while ``f`` runs on
+        this one: off the CPU (the host reads while the device computes; on a CPU they share
+        the cores) or where ``OVERLAP_READS`` says so."""
+        return OVERLAP_READS if OVERLAP_READS is not None else self.mean.device.type != "cpu"
 
     # ------------------------------------------------------------------ a pass
     def forward(
