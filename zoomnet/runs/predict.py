@@ -37,8 +37,8 @@ from zoomnet.sources.open import PLAIN, TIFF
 from zoomnet.sources.slide import VENDOR
 from zoomnet.uncertainty import draw_set_statistics, predict_draw_sets, predict_until_settled
 
-# --samples auto: draw sets of N / AUTO_PART draws, two and then one at a time, at most eight (never
-# more draws than N); docs/experiments/draws.md measured N/8 against N/4 and the fixed N
+# --samples auto: draw sets of ceil(N / AUTO_PART) draws, two and then one at a time, at most eight
+# (about N at most); docs/experiments/draws.md measured N/8 against N/4 and the fixed N
 AUTO_PART = 8
 
 
