@@ -19,7 +19,7 @@ def test_the_readme_python_runs(run, tmp_path, monkeypatch):
     from zoomnet.data.generators.slides import write_gigapixel
 
     blocks = _python_blocks((ROOT / "README.md").read_text())
-    assert len(blocks) == 2
+    assert len(blocks) == 3
     shutil.copytree(run, tmp_path / "run")  # the session's trained run, as "run"
     write_gigapixel(tmp_path / "slide.tif", size=600, seed=0, progress=False, lesions=1)
     monkeypatch.chdir(tmp_path)
