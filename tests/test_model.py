@@ -594,3 +594,18 @@ def test_sub_tiles_read_ahead_in_a_thread_give_the_same_prediction(monkeypatch):
         outs.append(model.predict([source], generator=torch.Generator().manual_seed(0)))
     assert torch.equal(outs[0].logits, outs[1].logits) and outs[0].leaf_boxes == outs[1].leaf_boxes
     assert len(outs[0].leaf_boxes) > 3  # several chunks of three
+
+
+def test_copies_of_one_image_share_their_parents_maps():
+    model = ZoomIn(ModelConfig(levels=[LevelConfig(0.125, (64, 64)), LevelConfig(0.5, (16, 16), (8, 8))],
+                               samples=12)).eval()
+    pixels = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    source = ArraySource(pixels)
+    rows = []
+    model.attention[1].register_forward_hook(lambda _m, args, _o: rows.append(args[0].shape[0]))
+    out = model.predict([source] * 6, generator=torch.Generator().manual_seed(0))
+    parents = {(b, s.box) for b in range(6) for s in out.levels[0].samples[b]}
+    tiles = {box for _, box in parents}
+    assert sum(rows) == len(tiles) < len(parents)  # each distinct tile's view run once
+    alone = model.predict([ArraySource(pixels.copy()) for _ in range(6)], generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(out.logits, alone.logits, atol=1e-6)  # the same draws, the same values

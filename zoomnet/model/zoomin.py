@@ -428,6 +428,23 @@ class ZoomIn(nn.Module):
         missing = list(dict.fromkeys(k for k in keys if k not in tables.maps[level]))
         if not missing:
             return
+        # copies of one source in the batch (draw sets of one image) share their parents' maps
+        first = {id(src): b for b, src in reversed(list(enumerate(p.sources)))}
+        todo = list(dict.fromkeys((first[id(p.sources[b])], box) for b, box in missing))
+        maps, raw, allowed = self._new_maps(level, todo, p, tables)
+        if len(todo) < len(missing):
+            at = {key: i for i, key in enumerate(todo)}
+            rows = torch.tensor([at[(first[id(p.sources[b])], box)] for b, box in missing])
+            maps, raw = maps[rows.to(maps.device)], raw[rows.to(raw.device)]
+            allowed = None if allowed is None else allowed[rows.to(allowed.device)]
+        if self.config.tissue_mask and allowed is not None:
+            tables.allowed[level].add(missing, allowed)
+        tables.maps[level].add(missing, maps)
+        tables.logits[level].add(missing, raw)
+
+    def _new_maps(self, level: int, missing: list[tuple[int, Box]], p: _Pass, tables: _Tables
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The maps of ``missing`` parents (restricted), their raw logits and drawable cells."""
         height, width = p.size
         parent_hw = tuple(self.config.levels[level - 1].region)
         vs = self._level_grid(level, parent_hw).view
@@ -446,11 +463,9 @@ class ZoomIn(nn.Module):
         if tissue:  # and on tissue: a parent's glass is never drawn
             on_tissue = torch.cat(tissue)
             allowed = on_tissue if allowed is None else allowed & on_tissue
-            tables.allowed[level].add(missing, allowed)
         if allowed is not None:  # cells that would show the fill outside the image, or glass
             maps = restrict(maps, allowed.to(maps.device))
-        tables.maps[level].add(missing, maps)
-        tables.logits[level].add(missing, raw)
+        return maps, raw, allowed
 
     def _draw_children(
         self, level: int, nodes: Nodes, log_beta: torch.Tensor, allowed: torch.Tensor | None, p: _Pass
