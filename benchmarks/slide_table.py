@@ -5,8 +5,9 @@ For each trained run of ``RUNS/camelyon16/<kind>-seed<s>`` (``zoomin``: the pres
 ``masks``: the preset with ``train.mask_weight=1``; ``ats``; ``mil``: the attention-MIL
 baseline that embeds every tissue tile, ``model.kind=mil``), the test slides are predicted
 through ``predict_images`` (each run's own N, seed = the run's seed): test accuracy, AUC,
-the pixels read per slide over its level-0 pixels (what the sources decoded, at whatever
-level they read), and the seconds per slide. One row per run, then the mean per model;
+the pixels decoded per slide over its level-0 pixels (whole JPEG tiles, at whichever
+pyramid level each read is taken from; the slides opened afresh for each run), and the
+seconds per slide. One row per run, then the mean per model;
 writes ``docs/experiments/slide-table/slide_table.csv`` and a plot beside it.
 
     python benchmarks/slide_table.py /work/bench-runs/runs
@@ -33,6 +34,9 @@ KINDS = {"zoomin": "Zoom-In", "masks": "Zoom-In + masks", "ats": "ATS", "mil": "
 
 
 def one_run(run: Path, test_csv: Path, seed: int, level0: dict[str, int]) -> dict:
+    from zoomnet.sources import lazy
+
+    lazy._OPEN.clear()  # every run opens its slides afresh: no tile decoded by an earlier run is reused
     with tempfile.TemporaryDirectory() as tmp:
         results = predict_images(run, [str(test_csv)], seed=seed, out_csv=Path(tmp) / "p.csv", workers=1)
     metrics = prediction_metrics(results, list(results[0]["probabilities"]))

@@ -333,3 +333,22 @@ def test_off_the_cpu_inference_runs_in_chunks_a_gpu_can_fill(run):
     assert model.inference_chunks() == (1, 1)
     model.mean = torch.zeros(1, 3, 1, 1, device="meta")  # where the model's tensors live
     assert model.inference_chunks() == GPU_CHUNKS
+
+
+def test_what_an_image_read_is_its_own_when_its_file_is_predicted_again(run, tmp_path, monkeypatch):
+    """The open file is kept for the next image of the same path: each prediction reports
+    the pixels and bytes it had decoded, not the file's running total."""
+    from zoomnet.runs import predict_images
+    from zoomnet.sources import lazy
+    from zoomnet.sources.tiff import TiffSource
+
+    rng = np.random.default_rng(0)
+    tiled = tmp_path / "tiled.tif"
+    tifffile.imwrite(tiled, rng.integers(0, 256, (512, 512, 3), dtype=np.uint8), tile=(64, 64), compression="zlib")
+    monkeypatch.setattr(TiffSource, "cache_bytes", 0)  # every read decodes its tiles again
+    lazy._OPEN.clear()
+    first = predict_images(run, [str(tiled)], deterministic=True)[0]
+    again = predict_images(run, [str(tiled)], deterministic=True)[0]  # the same reads, through the open file
+    assert 0 < first["pixels_read"] <= 2 * 512 * 512 and 0 < first["bytes_read"]
+    for key in ("pixels_read", "bytes_read"):  # its own reads (a running total would be twice the first's)
+        assert 0.9 * first[key] <= again[key] <= first[key], key

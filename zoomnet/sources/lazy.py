@@ -44,6 +44,7 @@ class LazyImage:
             raise ImageError(self._named(str(exc))) from None
         self.channels = 3
         self.pixels_read = 0
+        self._counted_from: tuple[int, int] | None = None  # the open file's counts when this image first read it
 
     def _named(self, message: str) -> str:
         """An error message with the file named as the manifest wrote it, and where that
@@ -72,13 +73,21 @@ class LazyImage:
                 _OPEN.popitem(last=False)
         return src
 
+    def _reading(self) -> ImageSource:
+        """The open source, its counts noted the first time this image reads through it (the
+        open file is shared with any other image of the same path, before and after)."""
+        src = self.opened()
+        if self._counted_from is None:
+            self._counted_from = io_counts(src)
+        return src
+
     def read(self, box: Box, out_size: tuple[int, int] | None = None) -> torch.Tensor:
-        out = self.opened().read(box, out_size)
+        out = self._reading().read(box, out_size)
         self.pixels_read += int(out.shape[-1] * out.shape[-2])
         return out
 
     def read_many(self, boxes, out_size: tuple[int, int] | None = None) -> torch.Tensor:
-        out = read_many(self.opened(), boxes, out_size)  # (M, C, h, w)
+        out = read_many(self._reading(), boxes, out_size)  # (M, C, h, w)
         self.pixels_read += int(out.shape[0] * out.shape[-1] * out.shape[-2])
         return out
 
@@ -90,4 +99,8 @@ class LazyImage:
         return src.level0_box(box) if isinstance(src, FileFrame) else Box(*box)
 
     def io_counts(self) -> tuple[int, int]:
-        return io_counts(self.opened())
+        """Pixels decoded and bytes read since this image first read its file (not what
+        earlier images of the same path, in this process, had the open file decode)."""
+        now = io_counts(self.opened())
+        start = self._counted_from or now
+        return now[0] - start[0], now[1] - start[1]
