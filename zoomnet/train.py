@@ -85,9 +85,8 @@ def training_step(
         class_weight: cross-entropy weight per class (imbalanced sets).
         augment: colour-jitter strength (0: none); one draw per image, for all it reads.
         check_finite: read the loss and the gradient norm back and raise at once if either
-            is not finite (two waits for the device a step). False: the caller checks the
-            returned ``terms["grad_norm"]`` and the loss later (the epoch loop does, every
-            few steps: :class:`_EpochStats`).
+            is not finite (two waits for the device a step). False: the caller checks them
+            later (the epoch loop does, every few steps: :class:`_EpochStats`).
 
     Returns:
         The output, the labels, the loss and its terms (detached 0-d tensors, with the

@@ -260,8 +260,11 @@ def _check_draw_sets(draw_sets, deterministic: bool) -> None:
                         "a prediction is", sets=option, det=Option("deterministic=True", "--deterministic"))
 
 
-def _check_outputs(out_csv, heatmaps, geojson, attention_tiffs, workers: int, heatmap_size: int) -> None:
+def _check_outputs(out_csv, heatmaps, geojson, attention_tiffs, workers: int, heatmap_size: int,
+                   batch: int = 1) -> None:
     """Refuse, before any work, outputs that cannot be written and counts out of range."""
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise UserError("{batch}: give a whole number of images >= 1", batch=Option(f"batch={batch!r}", f"--batch {batch}"))
     if workers < 1:
         raise UserError("{workers}: give at least 1 thread", workers=Option(f"workers={workers}", f"--workers {workers}"))
     if heatmap_size < 64:
@@ -323,6 +326,12 @@ class _Cohort:
         print(f"zoomnet: skipped {exc}", file=sys.stderr, flush=True)
         self.bar.update(1)
 
+    def report(self, result: dict, redo: set[str], emit: Callable[[dict], None] | None) -> None:
+        """A result added (its row written unless it was predicted before) and emitted."""
+        self.add(result, result.get("true_label", ""), row=result["path"] not in redo)
+        if emit:
+            emit(result)
+
     def add(self, result: dict, label: str, row: bool = True) -> None:
         if self.writer and row:
             u = result.get("uncertainty")
@@ -360,9 +369,8 @@ def predict_images(
     (:mod:`zoomnet.uncertainty`); ``"auto"`` draws sets of an eighth of the run's draws until
     the decision is settled (at most 8).
 
-    ``batch``: images of one size predicted together, each net called once per level for
-    the whole group (a GPU's way; the draws follow the same laws, not the same numbers as
-    one at a time). ``zoomnet predict --batch`` defaults to 8 on a GPU and 1 on a CPU.
+    ``batch``: images of one size predicted together, each net once per level for the group
+    (the draws follow the same laws, not the same numbers as one at a time).
 
     Under torchrun (or with ``shard=(rank, world)``) each process predicts every
     ``world``-th input from its ``rank``-th on, appends to a part file beside ``out_csv``,
@@ -375,9 +383,7 @@ def predict_images(
     settle_heap()
     check_draws(samples)
     _check_draw_sets(draw_sets, deterministic)
-    _check_outputs(out_csv, heatmaps, geojson, attention_tiffs, workers, heatmap_size)
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise UserError("{batch}: give a whole number of images >= 1", batch=Option(f"batch={batch!r}", f"--batch {batch}"))
+    _check_outputs(out_csv, heatmaps, geojson, attention_tiffs, workers, heatmap_size, batch)
     rank, world = shard or distributed.rank_and_world()
     if world > 1 and device != "cpu":
         device = str(distributed.local_device(resolve_device(device), world))
@@ -393,23 +399,26 @@ def predict_images(
     predict = partial(_predict_one, model, config, outputs=outputs, draw_sets=draw_sets, **draws)
     prepare = partial(_open, model=model, config=config, where=f"the model in {run_dir}")
     target = out_csv if out_csv is None or world == 1 else out_csv.with_name(f".{out_csv.name}.part-{rank}.csv")
+    group = partial(_predict_group, model, config, outputs=outputs, **draws) if batch > 1 and draw_sets == 1 else None
     with _Cohort(target, header, len(items) + len(redo), len(todo), progress) as cohort:
-        def report(result: dict) -> None:
-            cohort.add(result, result.get("true_label", ""), row=result["path"] not in redo)
-            if emit:
-                emit(result)
-
         opened = prefetched(prepare, todo, workers=workers, ahead=workers + batch, name="zoomnet-open")
-        if batch > 1 and draw_sets == 1:
-            group = partial(_predict_group, model, config, outputs=outputs, **draws)
-            _in_groups(opened, batch, group, predict, cohort, len(items) == 1, device, run_dir, report)
-        else:
-            for (given, _, label), prepared in opened:
-                result = _predict_prepared(predict, prepared, given, label, cohort, len(items) == 1, device, run_dir)
-                if result is not None:
-                    report(result)
+        _predict_opened(opened, batch, group, predict, cohort, len(items) == 1, device, run_dir,
+                        partial(cohort.report, redo=redo, emit=emit))
     _finish(cohort, out_csv, header, [it[0] for it in items], rank, world)
     return cohort.results
+
+
+def _predict_opened(opened, batch: int, group: Callable | None, predict: Callable, cohort: "_Cohort", alone: bool,
+                    device: str, run_dir, report: Callable[[dict], None]) -> None:
+    """The opened inputs predicted in groups of ``batch`` (where ``group`` is given) or one
+    at a time, each result reported as it comes."""
+    if group is not None:
+        _in_groups(opened, batch, group, predict, cohort, alone, device, run_dir, report)
+        return
+    for (given, _, label), prepared in opened:
+        result = _predict_prepared(predict, prepared, given, label, cohort, alone, device, run_dir)
+        if result is not None:
+            report(result)
 
 
 def _in_groups(opened, batch: int, group: Callable, predict: Callable, cohort: "_Cohort", alone: bool, device: str,

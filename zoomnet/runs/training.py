@@ -151,6 +151,19 @@ def _new_model(config: RunConfig, dev: torch.device, rank: int, log) -> torch.nn
     return model.to(dev)
 
 
+def _choose_samples(config: RunConfig, state: _State, train: list[Example], rank: int, log) -> None:
+    """With ``model.train_samples: "auto"`` (a new run), the training N from the data,
+    written into the configuration (config.json and the checkpoints record the number)."""
+    if config.model.train_samples != "auto" or not isinstance(state.model, ZoomIn):
+        return
+    if rank == 0:
+        log("choosing the training draws (model.train_samples=auto) ...")
+    choice = choose_train_samples(state.model, train, config.train, log=log if rank == 0 else None)
+    config.model.train_samples = choice.samples
+    if rank == 0:
+        log(choice.describe())
+
+
 def _tidy_resumed(out: Path, history: list[dict]) -> None:
     """A crash may have come between a checkpoint and its copy, or the metrics: redo them."""
     for stray in out.glob(".*.tmp"):  # what a killed process was writing
@@ -235,17 +248,9 @@ class _Saver:
 
 
 def train_run(
-    config: RunConfig,
-    train_csv: str | Path,
-    val_csv: str | Path | None,
-    out_dir: str | Path,
-    resume: bool = False,
-    device: str = "auto",
-    log: Callable[[str], None] = print,
-    progress: bool = True,
-    epochs: int | None = None,
-    tensorboard: bool = False,
-    force: bool = False,
+    config: RunConfig, train_csv: str | Path, val_csv: str | Path | None, out_dir: str | Path,
+    resume: bool = False, device: str = "auto", log: Callable[[str], None] = print, progress: bool = True,
+    epochs: int | None = None, tensorboard: bool = False, force: bool = False,
 ) -> list[dict]:
     """Train a model on the manifests, writing the run folder; returns the epoch rows.
 
@@ -273,13 +278,7 @@ def train_run(
     classes = _classes(config, train_csv, resume, log)
     train, val = _examples(config, train_csv, val_csv, log)
     state = _start(config, out, resume, dev, rank, log)  # before the folder is touched: a model that fails to build
-    if config.model.train_samples == "auto" and isinstance(state.model, ZoomIn):
-        if rank == 0:
-            log("choosing the training draws (model.train_samples=auto) ...")
-        choice = choose_train_samples(state.model, train, config.train, log=log if rank == 0 else None)
-        config.model.train_samples = choice.samples  # config.json and the checkpoints record the number
-        if rank == 0:
-            log(choice.describe())
+    _choose_samples(config, state, train, rank, log)
     with run_lock(out) if rank == 0 else contextlib.nullcontext():  # one process trains into a folder
         if rank == 0:
             if resume:
