@@ -352,3 +352,8 @@ def test_what_an_image_read_is_its_own_when_its_file_is_predicted_again(run, tmp
     assert 0 < first["pixels_read"] <= 2 * 512 * 512 and 0 < first["bytes_read"]
     for key in ("pixels_read", "bytes_read"):  # its own reads (a running total would be twice the first's)
         assert 0.9 * first[key] <= again[key] <= first[key], key
+    plain = tmp_path / "plain.png"  # decoded whole as it opens: counted for the image that opened it
+    Image.fromarray(np.zeros((200, 300, 3), dtype=np.uint8)).save(plain)
+    lazy._OPEN.clear()
+    result = predict_images(run, [str(plain)], deterministic=True)[0]
+    assert result["pixels_read"] == 200 * 300 and result["bytes_read"] > 0

@@ -56,7 +56,7 @@ class LazyImage:
 
     def opened(self) -> ImageSource:
         """The open source (opened now if it is not in the per-process cache)."""
-        key = (str(self.path), self.fill, self.target_mpp, self.max_pixels)
+        key = self._key()
         with _LOCK:
             if key in _OPEN:
                 _OPEN.move_to_end(key)
@@ -73,12 +73,19 @@ class LazyImage:
                 _OPEN.popitem(last=False)
         return src
 
+    def _key(self) -> tuple:
+        return (str(self.path), self.fill, self.target_mpp, self.max_pixels)
+
     def _reading(self) -> ImageSource:
         """The open source, its counts noted the first time this image reads through it (the
-        open file is shared with any other image of the same path, before and after)."""
+        open file is shared with any other image of the same path, before and after; a file
+        opened now counts from zero: a plain image is decoded whole as it opens)."""
+        if self._counted_from is not None:
+            return self.opened()
+        with _LOCK:
+            fresh = self._key() not in _OPEN
         src = self.opened()
-        if self._counted_from is None:
-            self._counted_from = io_counts(src)
+        self._counted_from = (0, 0) if fresh else io_counts(src)
         return src
 
     def read(self, box: Box, out_size: tuple[int, int] | None = None) -> torch.Tensor:
