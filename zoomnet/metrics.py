@@ -137,25 +137,20 @@ def attention_entropy(out: ZoomInOutput) -> list[float]:
 def attention_entropy_values(out: ZoomInOutput) -> torch.Tensor:
     """:func:`attention_entropy` as a ``(levels,)`` tensor on the maps' device, computed
     without reading anything back (training logs it every few steps)."""
+    device = next((lp.device for level in out.log_maps for lp in level), torch.device("cpu"))
     values = []
     for level in out.log_maps:
-        ratios = []
-        for lp in level:
-            if not lp.numel():
-                continue
-            lp = lp.detach().float()
+        ratios, kept = [], []
+        for lp in (lp.detach().float() for lp in level if lp.numel()):
             cells = sampling.drawable(lp).sum(-1)  # (M,) cells each map may draw
-            keep = cells > 1
-            ratio = -(lp.exp() * lp).sum(-1) / torch.where(keep, cells, 2).double().log().float()
-            ratios.append((torch.where(keep, ratio, 0.0).sum(), keep.sum()))
-        if ratios:
-            total, kept = (torch.stack(v).sum() for v in zip(*ratios))
-            values.append((total / kept).float())  # 0 / 0: NaN where no map has two cells
-        else:
-            values.append(None)
-    device = next((v.device for v in values if v is not None), torch.device("cpu"))
-    nan = torch.tensor(float("nan"), device=device)
-    return torch.stack([nan if v is None else v for v in values]) if values else torch.zeros(0)
+            kept.append(cells > 1)
+            ratios.append(-(lp.exp() * lp).sum(-1) / torch.where(kept[-1], cells, 2).double().log().float())
+        if not ratios:
+            values.append(torch.tensor(float("nan"), device=device))
+            continue
+        keep = torch.cat(kept)
+        values.append(torch.where(keep, torch.cat(ratios), 0.0).sum() / keep.sum())  # 0 / 0: NaN, no map has two cells
+    return torch.stack(values) if values else torch.zeros(0)
 
 
 def subtile_signal(leaf_logits: torch.Tensor, leaf_image: torch.Tensor, labels: torch.Tensor) -> float:

@@ -14,7 +14,7 @@ from zoomnet.core.source import ImageSource
 from zoomnet.model.outputs import ZoomInOutput, in_eval_mode
 from zoomnet.model.reading import view_size
 from zoomnet.nets.features import PreActBlock
-from zoomnet.nets.layout import conv_layout
+from zoomnet.nets.layout import conv_layout, standardized
 
 
 class CNNBaseline(nn.Module):
@@ -46,7 +46,7 @@ class CNNBaseline(nn.Module):
     def forward(self, sources: Sequence[ImageSource], views: torch.Tensor | None = None, **_) -> ZoomInOutput:
         if views is None:
             views = self.read_views(sources)
-        x = conv_layout((views.to(self.mean.device) - self.mean) / self.std)  # (B, C, h, w)
+        x = conv_layout(standardized(views, self.mean, self.std))  # (B, C, h, w)
         feats = self.body(x).amax(dim=(2, 3))  # (B, width): global max pooling
         return ZoomInOutput(logits=self.head(feats), z=feats, levels=[], log_maps=[], parents=[])
 

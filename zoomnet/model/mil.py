@@ -25,7 +25,7 @@ from zoomnet.model.chunks import in_chunks
 from zoomnet.model.outputs import ZoomInOutput, in_eval_mode
 from zoomnet.model.reading import read_boxes, view_size
 from zoomnet.nets import build
-from zoomnet.nets.layout import conv_layout
+from zoomnet.nets.layout import conv_layout, standardized
 
 TISSUE_SHARE = 0.1  # a tile with at least this share of tissue pixels in the level-1 view is read
 
@@ -88,8 +88,8 @@ class AttentionMIL(nn.Module):
         for b, source in enumerate(sources):
             keys = [(0, box) for box in self.tiles(views[b], h, w)]
             pixels = read_boxes([source], keys, size)  # (T, C, s, s)
-            feats = in_chunks(self.feature, lambda x: self.feature(
-                conv_layout(((x.to(self.mean.device) - self.mean) / self.std).to(self.mean.dtype))), pixels)  # (T, D)
+            feats = in_chunks(self.feature, lambda x: self.feature(conv_layout(standardized(x, self.mean, self.std))),
+                              pixels)  # (T, D)
             gate = torch.tanh(self.attention_v(feats)) * torch.sigmoid(self.attention_u(feats))  # (T, H)
             a = F.softmax(self.attention_w(gate).squeeze(1), dim=0)  # (T,)
             bags.append(a @ feats)  # (D,)

@@ -41,7 +41,7 @@ from zoomnet.model.outputs import LevelTrace, Sample, ZoomInOutput, in_eval_mode
 from zoomnet.model.reading import read_boxes, repeat_edges, view_size
 from zoomnet.nets import build
 from zoomnet.nets.encoders import encoder_input
-from zoomnet.nets.layout import conv_layout
+from zoomnet.nets.layout import conv_layout, standardized
 from zoomnet.nets.registry import resolve
 
 
@@ -56,6 +56,13 @@ class _Done:
 
     def result(self):
         return self.value
+
+
+def first_copies(sources: Sequence[ImageSource]) -> list[int]:
+    """Per image of a batch, the first image with the same source object (itself where
+    none comes before): copies of one image, as draw sets are, share what is computed of it."""
+    first: dict[int, int] = {}
+    return [first.setdefault(id(src), b) for b, src in enumerate(sources)]
 
 
 GPU_CHUNKS = (256, 64)  # the least chunk and view_chunk off the CPU (the defaults: a few MB of activations)
@@ -184,13 +191,13 @@ class ZoomIn(nn.Module):
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """Raw pixels ``(M, C, h, w)`` -> network input (in the model's dtype and
         :func:`conv_layout`)."""
-        return conv_layout(((pixels.to(self.mean.device) - self.mean) / self.std).to(self.mean.dtype))
+        return conv_layout(standardized(pixels, self.mean, self.std))
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """Raw sub-tile pixels ``(L, C, h, w)`` -> features ``(L, D)``: normalised with the
         feature net's statistics, resampled to its input size (where it declares one), and
         without gradients through a frozen net."""
-        x = ((pixels.to(self.mean.device) - self.feature_mean) / self.feature_std).to(self.mean.dtype)
+        x = standardized(pixels, self.feature_mean, self.feature_std)
         if self.feature_size is not None and tuple(x.shape[-2:]) != self.feature_size:
             x = F.interpolate(x, size=self.feature_size, mode="bilinear", align_corners=False, antialias=True)
         with torch.no_grad() if self.config.feature_frozen else contextlib.nullcontext():
@@ -269,10 +276,13 @@ class ZoomIn(nn.Module):
         else:
             if views is None:
                 views = self.read_views(sources)
-            if len(views) > 1 and views.stride(0) == 0:  # copies of one view (draw sets of one image): its maps once
-                log_alpha, raw_alpha = (t.expand(len(views), -1) for t in self._attention_maps(0, views[:1], (height, width)))
-            else:
-                log_alpha, raw_alpha = self._attention_maps(0, views, (height, width))  # (B, G1) each
+            first = first_copies(sources)  # copies of one source (draw sets of one image): its maps once
+            unique = sorted(set(first))
+            shared = views if len(unique) == len(sources) else views[unique]  # no copy of distinct views
+            log_alpha, raw_alpha = self._attention_maps(0, shared, (height, width))  # (B', G1) each
+            if len(unique) < len(sources):
+                rows = torch.tensor([unique.index(b) for b in first], device=log_alpha.device)
+                log_alpha, raw_alpha = log_alpha[rows], raw_alpha[rows]
             if self.config.tissue_mask:
                 tables.thresholds = [tissue_threshold(v) for v in views.cpu()]
                 tissue = tissue_of_views(views.cpu(), tables.thresholds)
@@ -428,13 +438,12 @@ class ZoomIn(nn.Module):
         missing = list(dict.fromkeys(k for k in keys if k not in tables.maps[level]))
         if not missing:
             return
-        # copies of one source in the batch (draw sets of one image) share their parents' maps
-        first = {id(src): b for b, src in reversed(list(enumerate(p.sources)))}
-        todo = list(dict.fromkeys((first[id(p.sources[b])], box) for b, box in missing))
+        first = first_copies(p.sources)  # copies of one source (draw sets of one image) share their parents' maps
+        todo = list(dict.fromkeys((first[b], box) for b, box in missing))
         maps, raw, allowed = self._new_maps(level, todo, p, tables)
         if len(todo) < len(missing):
             at = {key: i for i, key in enumerate(todo)}
-            rows = torch.tensor([at[(first[id(p.sources[b])], box)] for b, box in missing])
+            rows = torch.tensor([at[(first[b], box)] for b, box in missing])
             maps, raw = maps[rows.to(maps.device)], raw[rows.to(raw.device)]
             allowed = None if allowed is None else allowed[rows.to(allowed.device)]
         if self.config.tissue_mask and allowed is not None:

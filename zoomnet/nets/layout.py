@@ -20,3 +20,9 @@ def conv_layout(x: torch.Tensor) -> torch.Tensor:
     if x.device.type == "cpu" and x.dim() == 4 and x.numel() >= 20480:
         return x.contiguous(memory_format=torch.channels_last)
     return x
+
+
+def standardized(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Raw pixels ``(M, C, h, w)`` minus ``mean``, over ``std`` (``(1, C, 1, 1)`` each), on
+    their device and in their dtype: what every net is fed, before :func:`conv_layout`."""
+    return ((pixels.to(mean.device) - mean) / std).to(mean.dtype)

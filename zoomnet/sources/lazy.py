@@ -44,7 +44,11 @@ class LazyImage:
             raise ImageError(self._named(str(exc))) from None
         self.channels = 3
         self.pixels_read = 0
-        self._counted_from: tuple[int, int] | None = None  # the open file's counts when this image first read it
+        # what the open file (shared with other images of the path) had decoded before this
+        # image: nothing where it is not open yet (a plain image decodes whole as it opens)
+        with _LOCK:
+            open_now = _OPEN.get(self._key())
+        self._counted_from = io_counts(open_now) if open_now is not None else (0, 0)
 
     def _named(self, message: str) -> str:
         """An error message with the file named as the manifest wrote it, and where that
@@ -76,25 +80,13 @@ class LazyImage:
     def _key(self) -> tuple:
         return (str(self.path), self.fill, self.target_mpp, self.max_pixels)
 
-    def _reading(self) -> ImageSource:
-        """The open source, its counts noted the first time this image reads through it (the
-        open file is shared with any other image of the same path, before and after; a file
-        opened now counts from zero: a plain image is decoded whole as it opens)."""
-        if self._counted_from is not None:
-            return self.opened()
-        with _LOCK:
-            fresh = self._key() not in _OPEN
-        src = self.opened()
-        self._counted_from = (0, 0) if fresh else io_counts(src)
-        return src
-
     def read(self, box: Box, out_size: tuple[int, int] | None = None) -> torch.Tensor:
-        out = self._reading().read(box, out_size)
+        out = self.opened().read(box, out_size)
         self.pixels_read += int(out.shape[-1] * out.shape[-2])
         return out
 
     def read_many(self, boxes, out_size: tuple[int, int] | None = None) -> torch.Tensor:
-        out = read_many(self._reading(), boxes, out_size)  # (M, C, h, w)
+        out = read_many(self.opened(), boxes, out_size)  # (M, C, h, w)
         self.pixels_read += int(out.shape[0] * out.shape[-1] * out.shape[-2])
         return out
 
@@ -109,5 +101,4 @@ class LazyImage:
         """Pixels decoded and bytes read since this image first read its file (not what
         earlier images of the same path, in this process, had the open file decode)."""
         now = io_counts(self.opened())
-        start = self._counted_from or now
-        return now[0] - start[0], now[1] - start[1]
+        return now[0] - self._counted_from[0], now[1] - self._counted_from[1]
