@@ -394,6 +394,66 @@ def test_training_in_heap_sized_chunks_gives_the_values_and_gradients_of_one_cal
         assert torch.allclose(grad, chunked_grads[name], rtol=1e-4, atol=1e-6), name
 
 
+@pytest.mark.parametrize("feature", ["lenet", "resnet"])
+def test_rows_padded_to_buckets_give_the_values_and_gradients_of_the_rows_alone(monkeypatch, feature):
+    """Off the CPU each net's rows are padded to a few counts (1, 2, 3, 4, 6, 8, 12, ...) so
+    that a GPU plans few shapes: training and inference give the values and gradients they
+    give unpadded (the CPU's rule stood in for a GPU's here)."""
+    from zoomnet.model import chunks
+
+    cfg = ModelConfig(levels=[LevelConfig(0.125, (64, 64), "tiled"), LevelConfig(0.5, (16, 16), (4.0, 4.0))],
+                      samples=12, feature=feature, num_classes=3, chunk=5)
+    srcs = [ArraySource(np.random.default_rng(i).integers(0, 255, (256, 256, 3), dtype=np.uint8)) for i in range(2)]
+    torch.manual_seed(0)
+    model = ZoomIn(cfg).double().train()
+    rows = {"feature": [], "attention": []}
+    model.feature.register_forward_hook(lambda m, i, o: rows["feature"].append(i[0].shape[0]))
+    model.attention[1].register_forward_hook(lambda m, i, o: rows["attention"].append(i[0].shape[0]))
+    buckets = {chunks.bucket(n) for n in range(1, 1000)}
+
+    def run(unpadded: tuple[str, ...]):
+        monkeypatch.setattr(chunks, "UNPADDED_DEVICES", unpadded)
+        monkeypatch.setattr(chunks, "HEAP_BLOCK_BYTES", 0)
+        for r in rows.values():
+            r.clear()
+        model.zero_grad()
+        out = model(srcs, generator=torch.Generator().manual_seed(5), contrastive=True)
+        (out.logits.logsumexp(1).sum() + out.contrastive_logits.square().sum()).backward()
+        with torch.no_grad():
+            pred = model.predict(srcs, generator=torch.Generator().manual_seed(6))
+        return out, pred, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, plain_pred, plain_grads = run(("cpu", "meta"))
+    assert not set(rows["feature"]) <= buckets  # unpadded, the draws give other counts
+    pad, pad_pred, pad_grads = run(("meta",))
+    assert set(rows["feature"]) <= buckets and set(rows["attention"]) <= buckets
+    assert pad.leaf_boxes == plain.leaf_boxes and pad.leaf_features.shape == plain.leaf_features.shape
+    torch.testing.assert_close(pad.leaf_features, plain.leaf_features, rtol=0, atol=1e-10)
+    torch.testing.assert_close(pad.logits, plain.logits, rtol=0, atol=1e-10)
+    torch.testing.assert_close(pad.contrastive_logits, plain.contrastive_logits, rtol=0, atol=1e-10)
+    torch.testing.assert_close(pad_pred.logits, plain_pred.logits, rtol=0, atol=1e-10)
+    assert pad_grads.keys() == plain_grads.keys()
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(pad_grads[name], grad, rtol=1e-9, atol=1e-10, msg=name)
+
+
+def test_a_net_with_batch_statistics_in_training_is_never_padded(monkeypatch):
+    from torch import nn
+
+    from zoomnet.model import chunks
+
+    monkeypatch.setattr(chunks, "UNPADDED_DEVICES", ())
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    x = torch.randn(5, 3, 8, 8)
+    seen = []
+    net.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
+    assert chunks.padded(net, net, x).shape[0] == 5 and seen == [5]  # training: BatchNorm's statistics need the rows alone
+    net.eval()
+    out = chunks.padded(net, net, x)
+    assert out.shape[0] == 5 and seen[-1] == 6  # eval: rows are independent, padded to the bucket
+    torch.testing.assert_close(out, net(x))
+
+
 def test_deterministic_and_seeded_predictions_repeat():
     model, src = counting_setup()
     a = model.predict([src], deterministic=True)
@@ -509,6 +569,30 @@ def test_a_batch_predicts_what_each_image_predicts_alone(chunk):
     assert not torch.allclose(batch.z[0], batch.z[1])  # the images differ, so must their z
 
 
+def test_cpu_inference_bounds_the_bytes_of_a_levels_views_per_call(monkeypatch):
+    """On a CPU a deeper level's views go through its attention net in calls whose widest
+    layer output stays under ``VIEW_CHUNK_BYTES`` (large views: fewer per call than
+    ``view_chunk``), with the same maps and predictions as in one call."""
+    from zoomnet.model import zoomin
+
+    cfg = ModelConfig(levels=[LevelConfig(0.125, (64, 64)), LevelConfig(0.5, (16, 16), (4.0, 4.0))], samples=40,
+                      view_chunk=16)
+    torch.manual_seed(0)
+    model = ZoomIn(cfg).double().eval()
+    sources = [ArraySource(np.random.default_rng(1).integers(0, 255, (256, 256, 3), dtype=np.uint8))]
+    rows = []
+    model.attention[1].register_forward_hook(lambda _m, args, _out: rows.append(args[0].shape[0]))
+    whole = model.predict(sources, deterministic=True)
+    assert max(rows) > 3  # one call took more than three of the 16 parents' 32^2 views
+    per_view = 8 * 32 * 32 * 8  # the widest layer: 8 channels of 32^2, float64
+    monkeypatch.setattr(zoomin, "VIEW_CHUNK_BYTES", 3 * per_view)
+    rows.clear()
+    parts = model.predict(sources, deterministic=True)
+    assert len(rows) > 1 and max(rows) == 3
+    torch.testing.assert_close(parts.logits, whole.logits, rtol=0, atol=1e-12)
+    torch.testing.assert_close(parts.z, whole.z, rtol=0, atol=1e-12)
+
+
 def test_model_never_draws_a_sub_tile_centred_outside_the_image():
     """A 200x150 image under 128 px tiles: the tiles stick out by 56 and 106 px; no drawn
     sub-tile is centred in the fill, and every tile's map is a distribution."""
@@ -601,6 +685,7 @@ def test_copies_of_one_image_share_their_parents_maps():
                                samples=12)).eval()
     pixels = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
     source = ArraySource(pixels)
+    model.predict([source])  # the CPU's views per call measured once per net and view size (a probe of one row)
     rows = []
     model.attention[1].register_forward_hook(lambda _m, args, _o: rows.append(args[0].shape[0]))
     out = model.predict([source] * 6, generator=torch.Generator().manual_seed(0))

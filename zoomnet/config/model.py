@@ -147,7 +147,8 @@ class ModelConfig:
             least 256 (``ZoomIn.inference_chunks``).
         view_chunk: parent views per batch of a deeper level's attention net at inference
             (training runs a level's views in one batch: their activations are kept for the
-            backward pass anyway); on a GPU at least 64.
+            backward pass anyway); on a GPU at least 64, on a CPU no more than keep the net's
+            widest layer under 8 MB (``ZoomIn._views_per_call``: four of a slide's 256^2 views).
         tissue_mask: cells without tissue get no attention mass, at every level, in the
             ordinary and the contrastive sample alike (bright-field slides): Otsu's threshold
             on the saturation of each image's level-1 view, applied to every view of it.

@@ -35,7 +35,7 @@ from zoomnet.core.source import ImageSource
 from zoomnet.core.tissue import tissue_of_views, tissue_threshold
 from zoomnet.data.prefetch import prefetched
 from zoomnet.model.cells import CellTable, LevelGrid, Nodes, restrict
-from zoomnet.model.chunks import in_chunks
+from zoomnet.model.chunks import in_chunks, padded, widest_output
 from zoomnet.model.host import HostValues, to_host
 from zoomnet.model.outputs import LevelTrace, Sample, ZoomInOutput, in_eval_mode
 from zoomnet.model.reading import read_boxes, repeat_edges, view_size
@@ -66,6 +66,7 @@ def first_copies(sources: Sequence[ImageSource]) -> list[int]:
 
 
 GPU_CHUNKS = (256, 64)  # the least chunk and view_chunk off the CPU (the defaults: a few MB of activations)
+VIEW_CHUNK_BYTES = 8 << 20  # on a CPU at inference: a deeper level's views per call keep its widest layer under this
 
 
 def attend(net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -220,6 +221,19 @@ class ZoomIn(nn.Module):
         if self.mean.device.type == "cpu":
             return chunk, view_chunk
         return max(chunk, GPU_CHUNKS[0]), max(view_chunk, GPU_CHUNKS[1])
+
+    def _views_per_call(self, level: int, view_hw: tuple[int, int]) -> int:
+        """Parent views per call of ``level``'s attention net at inference: ``view_chunk`` (at
+        least ``GPU_CHUNKS[1]`` off the CPU); on a CPU no more than keep the net's widest layer
+        output under ``VIEW_CHUNK_BYTES``, so that a slide's large views (a 1/32 view of an
+        8192 px tile is 256^2) take a few MB per call, as a small image's do."""
+        step = self.inference_chunks()[1]
+        if self.mean.device.type != "cpu":
+            return step
+        net = self.attention[level]
+        probe = torch.zeros(1, self.mean.shape[1], *view_hw, device=self.mean.device)
+        per_view = widest_output(net, lambda v: attend(net, self.normalize(v)), probe)
+        return max(1, min(step, VIEW_CHUNK_BYTES // per_view))
 
     def views_in_strips(self, height: int, width: int) -> bool:
         """Whether the level-1 view of an image of this size is read and run in strips
@@ -459,7 +473,7 @@ class ZoomIn(nn.Module):
         vs = self._level_grid(level, parent_hw).view
         # inference: the memory of one chunk; training keeps every chunk's activations for
         # the backward pass anyway, so its views go through the net in one call
-        step = self.inference_chunks()[1] if not torch.is_grad_enabled() else len(missing)
+        step = self._views_per_call(level, vs) if not torch.is_grad_enabled() else len(missing)
         pieces, tissue = [], []  # cell logits, chunk by chunk: small beside the net's activations
         for start in range(0, len(missing), step):
             part = missing[start : start + step]
@@ -571,7 +585,7 @@ class ZoomIn(nn.Module):
         else:
             reads = ((s, _Done(read_boxes(sources, keys[s : s + chunk]))) for s in starts)
         for start, pixels in reads:  # inference: memory of one chunk
-            feats = self.encode(pixels.result())  # (chunk, D)
+            feats = padded(self.feature, self.encode, pixels.result())  # (chunk, D)
             sl = slice(start, min(start + chunk, len(keys)))
             z = z.index_add(0, image[sl], weights[sl, None] * feats.to(weights.dtype))
         return z, None, image, boxes, leaf_paths
