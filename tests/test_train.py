@@ -122,6 +122,32 @@ def test_views_read_ahead_train_the_same_weights(augment):
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
 
+def test_an_epoch_reports_what_it_decoded_and_read_from_its_files(tmp_path):
+    """``pixels_decoded``, ``bytes_read`` and ``decoded_share`` of an epoch: PNGs decode whole
+    as they open (every pixel, every byte, once), and the next epoch finds them open."""
+    from PIL import Image
+
+    from zoomnet.data.examples import Example
+    from zoomnet.sources.lazy import LazyImage
+    from zoomnet.train import make_optimizer, train_epoch
+
+    rng = np.random.default_rng(0)
+    examples = []
+    for i in range(6):
+        path = tmp_path / f"i{i}.png"
+        Image.fromarray(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8)).save(path)
+        examples.append(Example(LazyImage(path, path.name), i % 2, None, path.name))
+    cfg = TrainConfig(epochs=2, batch_size=2)
+    torch.manual_seed(0)
+    model = ZoomIn(ModelConfig(levels=[LevelConfig(0.25, (32, 32)), LevelConfig(0.5, (16, 16), (8, 8))], samples=4))
+    optimizer, generator = make_optimizer(model, cfg), torch.Generator().manual_seed(0)
+    first = train_epoch(model, examples, cfg, optimizer, 1, generator, progress=False)
+    assert first["pixels_decoded"] == 6 * 64 * 96 and first["decoded_share"] == 1.0
+    assert first["bytes_read"] == sum((tmp_path / f"i{i}.png").stat().st_size for i in range(6))
+    second = train_epoch(model, examples, cfg, optimizer, 2, generator, progress=False)
+    assert second["pixels_decoded"] == second["bytes_read"] == 0 and second["decoded_share"] == 0.0
+
+
 def test_multiclass_terms_have_gradients_everywhere():
     torch.manual_seed(0)
     model = ZoomIn(_config())

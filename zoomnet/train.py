@@ -32,6 +32,7 @@ from zoomnet.metrics import attention_entropy_values, log_loss, object_hits, sub
 from zoomnet.model import ZoomIn, ZoomInOutput
 from zoomnet.objective import training_loss
 from zoomnet.sources.jitter import JitteredSource
+from zoomnet.sources.base import level0_size, read_totals
 
 __all__ = ["NonFiniteLoss", "TrainConfig", "evaluate", "fit", "make_optimizer", "make_scheduler", "train_epoch",
            "training_step"]
@@ -154,6 +155,8 @@ class _EpochStats:
         self.entropy: list[list[float]] = []  # per batch, per level
         self.signal: list[float] = []
         self._pending: list[tuple[int, dict[str, torch.Tensor]]] = []  # per step: images, device values
+        self.read_from = read_totals()  # the process's file reads when the epoch began
+        self.level0 = 0  # level-0 pixels of the images stepped on
 
     def add(self, core: torch.nn.Module, out: ZoomInOutput, batch: list[Example], labels: torch.Tensor,
             terms: dict[str, torch.Tensor], loss: torch.Tensor | None = None) -> None:
@@ -169,6 +172,7 @@ class _EpochStats:
                 with torch.no_grad():
                     values["signal"] = subtile_signal_value(core.classifier(out.leaf_features), out.leaf_image, labels)
         self.hits = [a + b for a, b in zip(self.hits, object_hits(out, batch))]  # masks: on the host
+        self.level0 += sum(math.prod(level0_size(e.source)) for e in batch)
         self._pending.append((len(batch), values))
         if len(self._pending) >= self.every:
             self.flush()
@@ -212,6 +216,9 @@ class _EpochStats:
             seconds=seconds,
             images_per_s=self.seen / max(seconds, 1e-9),
         )
+        # what this process's files decoded and read in the epoch (level-1 views read ahead included)
+        pixels, nbytes = (now - then for now, then in zip(read_totals(), self.read_from))
+        stats.update(pixels_decoded=pixels, bytes_read=nbytes, decoded_share=pixels / self.level0 if self.level0 else math.nan)
         for level, values in enumerate(zip(*self.entropy), start=1):
             stats[f"attention_entropy_{level}"] = sum(values) / len(values)
         signal = [v for v in self.signal if math.isfinite(v)]  # a batch without sub-tiles has none

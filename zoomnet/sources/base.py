@@ -4,6 +4,7 @@ a source that records what is read."""
 
 from __future__ import annotations
 
+import threading
 from typing import Sequence
 
 import torch
@@ -12,7 +13,18 @@ from zoomnet.core.geometry import Box
 from zoomnet.core.source import FileFrame, ImageSource, read_many
 
 __all__ = ["CountingSource", "FileBacked", "FileFrame", "ImageSource", "io_counts", "level0_box", "level0_size",
-           "read_many"]
+           "read_many", "read_totals"]
+
+_TOTALS = [0, 0]  # pixels decoded and bytes read by every file source of this process
+_TOTALS_LOCK = threading.Lock()  # sources are read from prefetch threads too
+
+
+def read_totals() -> tuple[int, int]:
+    """``(pixels decoded, compressed bytes read)`` by every file source of this process so
+    far (whatever files were closed and reopened since): a training epoch's read volume is
+    the difference across it."""
+    with _TOTALS_LOCK:
+        return _TOTALS[0], _TOTALS[1]
 
 
 class FileBacked:
@@ -23,6 +35,14 @@ class FileBacked:
     width: int
     pixels_decoded: int = 0
     bytes_read: int = 0
+
+    def count_read(self, pixels: int, nbytes: int = 0) -> None:
+        """Add ``pixels`` decoded and ``nbytes`` read to this source's counts and the process's."""
+        self.pixels_decoded += pixels
+        self.bytes_read += nbytes
+        with _TOTALS_LOCK:
+            _TOTALS[0] += pixels
+            _TOTALS[1] += nbytes
 
     def level0_size(self) -> tuple[int, int]:
         return self.height, self.width

@@ -77,5 +77,4 @@ class PillowSource(ArraySource, FileBacked):
                 "truncated or not an image: re-export it"
             ) from None
         super().__init__(array, fill=fill)
-        self.bytes_read = os.path.getsize(path)
-        self.pixels_decoded = self.height * self.width  # decoded whole
+        self.count_read(self.height * self.width, os.path.getsize(path))  # decoded whole

@@ -91,7 +91,7 @@ class OpenSlideSource(FileBacked):
                 "pyramid (e.g. `vips tiffsave IN OUT.tif --tile --pyramid`) or raise data.max_pixels"
             )
         region = np.asarray(self._slide.read_region((left, top), level, (lw, lh)), dtype=np.float32)  # RGBA
-        self.pixels_decoded += lh * lw
+        self.count_read(lh * lw)
         alpha = region[..., 3:4] / 255.0  # transparent outside the slide: the fill value
         rgb = region[..., :3] * alpha + self.fill * (1 - alpha)
         pixels = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)

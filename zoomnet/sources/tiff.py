@@ -283,10 +283,9 @@ class TiffSource(FileBacked):
         else:
             decoded = [self._decode(level, *rc) for rc in missing]
         for (r, c), tile in zip(missing, decoded):
-            self.pixels_decoded += th * tw  # the codec decodes whole tiles
             index = r * lv.tiles_across + c
-            if index < len(lv.bytecounts):
-                self.bytes_read += int(lv.bytecounts[index])
+            # the codec decodes whole tiles
+            self.count_read(th * tw, int(lv.bytecounts[index]) if index < len(lv.bytecounts) else 0)
             found[(r, c)] = self._cache[(level, r, c)] = tile
             self._cached_bytes += tile.nbytes
             while self._cached_bytes > self.cache_bytes and len(self._cache) > 1:
