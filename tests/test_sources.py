@@ -265,3 +265,34 @@ def test_a_png_over_pillows_bomb_limit_is_called_too_large_with_the_fix(run, dat
     assert main(["predict", str(run), str(data / "set/images/tiny_00001.png"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "too large to decode whole" in err and "vips tiffsave" in err, err
+
+
+def test_a_slides_mask_is_read_band_by_band_never_at_the_slides_size(tmp_path, monkeypatch):
+    """A mask stored at 1/16 of a large slide: whether it marks anything, and its coverage of
+    the level-1 cells, come from bands of the stored mask (the same values as the whole
+    read), never from the mask blown up to the slide's level-0 size."""
+    from zoomnet.data.examples import Example
+    from zoomnet.sources import mask as masks
+    from zoomnet.sources.lazy import LazyImage
+
+    monkeypatch.setattr(masks, "BAND_PIXELS", 4096)
+    stored = np.zeros((320, 480), np.uint8)
+    stored[301, 7] = 1  # one pixel of object, in the last band
+    stored[40:100, 200:330] = 255
+    tifffile.imwrite(tmp_path / "m.tif", stored, tile=(64, 64), compression="zlib")
+    image = type("Slide", (), {"height": 320 * 16, "width": 480 * 16})()  # a 5120 x 7680 slide
+    mask = masks.MaskSource(LazyImage(tmp_path / "m.tif", "m.tif"), image)
+    reads = []
+    inner = mask.src.read
+    mask.src.read = lambda box, out_size=None: reads.append(box) or inner(box, out_size)
+    assert Example(None, 1, mask).has_objects()
+    assert max(b.height * b.width for b in reads) <= 4096 + 480  # bands, never the whole mask
+    reads.clear()
+    cells = mask.read(Box(0, 0, image.height, image.width), (8, 12))  # level-1 cells of 640 px
+    assert len(reads) == 8 and max(b.height * b.width for b in reads) == 480 * 40  # one cell row's band at a time
+    expected = torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy(stored > 0).float()[None], (8, 12))
+    torch.testing.assert_close(cells, expected)
+    empty = np.zeros_like(stored)
+    tifffile.imwrite(tmp_path / "e.tif", empty, tile=(64, 64), compression="zlib")
+    assert not Example(None, 0, masks.MaskSource(LazyImage(tmp_path / "e.tif", "e.tif"), image)).has_objects()
+

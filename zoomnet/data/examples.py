@@ -31,7 +31,10 @@ class Example:
         """Whether the mask marks any object (read once, then remembered)."""
         if self._objects is None:
             m = self.mask
-            self._objects = m is not None and float(m.read(Box(0, 0, m.height, m.width)).max()) > 0
+            if m is not None and hasattr(m, "any_object"):  # a mask file: at its stored size, band by band
+                self._objects = m.any_object()
+            else:
+                self._objects = m is not None and float(m.read(Box(0, 0, m.height, m.width)).max()) > 0
         return self._objects
 
 
