@@ -548,3 +548,25 @@ def test_evaluate_without_masks_reports_no_hit_rate(data, run, tmp_path, capsys)
     assert main(["evaluate", str(run), str(plain), "--quiet"]) == 0
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert metrics["hit_rate"] is None and metrics["images_hit"] is None
+
+
+def test_the_three_level_slide_preset_trains_on_the_slide_writers_cohort_with_masks(tmp_path, capsys):
+    """A small cohort of ``make-data slides`` (tissue on glass, JPEG pyramids, masks at 1/16)
+    trains with ``camelyon16-k3`` and its masks through the CLI: the masks' term and hit
+    rate are reported, and each epoch's reads are a small share of the slides' pixels."""
+    data = tmp_path / "slides"
+    assert main(["make-data", "slides", str(data), "--num", "6", "--size", "4000", "--tile", "256", "--seed", "1"]) == 0
+    out = tmp_path / "run"
+    assert main(["train", "--config", "camelyon16-k3", "--train", str(data / "train.csv"), "--val",
+                 str(data / "val.csv"), "--out", str(out), "--epochs", "2", "--quiet", "--device", "cpu",
+                 "--set", "train.mask_weight=1", "model.samples=12"]) == 0
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert len(rows) == 2
+    for r in rows:
+        assert float(r["loss_mask"]) > 0 and 0 <= float(r["train_hit_rate"]) <= 1
+        assert int(r["pixels_decoded"]) > 0 and int(r["bytes_read"]) > 0
+    assert 0 < float(rows[0]["decoded_share"]) < 1  # level 0 is read only where the draws went
+    capsys.readouterr()
+    assert main(["evaluate", str(out), str(data / "test.csv"), "--quiet"]) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert metrics["images"] == 2 and "hit_rate" in metrics
