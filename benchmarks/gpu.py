@@ -15,7 +15,8 @@ runs on, for float32 and for bfloat16 autocast (the nets only; the estimator sta
   The ``fmow`` row is a 700x1100 image under 500 px tiles, so it runs the path of tiles that
   stick out of the image (cells left out of the maps, tile views that repeat the edge).
 - ``diagnose``: where the time of a ``needle-camelyon`` training step (N = 200, B = 8) goes:
-  the step with draws that repeat (the same shapes every step) and with cuDNN off, and the
+  the step with draws that repeat (the same shapes every step), with each net's rows not
+  padded to a few counts (``zoomnet.model.chunks.padded``), with cuDNN off, and the
   profiler's self time on the host and on the device (the tables go to the log).
 - ``gigapixel``: ``predict_images`` of an untrained ``camelyon16`` run (Zoom-In and ATS) on a
   slide written by ``zoomnet make-data gigapixel`` (``--slide-size``), on CUDA: seconds
@@ -53,6 +54,7 @@ from zoomnet.bench import SETTINGS, bench_image, setting_config  # noqa: E402
 from zoomnet.config import load_config  # noqa: E402
 from zoomnet.data.examples import Example  # noqa: E402
 from zoomnet.model import build_model  # noqa: E402
+from zoomnet.model import chunks  # noqa: E402
 from zoomnet.sources import ArraySource  # noqa: E402
 from zoomnet.sources.held import NumpySource  # noqa: E402
 from zoomnet.train import make_optimizer, training_step  # noqa: E402
@@ -181,6 +183,12 @@ def diagnose(preset: str, draws: int, batch: int, repeats: int) -> list[dict]:
             rows.append({"part": "diagnose", "setting": preset, "model": f"{name} N={draws} B={batch}",
                          "precision": precision, "device": CUDA.type,
                          "ms_per_image": round(timed(fn, CUDA, repeats, 1) * 1000 / batch, 1)})
+        unpadded = chunks.UNPADDED_DEVICES
+        chunks.UNPADDED_DEVICES = (*unpadded, CUDA.type)  # rows as they come: a new shape for each count
+        rows.append({"part": "diagnose", "setting": preset, "model": f"varying draws, rows unpadded N={draws} B={batch}",
+                     "precision": precision, "device": CUDA.type,
+                     "ms_per_image": round(timed(step, CUDA, repeats, 1) * 1000 / batch, 1)})
+        chunks.UNPADDED_DEVICES = unpadded
         torch.backends.cudnn.enabled = False
         rows.append({"part": "diagnose", "setting": preset, "model": f"cudnn off N={draws} B={batch}",
                      "precision": precision, "device": CUDA.type,
