@@ -3,8 +3,9 @@
 The cohort is ``zoomnet make-data slides`` (30 slides, 30-100 % of 200,000 px wide, tissue on
 15-40 % of the glass, every other slide ``tumor`` with lesions of 0.05-0.5 % of the tissue,
 a third of those with one micro-lesion of 0.01-0.03 %; 18 training, 6 validation, 6 test).
-Each run is ``zoomnet train --config camelyon16-k3`` (``plain``) or the same with the
-lesion masks at 1/16 (``masks``: ``train.mask_weight=1``), then ``zoomnet evaluate`` on the
+Each run is ``zoomnet train --config camelyon16-k3`` (``plain``), the same with the lesion
+masks at 1/16 (``masks``: ``train.mask_weight=1``), or with 400 training draws and 10 %
+uniform mass in every map (``draws``), then ``zoomnet evaluate`` on the
 test slides. Runs that finished are reused; the trainings run one thread each, two at a
 time.
 
@@ -36,7 +37,9 @@ from pathlib import Path
 from _results import line_panels, write_rows
 
 ROOT = Path(__file__).resolve().parents[1]
-EXTRA = {"plain": [], "masks": ["--set", "train.mask_weight=1"]}
+EXTRA = {"plain": [], "masks": ["--set", "train.mask_weight=1"],
+         # four times the preset's training draws, and 10 % uniform mass in every map (exploration)
+         "draws": ["--set", "model.train_samples=400", "model.smooth=0.1"]}
 
 
 def zoomnet(*args: str, log: Path | None = None) -> str:
