@@ -231,7 +231,7 @@ class ZoomIn(nn.Module):
         if self.mean.device.type != "cpu":
             return step
         net = self.attention[level]
-        probe = torch.zeros(1, self.mean.shape[1], *view_hw, device=self.mean.device)
+        probe = self.mean.new_zeros(()).expand(1, self.mean.shape[1], *view_hw)  # a shape, no memory
         per_view = widest_output(net, lambda v: attend(net, self.normalize(v)), probe)
         return max(1, min(step, VIEW_CHUNK_BYTES // per_view))
 
